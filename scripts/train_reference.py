@@ -1,0 +1,188 @@
+"""Train the bundled reference model ``open-autoglm-base`` (run on the lent GPU).
+
+A LlamaForCausalLM with grouped-query attention (16 query heads, 4 KV heads per layer), trained at a
+context of 2048 tokens on the corpus built by ``scripts/build_corpus.py``: bf16 autocast, AdamW with
+decoupled weight decay, linear warm-up then cosine decay, gradient accumulation and optional activation
+checkpointing. Writes bf16 safetensors shards (<= 15 MB each), the config, and a JSON training log with
+held-out perplexity and greedy samples.
+
+Usage (from the repository root, on the GPU machine)::
+
+    python scripts/train_reference.py --out $OUT --steps 1500 --micro-batch 16 --grad-accum 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODEL_CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=32,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+)
+
+
+def build_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        **MODEL_CONFIG,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to ``floor``; progress is the larger of the step fraction and
+    ``time_frac`` (elapsed / wall-clock budget), so a run stopped by its time budget still ends annealed."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = max((step - warmup) / max(1, steps - warmup), time_frac)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def heldout_ppl(model, ids: torch.Tensor, seq: int, device, max_windows: int | None = None) -> float:
+    model.eval()
+    n = (ids.numel() - 1) // seq
+    if max_windows:
+        n = min(n, max_windows)
+    nll, count = 0.0, 0
+    for i in range(0, n, 8):
+        rows = range(i, min(n, i + 8))
+        x = torch.stack([ids[r * seq : r * seq + seq] for r in rows]).to(device)
+        y = torch.stack([ids[r * seq + 1 : r * seq + seq + 1] for r in rows]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=x).logits
+        nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=REPO / "data" / "corpus")
+    ap.add_argument("--tokenizer", type=Path, default=REPO / "data" / "tokenizer")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr", type=float, default=1e-4)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--max-seconds", type=float, default=330.0, help="stop early (and still save) after this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device(args.device)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    train = torch.from_numpy(np.fromfile(args.data / "train.bin", dtype=np.uint16).astype(np.int64))
+    held = torch.from_numpy(np.fromfile(args.data / "heldout.bin", dtype=np.uint16).astype(np.int64))
+    model = build_model(tok).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
+    )
+    fwd = torch.compile(model) if args.compile else model
+    gen = torch.Generator().manual_seed(args.seed)
+    log = {"config": MODEL_CONFIG, "params": n_params, "args": {k: str(v) for k, v in vars(args).items()},
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "history": []}
+    import transformers
+
+    log["transformers"] = transformers.__version__
+    print(f"params {n_params/1e6:.2f} M, train tokens {train.numel()/1e6:.2f} M, held-out {held.numel()}")
+    t0 = time.time()
+    tokens_seen = 0
+    step = 0
+    for step in range(args.steps):
+        lr = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr, (time.time() - t0) / args.max_seconds)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_acc = 0.0
+        for _ in range(args.grad_accum):
+            starts = torch.randint(0, train.numel() - args.seq - 1, (args.micro_batch,), generator=gen)
+            x = torch.stack([train[s : s + args.seq] for s in starts]).to(device, non_blocking=True)
+            y = torch.stack([train[s + 1 : s + args.seq + 1] for s in starts]).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = fwd(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / args.grad_accum
+            loss.backward()
+            loss_acc += loss.item()
+            tokens_seen += x.numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.time() - t0
+        if step % 50 == 0 or step == args.steps - 1:
+            rec = {"step": step, "loss": round(loss_acc, 4), "lr": lr, "grad_norm": round(gnorm, 3),
+                   "tokens": tokens_seen, "seconds": round(elapsed, 1), "tok_per_s": round(tokens_seen / elapsed)}
+            if step % 250 == 0 and step > 0:
+                rec["heldout_ppl_subset"] = round(heldout_ppl(model, held, args.seq, device, max_windows=16), 3)
+            log["history"].append(rec)
+            print(json.dumps(rec), flush=True)
+        if elapsed > args.max_seconds:
+            print(f"stopping at step {step}: wall-clock budget {args.max_seconds}s reached")
+            log["stopped_early_at_step"] = step
+            break
+    log["train_seconds"] = round(time.time() - t0, 1)
+    log["tokens_seen"] = tokens_seen
+    log["epochs"] = round(tokens_seen / train.numel(), 2)
+    log["heldout_ppl"] = heldout_ppl(model, held, args.seq, device)
+    print("held-out perplexity", log["heldout_ppl"])
+
+    model.eval()
+    samples = {}
+    for prompt in ["The :mod:`json` module", "Functions\n=========\n\n", "To create a virtual environment,"]:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model.generate(ids, max_new_tokens=80, do_sample=False)
+        samples[prompt] = tok.decode(out[0], skip_special_tokens=True)
+    log["samples"] = samples
+    for k, v in samples.items():
+        print("----", repr(k), "\n", v)
+    model = model.to(torch.bfloat16)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(args.out, max_shard_size="15MB")
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=2))
+
+
+if __name__ == "__main__":
+    main()
