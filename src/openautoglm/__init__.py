@@ -1,0 +1,71 @@
+"""openautoglm: shrink the memory of large language models while keeping their quality.
+
+>>> from openautoglm import AutoModelForCausalLM, DynamicQuantizer
+>>> model = AutoModelForCausalLM.from_pretrained("open-autoglm-base")
+>>> DynamicQuantizer.quantize(model, bits=8)          # doctest: +SKIP
+>>> model.save_pretrained("out/base-int8")            # doctest: +SKIP
+
+Heavy sub-packages are imported lazily on first use of one of their names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import CheckpointError, ModelNotFoundError, OpenAutoGLMError, UnsupportedModelError
+from .hub import AutoModelForCausalLM, AutoTokenizer, from_pretrained, load_tokenizer, save_pretrained, shipped_models
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "perplexity": "openautoglm.evaluate",
+    "bleu_vs_baseline": "openautoglm.evaluate",
+    "load_heldout_text": "openautoglm.evaluate",
+    "model_bytes": "openautoglm.memory.estimate",
+    "kv_cache_bytes": "openautoglm.memory.estimate",
+}
+
+
+def _register_lazy(names: dict[str, str]) -> None:
+    """Capabilities add their public names here (one line per capability module)."""
+    _LAZY.update(names)
+
+
+_register_lazy({
+    "DynamicQuantizer": "openautoglm.quant.api",
+    "StaticQuantizer": "openautoglm.quant.api",
+    "QuantConfig": "openautoglm.quant.config",
+    "quantize": "openautoglm.quant.api",
+    "QuantizedKVCache": "openautoglm.kv.quantized",
+    "CrossLayerKVCache": "openautoglm.kv.sharing",
+    "HeadPruner": "openautoglm.prune.heads",
+    "estimate_memory": "openautoglm.memory.estimate",
+    "MemoryProfiler": "openautoglm.memory.profile",
+    "plan_training": "openautoglm.memory.plan",
+})
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'openautoglm' has no attribute {name!r}")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise AttributeError(f"openautoglm.{name} is not available in this build ({e})") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "AutoModelForCausalLM", "AutoTokenizer", "from_pretrained", "load_tokenizer", "save_pretrained",
+    "shipped_models", "OpenAutoGLMError", "ModelNotFoundError", "UnsupportedModelError", "CheckpointError",
+    *_LAZY,
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .evaluate import bleu_vs_baseline, load_heldout_text, perplexity  # noqa: F401

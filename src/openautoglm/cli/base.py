@@ -1,0 +1,125 @@
+"""``openautoglm info | eval | generate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+
+from .. import _hf, hub
+from ..memory.estimate import dtype_bytes, kv_cache_bytes, model_bytes
+from . import app, console
+from ._common import fmt_bytes, pick_device, table
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Shipped model name or local model folder."),
+    batch: int = typer.Option(1, min=1, help="Batch size for the 'needs' rows."),
+    context: int = typer.Option(2048, min=1, help="Context length (prompt + generated tokens)."),
+    kv_dtype: str = typer.Option("bf16", help="KV cache element type: bf16, fp16, fp32."),
+) -> None:
+    """Parameters, layers, heads, dtype and a memory table (no weights are read)."""
+    if kv_dtype not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"--kv-dtype {kv_dtype!r} is not one of bf16, fp16, fp32")
+    m = hub.empty_model(model)
+    cfg = m.config
+    n_params = sum(p.numel() for p in m.parameters())
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()})
+    w = model_bytes(m)
+    hidden = _hf.text_config(cfg).hidden_size
+    inter = getattr(_hf.text_config(cfg), "intermediate_size", 4 * hidden)
+    kv_dim = _hf.num_kv_heads(cfg) * _hf.head_dim(cfg)
+    act_b = dtype_bytes(dtypes[0] if dtypes[0] in ("bfloat16", "float16", "float32") else "bfloat16")
+    # Peak transient activations of one decoder layer during prefill: residual, normed input, q, k, v,
+    # attention output, and the MLP's gate, up and activated tensors; plus last-token logits in fp32.
+    act = batch * context * (4 * hidden + 2 * kv_dim + 3 * inter) * act_b + batch * cfg.vocab_size * 4
+    kv1k = kv_cache_bytes(cfg, 1024, 1, kv_dtype)
+    kvc = kv_cache_bytes(cfg, context, batch, kv_dtype)
+    transforms = hub.applied_transforms(cfg)
+    console.print(table(
+        f"{model}", ["property", "value"],
+        [
+            ["architecture", ", ".join(getattr(cfg, "architectures", None) or [cfg.model_type])],
+            ["parameters", f"{n_params:,} ({n_params / 1e6:.2f} M)"],
+            ["layers", _hf.num_layers(cfg)],
+            ["query heads / KV heads", f"{_hf.num_heads(cfg)} / {_hf.num_kv_heads(cfg)}"],
+            ["head dim", _hf.head_dim(cfg)],
+            ["hidden / intermediate", f"{hidden} / {inter}"],
+            ["vocabulary", cfg.vocab_size],
+            ["context (max positions)", getattr(cfg, "max_position_embeddings", "?")],
+            ["dtype", ", ".join(dtypes)],
+            ["compression", ", ".join(t["type"] for t in transforms) or "none"],
+        ],
+    ))
+    console.print(table(
+        "memory", ["item", "bytes"],
+        [
+            ["weights (as stored)", fmt_bytes(w)],
+            [f"KV cache per 1k tokens ({kv_dtype}, batch 1)", fmt_bytes(kv1k)],
+            [f"KV cache, batch {batch} x context {context}", fmt_bytes(kvc)],
+            [f"activations, prefill peak (estimate)", fmt_bytes(act)],
+            [f"[bold]inference total, batch {batch} x context {context}", f"[bold]{fmt_bytes(w + kvc + act)}"],
+        ],
+    ))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Shipped model name or local model folder."),
+    max_tokens: int = typer.Option(32768, "--max-tokens", min=2, help="Bound the held-out tokens read (0: all)."),
+    seq_len: int = typer.Option(512, "--seq-len", min=2, help="Window length in tokens."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    text_file: Path = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of the held-out text."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+    json_out: Path = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+) -> None:
+    """Held-out perplexity of a model (bundled Python-docs text unless --text is given)."""
+    from ..evaluate import perplexity
+
+    text = None
+    if text_file is not None:
+        if not text_file.is_file():
+            raise ValueError(f"--text {text_file}: no such file")
+        text = text_file.read_text("utf-8")
+    dev = pick_device(device)
+    m = hub.from_pretrained(model, dtype=dtype, device=dev)
+    tok = hub.load_tokenizer(model)
+    res = perplexity(m, tok, text, max_tokens=max_tokens or None, seq_len=seq_len, batch_size=batch_size)
+    console.print(table(f"{model} on {'held-out text' if text is None else text_file}", ["metric", "value"], [
+        ["perplexity", f"{res.perplexity:.3f}"],
+        ["mean NLL (nats/token)", f"{res.nll:.4f}"],
+        ["tokens scored", f"{res.tokens:,}"],
+        ["window", res.seq_len],
+    ]))
+    if json_out:
+        json_out.write_text(json.dumps({"model": model, **res.to_dict()}, indent=2))
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Shipped model name or local model folder."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=100000),
+    sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.8, min=1e-4),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+) -> None:
+    """Continue PROMPT with the model (greedy by default)."""
+    if not prompt:
+        raise ValueError("PROMPT is empty; give some text to continue")
+    dev = pick_device(device)
+    m = hub.from_pretrained(model, dtype=dtype, device=dev)
+    tok = hub.load_tokenizer(model)
+    torch.manual_seed(seed)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
+    console.print(tok.decode(out[0], skip_special_tokens=True), highlight=False, markup=False)

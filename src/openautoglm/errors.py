@@ -1,0 +1,24 @@
+"""Exceptions raised by openautoglm.
+
+Every error a user can trigger is one of these (or a plain ``ValueError`` / ``TypeError`` from config
+validation) with a one-line message naming the bad value and what is accepted. The CLI maps
+``ValueError``/``TypeError`` to exit status 2 (bad usage) and everything else to 1 (failure).
+"""
+
+from __future__ import annotations
+
+
+class OpenAutoGLMError(Exception):
+    """Base class of openautoglm's own errors."""
+
+
+class ModelNotFoundError(OpenAutoGLMError, ValueError):
+    """An unknown model name, or a path that is not a model folder."""
+
+
+class UnsupportedModelError(OpenAutoGLMError, ValueError):
+    """A model (or architecture) that the requested feature cannot handle."""
+
+
+class CheckpointError(OpenAutoGLMError, RuntimeError):
+    """A checkpoint file that is truncated, corrupt, refused (pickle) or inconsistent with its config."""
