@@ -1,0 +1,5 @@
+"""``python -m openautoglm`` runs the command-line interface."""
+
+from .cli import main
+
+main()
