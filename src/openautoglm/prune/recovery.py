@@ -1,24 +1,18 @@
 """Recovery fine-tune after pruning: a short causal-LM fine-tune on training text, full or LoRA (peft).
 
-Uses the project's training loop ``openautoglm.train`` when this build has it; otherwise the minimal loop
-below (AdamW, linear warm-up then cosine decay, gradient clipping). Weights zeroed by sparsity stay zero:
-their masks are re-applied after every optimizer step (and after merging LoRA adapters).
-
-Train on the *training* split, never on the held-out text you evaluate on.
+Runs through the project's training loop :func:`openautoglm.train.train` (AdamW, warm-up + cosine, clipping,
+AMP on GPU). Weights zeroed by sparsity stay zero: their masks are re-applied after every optimizer step
+(and after merging LoRA adapters). Train on the *training* split, never on the held-out text you evaluate on.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +33,7 @@ class RecoveryConfig:
     lora_rank: int = 16
     lora_alpha: int = 32
     keep_sparsity: bool = True
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, none (the parameters' dtype) on CPU
     seed: int = 0
 
     def __post_init__(self):
@@ -47,6 +42,8 @@ class RecoveryConfig:
         for name in ("steps", "batch_size", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ValueError(f"unknown amp {self.amp!r}; accepted: auto, bf16, fp16, none")
         if self.seq_len < 2 or self.lr <= 0 or self.warmup < 0:
             raise ValueError(f"seq_len={self.seq_len} must be >= 2, lr={self.lr} > 0, warmup={self.warmup} >= 0")
 
@@ -58,7 +55,7 @@ class RecoveryConfig:
 class RecoveryResult:
     losses: list[float] = field(default_factory=list)  # training loss per step
     seconds: float = 0.0
-    trainer: str = "minimal"  # "openautoglm.train" or "minimal"
+    trainer: str = "openautoglm.train"
     method: str = "full"
 
     def to_dict(self) -> dict:
@@ -74,18 +71,6 @@ def _sparsity_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
             if (~nz).float().mean() >= 0.01:
                 masks[mod.weight] = nz
     return masks
-
-
-def _windows(token_ids: torch.Tensor, n: int, seq_len: int, g: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, token_ids.numel() - seq_len, (n,), generator=g)
-    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()]).long()
-
-
-def _lr_at(step: int, c: RecoveryConfig) -> float:
-    if step < c.warmup:
-        return c.lr * (step + 1) / c.warmup
-    t = (step - c.warmup) / max(1, c.steps - c.warmup)
-    return c.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def recover(model: nn.Module, token_ids: torch.Tensor | None = None, *, tokenizer=None, text: str | None = None,
@@ -104,8 +89,6 @@ def recover(model: nn.Module, token_ids: torch.Tensor | None = None, *, tokenize
         raise ValueError(f"training text has {token_ids.numel()} tokens; need more than seq_len={c.seq_len}")
     if c.method == "lora" and importlib.util.find_spec("peft") is None:
         raise ImportError("LoRA recovery needs peft: pip install 'openautoglm[lora]'")
-    if importlib.util.find_spec("openautoglm.train") is not None:
-        log.info("openautoglm.train is present; the minimal recovery loop is still used until it is wired in")
     masks = _sparsity_masks(model) if c.keep_sparsity else {}
     train_model = model
     if c.method == "lora":
@@ -114,7 +97,7 @@ def recover(model: nn.Module, token_ids: torch.Tensor | None = None, *, tokenize
         present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         train_model = get_peft_model(model, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha,
                                                        target_modules=[t for t in LORA_TARGETS if t in present]))
-    result = _minimal_loop(train_model, token_ids, c, masks, progress)
+    result = _train(train_model, token_ids, c, masks, progress)
     if c.method == "lora":
         train_model.merge_and_unload()
         _apply_masks(masks)
@@ -128,31 +111,14 @@ def _apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
         p.mul_(m.to(p.dtype))
 
 
-def _minimal_loop(model: nn.Module, token_ids: torch.Tensor, c: RecoveryConfig,
-                  masks: dict[nn.Parameter, torch.Tensor], progress: bool) -> RecoveryResult:
+def _train(model: nn.Module, token_ids: torch.Tensor, c: RecoveryConfig,
+           masks: dict[nn.Parameter, torch.Tensor], progress: bool) -> RecoveryResult:
+    from ..train import TrainConfig, train
+
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    g = torch.Generator().manual_seed(c.seed)
-    res = RecoveryResult(method=c.method)
-    t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(range(c.steps), desc="recovery", unit="step", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, c)
-        x = _windows(token_ids, c.batch_size, c.seq_len, g).to(device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-        opt.step()
-        _apply_masks(masks)
-        res.losses.append(loss.item())
-        bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
-    res.seconds = time.perf_counter() - t0
-    return res
+    amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    cfg = TrainConfig(steps=c.steps, micro_batch=c.batch_size, seq_len=c.seq_len, lr=c.lr, min_lr_ratio=0.0,
+                      warmup_steps=c.warmup, weight_decay=c.weight_decay, grad_clip=c.grad_clip, amp=amp,
+                      seed=c.seed, progress=progress)
+    out = train(model, token_ids, cfg, callback=lambda step, loss: _apply_masks(masks))
+    return RecoveryResult(losses=list(out.losses), seconds=out.elapsed_s, method=c.method)
