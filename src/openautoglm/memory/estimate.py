@@ -1,18 +1,45 @@
-"""Analytic memory figures.
+"""Analytic memory model: ``estimate_memory(model_or_config_or_path, mode=..., ...) -> MemoryEstimate``.
 
-Each term is one formula:
+Each term is one formula (bytes), with its source:
 
-* weights: the bytes of every parameter and persistent buffer as stored (quantized tensors included);
-* KV cache: ``2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes per element``
-  (the layout of transformers' DynamicCache/StaticCache for Llama-family attention).
+* weights: parameters x bytes as stored (exact, from the meta-device model; quantized layers as
+  ``n bits / 8 + scales``); under autocast the fp32 parameters are the *master weights* and the low-precision
+  copies autocast caches for every Linear (2 B/param) are the *weights*.
+* gradients: one per trainable parameter, in the parameter dtype (PyTorch ``.grad``).
+* optimizer states: AdamW 2 tensors/param in the parameter dtype (so fp32 master + fp32 grads + Adam m, v =
+  16 B/param: Rajbhandari et al. 2020, ZeRO, sec. 3.1), SGD-momentum 1, Adafactor rows+cols (Shazeer & Stern 2018).
+* activations: per-layer saved tensors (``formulas.py``, after Korthikanti et al. 2022 adjusted for SDPA/flash),
+  or only each layer's input under activation checkpointing (Chen et al. 2016) plus one recomputed layer.
+* KV cache: ``2 x layers x kv_heads x head_dim x tokens x batch x bytes`` (+ scales for quantized caches).
+* logits: ``tokens x vocab x (cb + 4 + 4)`` in forward (logits, their fp32 upcast for the loss, log-softmax
+  saved by cross-entropy) and ``12 x tokens x vocab`` at the start of backward (log-softmax, nll grad, its grad).
+
+The peak is found by walking the step's timeline (forward end, loss backward, each layer's backward,
+embedding backward, optimizer step) and keeping the largest total; the breakdown is the one at that moment.
+Library workspaces (cuBLAS) and the CUDA context are not counted (``torch.cuda.max_memory_allocated``
+counts the former once per process; neither scales with the model).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import _hf
+from . import formulas as F
+from .shapes import LayerShape, ModelShape, model_shape
+
+MODES = ("inference", "train")
+AMP = ("bf16", "fp16", "none")
+OPTIMIZERS = ("adamw", "adamw_foreach", "sgd", "adafactor")
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+_KV_BITS = {"bf16": 16, "fp16": 16, "fp32": 32, "int8": 8, "int4": 4, "int2": 2, "fp8": 8}
+TERMS = ("weights", "master_weights", "gradients", "optimizer_states", "activations", "kv_cache", "logits", "workspace")
 
 
 def dtype_bytes(dtype: torch.dtype | str) -> float:
@@ -41,3 +68,275 @@ def kv_cache_bytes(config, tokens: int, batch: int = 1, dtype: torch.dtype | str
         raise ValueError(f"tokens={tokens} must be >= 0 and batch={batch} >= 1")
     per_token = 2 * _hf.num_layers(config) * _hf.num_kv_heads(config) * _hf.head_dim(config) * dtype_bytes(dtype)
     return int(per_token * tokens * batch)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per term at the peak moment (``phase``), the total, and each term's formula."""
+
+    mode: str
+    settings: dict[str, Any]
+    terms: dict[str, int]
+    phase: str
+    phases: dict[str, int] = field(default_factory=dict)     # total at each moment of the timeline
+    formulas: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.terms.values()))
+
+    def __getattr__(self, name: str):
+        terms = self.__dict__.get("terms", {})
+        if name in terms:
+            return terms[name]
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+    def rows(self, measured: dict[str, int] | None = None) -> list[list[str]]:
+        from ..cli._common import fmt_bytes
+
+        rows = []
+        for k in TERMS:
+            v = self.terms.get(k, 0)
+            if v or (measured and measured.get(k)):
+                row = [k.replace("_", " "), fmt_bytes(v), f"{100 * v / max(1, self.total):.1f}%", self.formulas.get(k, "")]
+                if measured is not None:
+                    row.insert(2, fmt_bytes(measured[k]) if k in measured else "")
+                rows.append(row)
+        total = ["total", fmt_bytes(self.total), "100%", f"peak at: {self.phase}"]
+        if measured is not None:
+            total.insert(2, fmt_bytes(measured["total"]) if "total" in measured else "")
+        return rows + [total]
+
+    def table(self, title: str | None = None, measured: dict[str, int] | None = None):
+        """A rich Table (the CLI prints it); ``measured`` adds a column (see MemoryProfiler.breakdown)."""
+        from ..cli._common import table
+
+        cols = ["term", "estimate", "share", "formula"]
+        if measured is not None:
+            cols.insert(2, "measured")
+        return table(title or f"memory estimate ({self.mode})", cols, self.rows(measured))
+
+    def __str__(self) -> str:
+        return "\n".join(" | ".join(r) for r in self.rows())
+
+
+def _quant_spec(quantization) -> dict | None:
+    """Normalize ``quantization`` (None, "w4"/"int4"/"w8"/"int8", {"bits", "group_size", "symmetric"},
+    a QuantConfig or a recorded transform) to {"bits", "group_size", "symmetric", "exclude_head"}."""
+    if quantization is None:
+        return None
+    if isinstance(quantization, str):
+        q = quantization.lower()
+        table = {"w4": 4, "int4": 4, "w8": 8, "int8": 8, "w8a8": 8, "w8a8-fp8": 8, "fp8": 8}
+        if q not in table:
+            raise ValueError(f"unknown quantization {quantization!r}; accepted: {', '.join(table)} or a dict with bits/group_size")
+        quantization = {"bits": table[q], "group_size": 128 if table[q] == 4 else None, "symmetric": table[q] != 4}
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else dataclasses.asdict(quantization)
+    q = dict(quantization.get("config", quantization))
+    bits = q.get("bits") or {"w4": 4}.get(q.get("scheme"), 8 if q.get("scheme") else None)
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"quantization bits={bits!r}; accepted: 2, 3, 4, 8")
+    g = q.get("group_size")
+    if g is not None and (not isinstance(g, int) or g < 1):
+        raise ValueError(f"quantization group_size={g!r} must be a positive integer or None")
+    return {"bits": bits, "group_size": g, "symmetric": q.get("symmetric", bits != 4),
+            "exclude_head": "lm_head" in tuple(q.get("exclude", ("lm_head",)))}
+
+
+def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float) -> tuple[int, str]:
+    """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``."""
+    n = sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)
+    g = spec["group_size"] or s.hidden  # per output channel: one scale per row of ``hidden`` inputs
+    scale_b = 2 if spec["symmetric"] else 4
+    q = n * spec["bits"] / 8 + n / g * scale_b
+    return int(s.param_bytes - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
+
+
+def _kv_bytes(s: ModelShape, tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
+    if kv_dtype not in _KV_BITS:
+        raise ValueError(f"kv_dtype={kv_dtype!r}; accepted: {', '.join(_KV_BITS)}")
+    bits = _KV_BITS[kv_dtype]
+    elems = sum(2 * L.kv_heads * L.head_dim for L in s.layers) * batch
+    if bits >= 16 or kv_dtype == "fp8":
+        return int(elems * tokens * bits / 8)
+    full = min(tokens, residual)           # recent tokens kept in full precision (KIVI residual window)
+    quant = tokens - full
+    return int(elems * (full * cb + quant * bits / 8 + quant * 2 * 2 / group))  # + fp16 scale and zero per group
+
+
+def estimate_memory(
+    model_or_config_or_path,
+    mode: str = "inference",
+    batch: int = 1,
+    seq_len: int = 2048,
+    dtype: str | torch.dtype | None = None,
+    kv_dtype: str | None = None,
+    quantization=None,
+    optimizer: str = "adamw",
+    amp: str | None = None,
+    grad_checkpointing: bool = False,
+    grad_accum: int = 1,
+    tp_degree: int = 1,
+    logits: str | None = None,
+    kv_group_size: int = 64,
+    kv_residual: int = 128,
+) -> MemoryEstimate:
+    """Estimate the peak memory of inference (prefill of ``seq_len`` tokens with a KV cache) or of one
+    training step of :func:`openautoglm.train.train` (steady state, optimizer states allocated).
+
+    Parameters
+    ----------
+    model_or_config_or_path : model, transformers config, config dict, shipped name or folder (meta device).
+    mode : ``"inference"`` or ``"train"``.
+    batch, seq_len : sequences per forward (the micro-batch in training) and tokens per sequence.
+    dtype : parameter dtype (default: the checkpoint's; ``train`` with ``amp`` uses fp32 master weights).
+    kv_dtype : KV cache element type: bf16, fp16, fp32, fp8, int8, int4, int2 (default: ``dtype``).
+    quantization : weight quantization, e.g. ``"w4"``, ``{"bits": 4, "group_size": 128}`` (inference only).
+    optimizer : adamw (fused), adamw_foreach, sgd (momentum), adafactor.
+    amp : ``"bf16"``/``"fp16"`` autocast with fp32 master weights, ``None``/``"none"`` (train in ``dtype``).
+    grad_checkpointing : activation checkpointing of every decoder layer (non-reentrant).
+    grad_accum : micro-batches per optimizer step (grads of earlier micro-batches stay allocated).
+    tp_degree : tensor-parallel degree (Megatron column/row sharding of attention, MLP and vocabulary).
+    logits : ``"all"`` positions or ``"last"`` (default: last for inference, as ``generate`` does; all for train).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; accepted: {', '.join(MODES)}")
+    for name, v in (("batch", batch), ("seq_len", seq_len), ("grad_accum", grad_accum), ("tp_degree", tp_degree)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    amp = "none" if amp in (None, False, "none", "fp32") else amp
+    if amp not in AMP:
+        raise ValueError(f"amp={amp!r}; accepted: bf16, fp16, none")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+    s = model_or_config_or_path if isinstance(model_or_config_or_path, ModelShape) else model_shape(model_or_config_or_path)
+    for L in s.layers:
+        if L.heads % tp_degree or L.kv_heads % tp_degree or L.intermediate % tp_degree:
+            raise ValueError(f"tp_degree={tp_degree} does not divide heads {L.heads}/{L.kv_heads} or MLP width {L.intermediate}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or s.dtype
+    autocast = mode == "train" and amp != "none"
+    pdtype = torch.float32 if autocast else dtype
+    pb = dtype_bytes(pdtype)                                    # parameter / grad / residual bytes
+    cb = 2 if autocast else int(pb)                             # compute (activation) bytes
+    spec = _quant_spec(quantization)
+    recorded = [t for t in s.transforms if "quant" in str(t.get("type", ""))]
+    if mode == "train" and (spec or recorded):
+        raise ValueError("training a quantized model is not supported; estimate mode='inference' or drop quantization")
+    kv_dtype = kv_dtype or {2: "bf16" if dtype == torch.bfloat16 else "fp16", 4: "fp32"}[cb]
+    tp = tp_degree
+    layers = [LayerShape(L.heads // tp, L.kv_heads // tp, L.head_dim, L.intermediate // tp) for L in s.layers]
+    h, V, T = s.hidden, s.vocab // tp if tp > 1 else s.vocab, batch * seq_len
+    shard = lambda n: n // tp  # noqa: E731  (Linear weights are sharded; norms and embeddings replicated here)
+    lin = shard(sum(s.layer_linear_params)) + shard(s.head_params or (s.embed_params if s.tied else 0))
+    float_params = s.n_params - sum(s.layer_linear_params) + shard(sum(s.layer_linear_params))
+    settings = dict(model=s.name, mode=mode, batch=batch, seq_len=seq_len, dtype=str(dtype).replace("torch.", ""),
+                    kv_dtype=kv_dtype, quantization=spec, optimizer=optimizer, amp=amp,
+                    grad_checkpointing=grad_checkpointing, grad_accum=grad_accum, tp_degree=tp, params=s.n_params)
+    fm: dict[str, str] = {}
+    notes: list[str] = []
+    if mode == "inference":
+        return _inference(s, layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, kv_group_size, kv_residual,
+                          logits or "last", float_params, settings, fm, notes)
+    return _train(s, layers, pb, cb, h, V, T, autocast, optimizer, grad_checkpointing, grad_accum, lin,
+                  float_params, settings, fm, notes)
+
+
+def _inference(s, layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group, residual, logits, float_params,
+               settings, fm, notes) -> MemoryEstimate:
+    if spec:
+        w, fm["weights"] = quantized_weight_bytes(s, spec, pb)
+    else:
+        w = int(float_params * pb + (s.param_bytes - s.n_params * dtype_bytes(s.dtype) if s.param_bytes else 0))
+        fm["weights"] = f"{float_params:,} params x {pb:g} B"
+    kv = _kv_bytes(s, seq_len, batch, kv_dtype, cb, group, residual)
+    fm["kv_cache"] = f"2 x {len(layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
+    trans = max(F.inference_layer_transient(L, h, cb) for L in layers)
+    act = T * (2 * cb * h + trans) + 8 * T
+    fm["activations"] = "tokens x (input embeddings + residual (2 cb h) + max layer transient (formulas.inference_layer_transient)) + ids"
+    lg = (T if logits == "all" else batch) * V * cb
+    fm["logits"] = f"{'tokens' if logits == 'all' else 'batch (last position)'} x vocab {V:,} x {cb} B"
+    terms = {"weights": w, "kv_cache": kv, "activations": act, "logits": lg}
+    return MemoryEstimate("inference", settings, terms, "last decoder layer of prefill", {"prefill": sum(terms.values())}, fm, notes)
+
+
+def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, float_params, settings, fm, notes):
+    rb = int(pb)
+    P = int(float_params * pb)
+    state_mult = {"adamw": 2, "adamw_foreach": 2, "sgd": 1, "adafactor": 0}[optimizer]
+    S = int(float_params * pb * state_mult) if optimizer != "adafactor" else int(s.adafactor_elems * 4)
+    fm["optimizer_states"] = {"adamw": "2 x params x param bytes (Adam m, v)", "adamw_foreach": "2 x params x param bytes (Adam m, v)",
+                              "sgd": "params x param bytes (momentum)", "adafactor": "(rows + cols) of each matrix x 4 B"}[optimizer]
+    opt_temp = {"adamw": 0, "adamw_foreach": P, "sgd": P, "adafactor": 2 * 4 * s.largest_matrix}[optimizer]
+    G = P
+    Gl = [int(n * pb) for n in s.layer_params]
+    G_emb, G_head = int(s.embed_params * pb), int(s.head_params * pb)
+    Wl = [2 * n // settings["tp_degree"] for n in s.layer_linear_params] if autocast else [0] * len(layers)
+    W_head = 2 * (lin - sum(Wl) // 2) if autocast else 0
+    A = [F.layer_saved(L, h, rb, cb, autocast, s.gated_mlp) * T for L in layers]
+    A_attn = [F.layer_saved_attention_part(L, h, rb, cb, autocast) * T for L in layers]
+    ck = [rb * h * T for _ in layers]
+    fn = F.norm_saved(h, rb, cb, 1, autocast) * T
+    inputs = 24 * T
+    emb_fwd = 0 if (autocast or ckpt) else rb * h * T
+    Gp = G if accum > 1 else 0
+    base = P + S
+    ev: dict[str, dict[str, int]] = {}
+
+    def add(name, **t):
+        ev[name] = t
+
+    kept = sum(ck) if ckpt else sum(A)
+    W_all = sum(Wl) + W_head
+    lg_fwd = T * V * (cb + (4 if cb < 4 else 0) + 4)
+    add("forward end (loss)", master=P, states=S, grads=Gp, acts=kept + fn + emb_fwd, weights=W_all, logits=lg_fwd, ws=inputs)
+    W_bwd = W_all if not ckpt else W_head
+    add("backward: loss", master=P, states=S, grads=Gp, acts=kept + fn, weights=W_bwd, logits=12 * T * V, ws=inputs)
+    g_head = G_head + (G_emb if s.tied else 0) + rb * h  # + final norm weight
+    add("backward: lm_head", master=P, states=S, grads=max(Gp, g_head), acts=kept + fn, weights=W_bwd,
+        logits=cb * T * V, ws=inputs + rb * h * T + (2 * (s.head_params or s.embed_params) if autocast else 0))
+    n = len(layers)
+    for l in range(n - 1, -1, -1):
+        L = layers[l]
+        done = Gp or (g_head + sum(Gl[l + 1:]))
+        # checkpointed inputs of layers not yet done; under fp32 residuals layer l's input is its norm's saved input
+        rem = sum(ck[: l + 1]) - (ck[l] if rb == 4 else 0) + A[l] if ckpt else sum(A[: l + 1])
+        w = Wl[l] if ckpt else sum(Wl[: l + 1])
+        peak_in = max(A[l] + F.mlp_backward_transient(L, h, rb, cb) * T,
+                      A_attn[l] + F.attention_backward_transient(L, h, rb, cb) * T)
+        big = h * max(L.intermediate, L.heads * L.head_dim)  # largest matrix of the layer: its grad is transient
+        wgrad = (2 * big if autocast else 0) + (int(big * pb) if Gp else 0)
+        done = done if Gp else done + int(big * pb)  # the layer's first weight grad (down_proj) exists at the peak
+        if l in (n - 1, 0):
+            add(f"backward: layer {l}", master=P, states=S, grads=done, acts=rem - A[l] + peak_in, weights=w, logits=0,
+                ws=inputs + wgrad)
+    emb_ws = 4 * h * T + (G_emb if s.tied else 0) + rb * h * T
+    add("backward: embedding", master=P, states=S, grads=G, acts=0, weights=0, logits=0, ws=inputs + emb_ws)
+    add("optimizer step", master=P, states=S, grads=G, acts=0, weights=0, logits=0, ws=opt_temp)
+    totals = {k: sum(v.values()) for k, v in ev.items()}
+    phase = max(totals, key=totals.get)
+    t = ev[phase]
+    if autocast:
+        terms = {"weights": t["weights"], "master_weights": t["master"]}
+        fm["weights"] = "2 B x Linear params (autocast's cached low-precision weight copies alive then)"
+        fm["master_weights"] = f"{float_params:,} params x 4 B (fp32)"
+    else:
+        terms = {"weights": t["master"] + t["weights"]}
+        fm["weights"] = f"{float_params:,} params x {pb:g} B"
+    terms.update(gradients=t["grads"], optimizer_states=t["states"], activations=t["acts"], logits=t["logits"], workspace=t["ws"])
+    fm["gradients"] = "params x param bytes" + (" (earlier micro-batches' grads held: grad_accum > 1)" if accum > 1 else " (those produced so far)")
+    fm["activations"] = ("checkpointed layer inputs (rb h) x layers x tokens + one recomputed layer" if ckpt else
+                         "sum over layers of formulas.layer_saved x tokens") + " + final norm"
+    fm["logits"] = "tokens x vocab x (cb + 4 + 4) fwd; 12 x tokens x vocab at loss backward"
+    fm["workspace"] = "ids/labels 24 B/token + backward transients / optimizer temporaries"
+    if autocast and ckpt:
+        notes.append("autocast caches the weight casts until the autocast region ends: all copies live at forward end")
+    return MemoryEstimate("train", settings, terms, phase, totals, fm, notes)

@@ -1,0 +1,190 @@
+"""The dimensions the memory formulas need, read from a config (meta-device model, no weights read).
+
+``model_shape(model_or_config_or_path)`` accepts a loaded model, a transformers config, a config dict,
+a shipped model name or a folder holding ``config.json``. It builds the model on the meta device (applying
+recorded openautoglm transforms: quantized layers, pruned heads, low-rank projections), so parameter and
+weight byte counts are exact, and reads per-layer attention/MLP widths from the modules themselves
+(pruned layers differ from the config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _hf, hub
+
+GATED_ACTS = ("silu", "swish", "gelu_pytorch_tanh", "gelu")  # act names of gated (SwiGLU/GeGLU) MLPs
+
+
+@dataclass
+class LayerShape:
+    """One decoder layer: query heads, KV heads, head dim, MLP width (after any pruning)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+@dataclass
+class ModelShape:
+    """Everything the estimator reads from a model. Byte counts are exact (meta-device model)."""
+
+    name: str
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: list[LayerShape]
+    gated_mlp: bool                 # SwiGLU/GeGLU (gate, up, down) vs GELU MLP (fc, proj)
+    tied: bool                      # lm_head shares the embedding matrix
+    n_params: int                   # parameters, tied tensors once
+    param_bytes: int                # parameters + persistent buffers as stored (quantized included)
+    linear_params: int              # parameters of float nn.Linear weights (cast by autocast), tied once
+    largest_matrix: int             # elements of the largest 2-D parameter
+    dtype: torch.dtype              # dtype of the floating parameters
+    layer_params: list[int] = field(default_factory=list)        # float parameters of each decoder layer
+    layer_linear_params: list[int] = field(default_factory=list) # Linear weights of each decoder layer
+    embed_params: int = 0           # input embedding (also the lm_head when tied)
+    head_params: int = 0            # lm_head weight when not tied (0 when tied)
+    adafactor_elems: int = 0        # factored second-moment elements: rows + cols of 2-D params, numel of 1-D
+    n_tensors: int = 0              # parameter tensors (per-tensor optimizer scalars)
+    transforms: list[dict] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _meta_model_from_config(config) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    transforms = hub.applied_transforms(config)
+    if transforms:
+        hub._import_plugins()
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config)
+        for t in transforms:
+            fn = hub._REBUILDERS.get(t.get("type"))
+            if fn is not None:  # unknown transforms are handled analytically by the estimator
+                fn(model, t)
+    return model
+
+
+def _to_model(obj) -> tuple[nn.Module, str]:
+    """Return a (possibly meta-device) model for a model, config, dict, name or path."""
+    if isinstance(obj, nn.Module):
+        return obj, getattr(obj, "name_or_path", type(obj).__name__)
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(obj, PretrainedConfig):
+        return _meta_model_from_config(obj), getattr(obj, "name_or_path", "") or obj.model_type
+    if isinstance(obj, dict):
+        cfg = dict(obj)
+        if "model_type" not in cfg:
+            raise ValueError("config dict has no 'model_type'; accepted: llama, mistral, qwen2, qwen3, gemma, phi3, gpt2, ...")
+        try:
+            config = AutoConfig.for_model(**cfg)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"cannot build a config from model_type={cfg['model_type']!r}: {e}") from None
+        return _meta_model_from_config(config), cfg["model_type"]
+    if isinstance(obj, (str, os.PathLike)):
+        p = Path(obj)
+        if p.is_file() and p.name.endswith(".json"):
+            try:
+                return _to_model(json.loads(p.read_text()))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} is not valid JSON: {e}") from None
+        return hub.empty_model(obj), str(obj)
+    raise TypeError(f"expected a model, a config, a config dict or a path, got {type(obj).__name__}")
+
+
+def _out_features(mod: nn.Module | None) -> int | None:
+    if mod is None:
+        return None
+    if getattr(mod, "out_features", None):
+        return int(mod.out_features)
+    w = getattr(mod, "weight", None)
+    return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def _layer_shapes(model: nn.Module, config) -> tuple[list[LayerShape], bool]:
+    hd = _hf.head_dim(config)
+    inter_cfg = getattr(_hf.text_config(config), "intermediate_size", None)
+    hidden = _hf.text_config(config).hidden_size if hasattr(_hf.text_config(config), "hidden_size") else config.n_embd
+    layers, gated = [], True
+    for layer in _hf.decoder_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        q = _out_features(getattr(attn, "q_proj", None)) if attn is not None else None
+        k = _out_features(getattr(attn, "k_proj", None)) if attn is not None else None
+        mlp = getattr(layer, "mlp", None)
+        gate = _out_features(getattr(mlp, "gate_proj", None))
+        gate_up = _out_features(getattr(mlp, "gate_up_proj", None))   # Phi-3 fuses gate and up
+        fc = _out_features(getattr(mlp, "c_fc", None) or getattr(mlp, "fc1", None))
+        if gate or gate_up:
+            inter = gate or gate_up // 2
+        else:
+            gated = False
+            inter = fc or inter_cfg or 4 * hidden
+        if q is None:  # fused qkv (Phi-3 qkv_proj, GPT-2 c_attn): take the config's heads
+            heads, kv = _hf.num_heads(config), _hf.num_kv_heads(config)
+        else:
+            heads, kv = q // hd, (k // hd if k else _hf.num_kv_heads(config))
+        layers.append(LayerShape(heads, kv, hd, int(inter)))
+    return layers, gated
+
+
+def model_shape(model_or_config_or_path) -> ModelShape:
+    """Read a :class:`ModelShape` (see module docstring for the accepted inputs)."""
+    model, name = _to_model(model_or_config_or_path)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no .config; pass a transformers causal LM")
+    tc = _hf.text_config(config)
+    for need in (("vocab_size",), ("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
+                 ("num_attention_heads", "n_head")):
+        if not any(getattr(tc, n, None) for n in need):
+            raise ValueError(f"config of {name} is missing {' / '.join(need)}; the estimator needs it")
+    layers, gated = _layer_shapes(model, config)
+    hidden = int(getattr(tc, "hidden_size", None) or tc.n_embd)
+    seen: set[int] = set()
+    lin_seen: set[int] = set()
+    n_params = linear = largest = 0
+    for mod in model.modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            # autocast casts F.linear weights (a tied lm_head too) to the low-precision dtype
+            is_lin = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+            if pname == "weight" and is_lin and p.is_floating_point() and id(p) not in lin_seen:
+                lin_seen.add(id(p))
+                linear += p.numel()
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n_params += p.numel()
+            largest = max(largest, p.numel() if p.ndim == 2 else 0)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and out is not None and out.weight is emb.weight
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dec = _hf.decoder_layers(model)
+    layer_params = [sum(p.numel() for p in lay.parameters() if p.is_floating_point()) for lay in dec]
+    layer_linear = [sum(m.weight.numel() for m in lay.modules() if isinstance(m, nn.Linear) and m.weight.is_floating_point())
+                    for lay in dec]
+    params = list(dict.fromkeys(model.parameters()))
+    ada = sum((p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
+    from .estimate import model_bytes
+
+    return ModelShape(
+        name=str(name), model_type=str(getattr(config, "model_type", "?")), vocab=int(tc.vocab_size), hidden=hidden,
+        layers=layers, gated_mlp=gated, tied=tied, n_params=n_params, param_bytes=model_bytes(model),
+        linear_params=linear, largest_matrix=largest, dtype=max(set(floats), key=floats.count) if floats else torch.float32,
+        transforms=hub.applied_transforms(config), layer_params=layer_params, layer_linear_params=layer_linear,
+        embed_params=emb.weight.numel() if emb is not None else 0,
+        head_params=0 if tied or out is None else out.weight.numel(), adafactor_elems=ada, n_tensors=len(params),
+    )
