@@ -1,0 +1,402 @@
+"""Weight quantization on the GPU: bf16 vs ours (w8a8, w8, w4) vs torchao, in ONE harness.
+
+Every variant runs through the same loop: a static KV cache, the whole decode step (embedding ->
+layers -> lm_head -> argmax -> next position) captured in one CUDA graph and replayed, prompt 128,
+256 new tokens, batch 1 and 8; prefill at 2048 tokens (eager, one forward); weight bytes and peak
+GPU memory; achieved weight-read bandwidth at batch 1 vs a device-to-device copy measured in the same
+run. Models: random-weight Llama-2-7B-shaped and TinyLlama-1.1B-shaped ``LlamaConfig`` s built
+directly in bf16 on the GPU. Also: kernel-level timings on 7B layer shapes and ``model.generate``
+(static cache, transformers' own compile) of our quantized model.
+
+    python benchmarks/quant_bench.py                 # GPU, writes benchmarks/results/quant_bench.json
+    python benchmarks/quant_bench.py --smoke         # CPU, tiny shapes, checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from openautoglm import _hf  # noqa: E402
+from openautoglm.memory.estimate import model_bytes  # noqa: E402
+from openautoglm.quant import QuantConfig, quantize  # noqa: E402
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "smoke": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024),
+}
+OURS = {"w8a8": "auto", "w8": "w8", "w4": "w4"}
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def copy_bandwidth(dev) -> float:
+    n = (1 << 30) if dev.type == "cuda" else (1 << 24)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), 10, 3)
+    return 2 * n / t / 1e9
+
+
+def build(shape: str, dev, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            m = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return m.eval()
+
+
+def apply_variant(model: nn.Module, variant: str) -> str:
+    """Quantize in place; returns the concrete scheme name."""
+    if variant == "bf16":
+        return "bf16"
+    if variant in OURS:
+        from openautoglm.quant import DynamicQuantizer
+
+        if variant == "w8a8":
+            DynamicQuantizer.quantize(model, bits=8)
+        else:
+            quantize(model, QuantConfig(scheme=variant))
+        return model.quant_result.config.scheme
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
+                                      Int8WeightOnlyConfig, PerRow, quantize_)
+
+    cfg = {
+        "ao-int4wo": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+        "ao-int8wo": lambda: Int8WeightOnlyConfig(),
+        "ao-fp8dq": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    }[variant]()
+    quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn)
+    return variant
+
+
+class Decoder:
+    """Static-cache greedy decode with the whole step captured in one CUDA graph (eager step on CPU)."""
+
+    def __init__(self, model, batch: int, prompt: torch.Tensor, new_tokens: int):
+        from transformers import StaticCache
+
+        self.model, self.batch, self.new = model, batch, new_tokens
+        dev = prompt.device
+        plen = prompt.shape[1]
+        self.cache = StaticCache(config=model.config, max_cache_len=plen + new_tokens + 8)
+        with torch.no_grad():
+            out = _hf.forward_with_cache(model, prompt, self.cache, cache_position=torch.arange(plen, device=dev))
+        self.first = out.logits[:, -1].float()
+        self.tok = out.logits[:, -1:].argmax(-1)
+        self.tok0 = self.tok.clone()
+        self.pos = torch.tensor([plen], device=dev)
+        self.plen = plen
+        self.graph = None
+        if dev.type == "cuda":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(s)
+            self.reset()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+        self.reset()
+
+    @torch.no_grad()
+    def step(self):
+        out = _hf.forward_with_cache(self.model, self.tok, self.cache, cache_position=self.pos,
+                                     position_ids=self.pos.view(1, 1).expand(self.batch, 1))
+        self.tok.copy_(out.logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+    def reset(self):
+        self.tok.copy_(self.tok0)
+        self.pos.fill_(self.plen)
+
+    def run(self) -> torch.Tensor:
+        self.reset()
+        for _ in range(self.new):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+        return self.tok
+
+
+def decode_tps(model, batch, prompt_len, new, dev, vocab) -> dict:
+    g = torch.Generator(device=dev).manual_seed(batch)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), device=dev, generator=g)
+    d = Decoder(model, batch, prompt, new)
+    t = timed(d.run, 3 if dev.type == "cuda" else 1, 1)
+    res = {"tokens_per_s": batch * new / t, "ms_per_step": 1e3 * t / new}
+    del d
+    return res
+
+
+def prefill_ms(model, tokens, dev, vocab) -> float:
+    ids = torch.randint(0, vocab, (1, tokens), device=dev)
+    with torch.no_grad():
+        return 1e3 * timed(lambda: model(ids, use_cache=False, logits_to_keep=1), 5 if dev.type == "cuda" else 1, 2)
+
+
+def kernel_bench(dev) -> dict:
+    """Per-layer timings at 7B shapes: bf16 vs our Triton kernels vs tinygemm (int4) at M=1 and 8."""
+    from openautoglm.quant.linear import LINEAR_CLASSES
+
+    out = {}
+    K, N = (4096, 11008) if dev.type == "cuda" else (256, 512)
+    lin = nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
+    mods = {s: LINEAR_CLASSES[s].from_linear(lin, QuantConfig(scheme=s)) for s in ("w4", "w8", "w8a8-fp8")}
+    reps = 50 if dev.type == "cuda" else 2
+    for M in (1, 8, 2048):
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        ref = lin(x).float()
+        row = {"bf16_us": 1e6 * timed(lambda: lin(x), reps, 5)}
+        for s, m in mods.items():
+            y = m(x).float()
+            row[f"{s}_us"] = 1e6 * timed(lambda: m(x), reps, 5)
+            row[f"{s}_relerr"] = float((y - ref).norm() / ref.norm())
+        if dev.type == "cuda" and hasattr(torch, "_weight_int4pack_mm"):
+            try:
+                m4 = mods["w4"]
+                from openautoglm.quant.math import unpack_int4
+
+                q = unpack_int4(m4.qweight).to(torch.int32)
+                packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+                sz = torch.stack([m4.scale.t(), (m4.zero + 8 * m4.scale).t()], -1).contiguous().to(torch.bfloat16)
+                yt = torch._weight_int4pack_mm(x, packed, 128, sz).float()
+                row["tinygemm_us"] = 1e6 * timed(lambda: torch._weight_int4pack_mm(x, packed, 128, sz), 50, 5)
+                row["tinygemm_relerr"] = float((yt - ref).norm() / ref.norm())
+            except Exception as e:  # noqa: BLE001
+                row["tinygemm_error"] = repr(e)[:200]
+        out[f"M={M}"] = row
+        log("kernels", M, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    return out
+
+
+def compile_check(dev) -> dict:
+    """``torch.compile(fullgraph=True)`` of each quantized Linear at decode and prefill sizes: no graph
+    breaks allowed (fullgraph raises on one); output compared with the eager module."""
+    from openautoglm.quant.linear import LINEAR_CLASSES
+
+    out = {}
+    lin = nn.Linear(512, 1024, bias=False, device=dev, dtype=torch.bfloat16)
+    for s in ("w8a8", "w8a8-fp8", "w8", "w4"):
+        m = LINEAR_CLASSES[s].from_linear(lin, QuantConfig(scheme=s))
+        try:
+            torch._dynamo.reset()
+            cm = torch.compile(m, fullgraph=True)
+            errs = []
+            for M in (1, 64):
+                x = torch.randn(2, M, 512, device=dev, dtype=torch.bfloat16)
+                a, b = m(x).float(), cm(x).float()
+                errs.append(float((a - b).norm() / a.norm()))
+            out[s] = {"fullgraph": True, "relerr_vs_eager": max(errs)}
+        except Exception as e:  # noqa: BLE001
+            out[s] = {"fullgraph": False, "error": repr(e)[:300]}
+    log("compile check", out)
+    return out
+
+
+def run_variant(shape, variant, dev, args, res_model) -> dict:
+    r = {"variant": variant}
+    model = build(shape, dev)
+    vocab = model.config.vocab_size
+    r["scheme"] = apply_variant(model, variant)
+    sync()
+    r["weight_bytes"] = model_bytes(model)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for b in args.batches:
+        if b > 1 and variant.startswith("ao-") and args.skip_ao_batch8:
+            continue
+        try:
+            r[f"decode_b{b}"] = decode_tps(model, b, args.prompt, args.new, dev, vocab)
+            log(shape, variant, f"batch {b}", r[f"decode_b{b}"])
+        except Exception as e:  # noqa: BLE001 - record and go on with the other figures
+            r[f"decode_b{b}"] = {"error": repr(e)[:300]}
+            log(shape, variant, "decode failed", traceback.format_exc()[-800:])
+    try:
+        r["prefill_ms"] = prefill_ms(model, args.prefill, dev, vocab)
+    except Exception as e:  # noqa: BLE001
+        r["prefill_ms"] = None
+        r["prefill_error"] = repr(e)[:300]
+    # logits of the first decode position vs bf16 (same seed -> same float weights and prompt)
+    g = torch.Generator(device=dev).manual_seed(7)
+    ids = torch.randint(0, vocab, (1, 64), device=dev, generator=g)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+    if variant == "bf16":
+        res_model["_ref_logits"] = logits
+    elif "_ref_logits" in res_model:
+        r["logits_cosine_vs_bf16"] = float(torch.nn.functional.cosine_similarity(logits, res_model["_ref_logits"], 0))
+    if dev.type == "cuda":
+        r["peak_bytes"] = torch.cuda.max_memory_allocated()
+    if args.generate and variant in args.generate and dev.type == "cuda" and time.time() - T0 < args.budget_s - 120:
+        try:
+            prompt = torch.randint(0, vocab, (1, args.prompt), device=dev)
+            kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                      cache_implementation="static", pad_token_id=0)
+            t0 = time.perf_counter()
+            model.generate(prompt, **kw)
+            sync()
+            r["generate_first_call_s"] = time.perf_counter() - t0
+            t = timed(lambda: model.generate(prompt, **kw), 2, 0)
+            r["generate_tokens_per_s"] = args.new / t
+            log(shape, variant, "generate", r["generate_tokens_per_s"], "first call", r["generate_first_call_s"])
+        except Exception as e:  # noqa: BLE001
+            r["generate_error"] = repr(e)[:300]
+            log(shape, variant, "generate failed", traceback.format_exc()[-800:])
+    del model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes")
+    ap.add_argument("--models", default="7b,1b")
+    ap.add_argument("--variants", default="bf16,w8a8,w8,w4,ao-fp8dq,ao-int8wo,ao-int4wo")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--generate", default="w4", help="variants also timed through model.generate")
+    ap.add_argument("--skip-ao-batch8", action="store_true")
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quant_bench.json"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.models, args.prompt, args.new, args.prefill = "smoke", 8, 8, 64
+        args.variants = ",".join(v for v in args.variants.split(",") if not v.startswith("ao-"))
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.generate = [v for v in args.generate.split(",") if v]
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    try:
+        import torchao
+        ao_version = torchao.__version__
+    except ImportError:
+        ao_version = None
+        args.variants = ",".join(v for v in args.variants.split(",") if not v.startswith("ao-"))
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__, "torchao": ao_version,
+           "git_commit": commit or os.environ.get("GIT_COMMIT", "?"),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "harness": "static KV cache; whole decode step (forward+argmax+position) in one CUDA graph; eager prefill",
+           "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "models": {}}
+    res["copy_GBps"] = copy_bandwidth(dev)
+    log("copy bandwidth GB/s", res["copy_GBps"])
+    if not args.no_kernels:
+        res["kernels_7b_mlp_up"] = kernel_bench(dev)
+    if not args.no_kernels:
+        res["compile_check"] = compile_check(dev)
+    out_path = Path(os.environ.get("OUT", "")) / "quant_bench.json" if os.environ.get("OUT") else Path(args.out)
+    for shape in args.models.split(","):
+        res_model: dict = {}
+        rows = []
+        for variant in args.variants.split(","):
+            if time.time() - T0 > args.budget_s:
+                rows.append({"variant": variant, "skipped": "time budget"})
+                log("skip", shape, variant, "(time budget)")
+                continue
+            try:
+                rows.append(run_variant(shape, variant, dev, args, res_model))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"variant": variant, "error": repr(e)[:300]})
+                log(shape, variant, "FAILED", traceback.format_exc()[-1500:])
+            _write(res, shape, rows, out_path)
+        _write(res, shape, rows, out_path)
+    summarize(res)
+
+
+def _write(res, shape, rows, path):
+    base = next((r for r in rows if r.get("variant") == "bf16" and "weight_bytes" in r), None)
+    for r in rows:
+        if base and "weight_bytes" in r:
+            r["weight_ratio_vs_bf16"] = r["weight_bytes"] / base["weight_bytes"]
+            for k in ("decode_b1", "decode_b8"):
+                if "tokens_per_s" in r.get(k, {}) and "tokens_per_s" in base.get(k, {}):
+                    r[k]["speedup_vs_bf16"] = r[k]["tokens_per_s"] / base[k]["tokens_per_s"]
+            if r.get("prefill_ms") and base.get("prefill_ms"):
+                r["prefill_speedup_vs_bf16"] = base["prefill_ms"] / r["prefill_ms"]
+        if "tokens_per_s" in r.get("decode_b1", {}):
+            r["decode_b1"]["achieved_GBps"] = r["weight_bytes"] * r["decode_b1"]["tokens_per_s"] / 1e9
+            r["decode_b1"]["fraction_of_copy"] = r["decode_b1"]["achieved_GBps"] / res["copy_GBps"]
+    res["models"][shape] = rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1, default=str))
+
+
+def summarize(res):
+    print(f"\n{res['device']}  torch {res['torch']}  torchao {res['torchao']}  copy {res['copy_GBps']:.0f} GB/s")
+    hdr = f"{'model':6} {'variant':10} {'scheme':9} {'GB':>6} {'x':>5} {'b1 tok/s':>9} {'x':>5} {'GB/s':>6} {'b8 tok/s':>9} {'x':>5} {'pf ms':>7} {'x':>5} {'cos':>6}"
+    print(hdr)
+    for shape, rows in res["models"].items():
+        for r in rows:
+            if "weight_bytes" not in r:
+                print(f"{shape:6} {r['variant']:10} {r.get('skipped') or r.get('error', '')[:80]}")
+                continue
+            d1, d8 = r.get("decode_b1", {}), r.get("decode_b8", {})
+            f = lambda v, w=6, p=2: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+            print(f"{shape:6} {r['variant']:10} {r['scheme']:9} {f(r['weight_bytes'] / 1e9)} {f(r.get('weight_ratio_vs_bf16'), 5)} "
+                  f"{f(d1.get('tokens_per_s'), 9, 1)} {f(d1.get('speedup_vs_bf16'), 5)} {f(d1.get('achieved_GBps'), 6, 0)} "
+                  f"{f(d8.get('tokens_per_s'), 9, 1)} {f(d8.get('speedup_vs_bf16'), 5)} {f(r.get('prefill_ms'), 7, 1)} "
+                  f"{f(r.get('prefill_speedup_vs_bf16'), 5)} {f(r.get('logits_cosine_vs_bf16'), 6, 4)}"
+                  + (f"  generate {r['generate_tokens_per_s']:.1f} tok/s" if "generate_tokens_per_s" in r else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Module surgery: ``quantize(model, QuantConfig(...))`` and ``DynamicQuantizer.quantize(model, bits=8)``.
+
+Walks a model, replaces the selected ``nn.Linear`` layers by the quantized classes of :mod:`.linear`,
+reports the skipped ones, and records the recipe in the model config (``hub.record_transform``) so
+``save_pretrained`` + ``AutoModelForCausalLM.from_pretrained`` rebuild the same modules without ever
+materializing full-precision weights (rebuilder ``"quantize"`` below).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import hub
+from ..memory.estimate import model_bytes
+from .config import QuantConfig
+from .linear import LINEAR_CLASSES, QuantLinear
+from .static import StaticQuantizer  # noqa: F401  (public name of this module)
+
+log = logging.getLogger(__name__)
+TRANSFORM = "quantize"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize` did: the modules quantized, the ones skipped (name -> reason), bytes."""
+
+    config: QuantConfig
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "quantized": self.quantized, "skipped": self.skipped,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules()) or any(
+        t.get("type") == TRANSFORM for t in hub.applied_transforms(model) if hasattr(model, "config"))
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        return set()
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is emb.weight}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
+    """Names of the Linear layers to quantize, and of the matching ones that cannot be (with reasons)."""
+    cls = LINEAR_CLASSES[config.scheme]
+    tied = _tied_names(model)
+    chosen, skipped = [], {}
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or not config.matches(name):
+            continue
+        reason = "weight tied to the input embeddings" if name in tied else cls.supports(mod, config)
+        if reason:
+            skipped[name] = reason
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, progress: Progress | None = None) -> QuantResult:
+    """Quantize ``model``'s Linear layers in place with ``config`` (default: ``QuantConfig()`` = w8a8).
+
+    Returns a :class:`QuantResult`; skipped layers are also logged. Raises ``ValueError`` when the model
+    is already quantized, when no layer can be quantized, or when a weight holds NaN/Inf.
+    ``scheme="static"`` needs calibrated activation ranges: use :class:`StaticQuantizer`.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if config.scheme == "static":
+        raise ValueError("scheme 'static' needs calibration: use StaticQuantizer(...).quantize(model)")
+    return _apply(model, config, progress=progress)
+
+
+def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None = None,
+           act_scales: dict[str, float] | None = None) -> QuantResult:
+    if is_quantized(model):
+        raise ValueError("model is already quantized; quantize the full-precision model (reload it) instead")
+    chosen, skipped = select_linears(model, config)
+    for name, why in skipped.items():
+        log.warning("not quantizing %s: %s", name, why)
+    if not chosen:
+        raise ValueError(f"no Linear layer can be quantized with {config.scheme} "
+                         f"(include={list(config.include)}, exclude={list(config.exclude)}); skipped: {skipped}")
+    result = QuantResult(config, chosen, skipped, bytes_before=model_bytes(model))
+    cls = LINEAR_CLASSES[config.scheme]
+    # Check every weight first so a NaN never leaves the model half-quantized.
+    for name in chosen:
+        if not torch.isfinite(model.get_submodule(name).weight).all():
+            raise ValueError(f"cannot quantize {name}: its weight holds NaN or Inf values")
+    for i, name in enumerate(chosen):
+        new = cls.from_linear(model.get_submodule(name), config)
+        if act_scales is not None:
+            new.act_scale.data.fill_(act_scales[name])
+        _set_module(model, name, new)
+        if progress:
+            progress(name, i + 1, len(chosen))
+    result.bytes_after = model_bytes(model)
+    if hasattr(model, "config"):
+        hub.record_transform(model, TRANSFORM, {"config": config.to_dict(), "modules": chosen})
+    if not isinstance(getattr(model, "save_pretrained", None), functools.partial):
+        hub._attach(model, getattr(model, "_openautoglm_source", None))
+    model.quant_result = result
+    log.info("quantized %d Linear layers to %s (%d skipped): %.1f MiB -> %.1f MiB", len(chosen), config.scheme,
+             len(skipped), result.bytes_before / 2**20, result.bytes_after / 2**20)
+    return result
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class DynamicQuantizer:
+    """Short forms: ``DynamicQuantizer.quantize(model, bits=8)`` (w8a8) or ``bits=4`` (w4, group 128).
+
+    On an FP8 GPU (compute capability >= 8.9) ``bits=8`` times the int8 (``torch._int_mm``) and the
+    e4m3 (``torch._scaled_mm``) GEMMs once and keeps the faster; on the CPU it is int8.
+    """
+
+    @staticmethod
+    def quantize(model: nn.Module, bits: int = 8, *, scheme: str | None = None, group_size: int | None = None,
+                 include=("*",), exclude=("lm_head",), progress: Progress | None = None) -> nn.Module:
+        """Quantize in place and return ``model``; the :class:`QuantResult` is ``model.quant_result``."""
+        if isinstance(bits, bool) or bits not in (4, 8):
+            raise ValueError(f"bits={bits!r} is not supported; accepted: 8 (w8a8) or 4 (w4, group 128)")
+        if scheme is None:
+            scheme = "w4" if bits == 4 else _pick_w8a8(_model_device(model))
+        elif QuantConfig(scheme=scheme).bits != bits:
+            raise ValueError(f"scheme {scheme!r} is not a {bits}-bit scheme")
+        cfg = QuantConfig(scheme=scheme, group_size=group_size, include=tuple(include), exclude=tuple(exclude))
+        quantize(model, cfg, progress=progress)
+        return model
+
+
+def _pick_w8a8(device: torch.device) -> str:
+    from .kernels import fastest_w8a8
+
+    return fastest_w8a8(device) if device.type == "cuda" else "w8a8"
+
+
+@hub.register_rebuilder(TRANSFORM)
+def rebuild(model: nn.Module, spec: dict) -> None:
+    """Replace the recorded Linear layers of an empty (meta-device) model by empty quantized ones."""
+    config = QuantConfig.from_dict(spec["config"])
+    cls = LINEAR_CLASSES[config.scheme]
+    for name in spec["modules"]:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"checkpoint records quantized module {name!r} but the model has a {type(mod).__name__} there")
+        _set_module(model, name, cls.empty(mod, config, device="meta"))

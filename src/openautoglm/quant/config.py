@@ -1,0 +1,111 @@
+"""``QuantConfig``: the validated, JSON-round-tripping description of a weight-quantization recipe."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+SCHEMES = ("w8a8", "w8a8-fp8", "w8", "w4", "static")
+OBSERVERS = ("minmax", "percentile")
+KERNELS = ("auto", "triton", "torch")
+CONFIG_VERSION = 1
+_DEFAULT_GROUP = {"w4": 128}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize the ``nn.Linear`` layers of a model.
+
+    Parameters
+    ----------
+    scheme : ``"w8a8"`` (per-channel int8 weights, dynamic per-token int8 activations, int8 GEMM),
+        ``"w8a8-fp8"`` (the same with float8 e4m3 weights/activations and ``torch._scaled_mm``),
+        ``"w8"`` / ``"w4"`` (weight-only, dequantized inside the matmul), ``"static"`` (int8 weights,
+        int8 activations with a per-layer scale calibrated ahead of time).
+    group_size : weight group along the input dim (32, 64, 128) or ``None`` for one scale per output
+        channel. Default 128 for ``w4``, per-channel otherwise. Only ``w8``/``w4`` accept groups.
+    symmetric : symmetric weight codes; default ``False`` for ``w4`` (float offset per group), ``True``
+        otherwise (the 8-bit schemes are symmetric only).
+    include, exclude : wildcard patterns on module names (``"model.layers.*.mlp.*"``); a Linear is
+        quantized when it matches an include and no exclude. ``lm_head`` is excluded by default.
+    observer, percentile : activation-range observer of ``static`` (``"minmax"`` or ``"percentile"``
+        of ``|x|``).
+    kernel : ``"auto"`` (Triton on CUDA when available, else torch ops), ``"triton"``, ``"torch"``.
+    """
+
+    scheme: str = "w8a8"
+    group_size: int | None = None
+    symmetric: bool | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lm_head",)
+    observer: str = "minmax"
+    percentile: float = 99.99
+    kernel: str = "auto"
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        s = self.scheme
+        if s not in SCHEMES:
+            raise ValueError(f"unknown scheme {s!r}; accepted: {', '.join(SCHEMES)}")
+        if self.group_size is None and s in _DEFAULT_GROUP:
+            object.__setattr__(self, "group_size", _DEFAULT_GROUP[s])
+        if self.group_size is not None:
+            if s not in ("w8", "w4"):
+                raise ValueError(f"scheme {s!r} uses per-channel weight scales; group_size must be None, got {self.group_size}")
+            if isinstance(self.group_size, bool) or self.group_size not in (32, 64, 128):
+                raise ValueError(f"group_size={self.group_size!r} is not supported; accepted: 32, 64, 128 or None")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", s != "w4")
+        if not self.symmetric and s != "w4":
+            raise ValueError(f"scheme {s!r} is symmetric only; asymmetric weights are offered for w4")
+        for name in ("include", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = (v,)
+            if not all(isinstance(p, str) and p for p in v):
+                raise TypeError(f"{name} must be a list of non-empty wildcard strings, got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; accepted: {', '.join(OBSERVERS)}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile={self.percentile!r} must lie in (50, 100]")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; accepted: {', '.join(KERNELS)}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"QuantConfig version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.scheme == "w4" else 8
+
+    def matches(self, name: str) -> bool:
+        """Whether module ``name`` is selected by the include/exclude patterns."""
+        inc = any(fnmatch.fnmatchcase(name, p) for p in self.include)
+        return inc and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"QuantConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {unknown}; accepted: {sorted(known)}")
+        d = dict(d)
+        for k in ("include", "exclude"):
+            if k in d and isinstance(d[k], list):
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,180 @@
+"""Quantized drop-in replacements of ``nn.Linear``, one class per storage format.
+
+Each class stores its codes and scales as frozen ``nn.Parameter`` s (so they move with ``.to()``, are
+saved by ``state_dict`` under ``<module>.qweight`` / ``.scale`` / ``.zero`` / ``.act_scale`` and are
+checked by the loader), can be built from a float ``nn.Linear`` (:meth:`from_linear`) or empty on the
+meta device (:meth:`empty`, used when reloading a checkpoint), and computes through :mod:`.kernels`.
+A new format is one new class plus one entry in :data:`LINEAR_CLASSES`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import QuantConfig
+from .math import pack_int4, quantize, to_fp8
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """Base class: ``in_features``, ``out_features``, optional float ``bias`` and the scheme's config."""
+
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig,
+                 dtype: torch.dtype, device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        self.bias = _frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._alloc(dtype, torch.device(device))
+
+    def _alloc(self, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _fill(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def supports(cls, linear: nn.Linear, config: QuantConfig) -> str | None:
+        """``None`` when ``linear`` can be quantized with ``config``, else the reason it cannot."""
+        k, n = linear.in_features, linear.out_features
+        if config.group_size and k % config.group_size:
+            return f"in_features {k} is not divisible by group_size {config.group_size}"
+        if k % 16 or n % 16:
+            return f"shape ({n}, {k}) is not a multiple of 16"
+        return None
+
+    @classmethod
+    def empty(cls, linear: nn.Linear, config: QuantConfig, device="meta") -> "QuantLinear":
+        dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype, device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError("weight holds NaN or Inf values")
+        mod = cls.empty(linear, config, device=w.device)
+        mod._fill(w)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.config.group_size}" if self.config.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{g}"
+
+
+class Int8DynamicLinear(QuantLinear):
+    """w8a8: int8 weights (N, K) with per-channel scales (N, 1); per-token int8 activations at run time."""
+
+    scheme = "w8a8"
+
+    def _alloc(self, dtype, device):
+        self.qweight = _frozen(torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device))
+        self.scale = _frozen(torch.empty(self.out_features, 1, dtype=torch.float32, device=device))
+
+    def _fill(self, weight):
+        qt = quantize(weight, 8, symmetric=True, granularity="channel")
+        self.qweight.data.copy_(qt.q)
+        self.scale.data.copy_(qt.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w8a8_linear(x, self.qweight, self.scale, self.bias, kernel=self.config.kernel)
+
+
+class StaticInt8Linear(Int8DynamicLinear):
+    """static: like w8a8 but activations use one calibrated per-layer scale ``act_scale`` (float32 scalar)."""
+
+    scheme = "static"
+
+    def _alloc(self, dtype, device):
+        super()._alloc(dtype, device)
+        self.act_scale = _frozen(torch.ones((), dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w8a8_linear(x, self.qweight, self.scale, self.bias, act_scale=self.act_scale,
+                                   kernel=self.config.kernel)
+
+
+class FP8DynamicLinear(QuantLinear):
+    """w8a8-fp8: float8 e4m3 weights (N, K) with per-channel scales (N, 1); per-token e4m3 activations."""
+
+    scheme = "w8a8-fp8"
+
+    def _alloc(self, dtype, device):
+        self.qweight = _frozen(torch.empty(self.out_features, self.in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.scale = _frozen(torch.empty(self.out_features, 1, dtype=torch.float32, device=device))
+
+    def _fill(self, weight):
+        if not torch.isfinite(weight).all():
+            raise ValueError("weight holds NaN or Inf values")
+        q, s = to_fp8(weight, dim=-1)
+        self.qweight.data.copy_(q)
+        self.scale.data.copy_(s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.fp8_linear(x, self.qweight, self.scale, self.bias, kernel=self.config.kernel)
+
+
+class WeightOnlyLinear(QuantLinear):
+    """w8 / w4: grouped weight-only codes, dequantized inside the matmul.
+
+    Storage: ``qweight`` int8 ``(N, K)`` (w8) or uint8 ``(N, K/2)`` two int4 codes a byte (w4, even k in the
+    high nibble; symmetric codes offset by 8); ``scale`` ``(N, K/group)`` in the model dtype; ``zero``
+    (asymmetric w4 only) the float value of code 0, same shape.
+    """
+
+    scheme = "w4"
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def group(self) -> int:
+        return self.config.group_size or self.in_features
+
+    def _alloc(self, dtype, device):
+        n, k = self.out_features, self.in_features
+        if self.bits == 4:
+            self.qweight = _frozen(torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+        else:
+            self.qweight = _frozen(torch.empty(n, k, dtype=torch.int8, device=device))
+        self.scale = _frozen(torch.empty(n, k // self.group, dtype=dtype, device=device))
+        self.zero = None if self.config.symmetric else _frozen(torch.empty(n, k // self.group, dtype=dtype, device=device))
+
+    def _fill(self, weight):
+        gran = "group" if self.config.group_size else "channel"
+        qt = quantize(weight, self.bits, symmetric=self.config.symmetric, granularity=gran,
+                      group_size=self.config.group_size)
+        q = qt.q
+        if self.bits == 4:
+            q = pack_int4(q.to(torch.int16) + 8 if self.config.symmetric else q)
+        self.qweight.data.copy_(q)
+        self.scale.data.copy_(qt.scale.reshape(self.scale.shape))
+        if self.zero is not None:
+            self.zero.data.copy_(qt.zero.reshape(self.zero.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.weight_only_linear(x, self.qweight, self.scale, self.zero, self.bits, self.group, self.bias,
+                                          kernel=self.config.kernel)
+
+
+class _W8Linear(WeightOnlyLinear):
+    scheme = "w8"
+
+
+LINEAR_CLASSES: dict[str, type[QuantLinear]] = {
+    "w8a8": Int8DynamicLinear,
+    "w8a8-fp8": FP8DynamicLinear,
+    "static": StaticInt8Linear,
+    "w8": _W8Linear,
+    "w4": WeightOnlyLinear,
+}

@@ -1,0 +1,167 @@
+"""Pure tensor math of integer quantization: quantize, dequantize, error bounds, int4 packing.
+
+Conventions (one for every scheme, CPU and GPU alike):
+
+* **symmetric** ``b``-bit: ``q = clamp(round(x / s), -qmax, qmax)`` with ``qmax = 2^(b-1) - 1`` and
+  ``s = absmax / qmax``; ``x ~ q * s``. Codes are signed (int8 storage).
+* **asymmetric** ``b``-bit: ``q = clamp(round((x - z) / s), 0, 2^b - 1)`` with ``s = (max - min) / (2^b - 1)``
+  and the float offset ``z = min`` (the value of code 0, as in tinygemm/HQQ); ``x ~ q * s + z``.
+  Codes are unsigned (uint8 storage). A float offset keeps the rounding error within half a step
+  everywhere, where an integer zero point could not.
+* **granularity**: ``"tensor"`` (one scale), ``"channel"`` (one per row of a ``(out, in)`` weight),
+  ``"group"`` (one per ``group_size`` consecutive elements of a row) and ``"token"`` (one per row of an
+  activation ``(..., hidden)``; the same reduction as ``"channel"``, computed at run time).
+
+Shapes: ``x: (rows, cols)`` (any leading dims for ``"token"``); scales ``(rows, 1)`` for channel/token,
+``(rows, cols // group_size)`` for group, ``()`` for tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (4, 8)
+GRANULARITIES = ("tensor", "channel", "group", "token")
+GROUP_SIZES = (32, 64, 128)
+_EPS = 1e-12  # smallest scale: a constant group quantizes exactly to one code
+
+
+def _check(x: torch.Tensor, bits: int, granularity: str, group_size: int | None) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits={bits!r} is not supported; accepted: {', '.join(map(str, BITS))}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    if not x.is_floating_point():
+        raise TypeError(f"can only quantize floating tensors, got {x.dtype}")
+    if granularity in ("channel", "group") and x.dim() != 2:
+        raise ValueError(f"{granularity} quantization needs a 2-D (out, in) tensor, got shape {tuple(x.shape)}")
+    if granularity == "group":
+        if group_size is None or group_size < 1:
+            raise ValueError(f"group quantization needs a positive group_size, got {group_size!r}")
+        if x.shape[-1] % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the row length {x.shape[-1]}")
+    if torch.isnan(x).any() or torch.isinf(x).any():
+        raise ValueError("cannot quantize a tensor holding NaN or Inf values")
+
+
+def _grouped(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
+    """View ``x`` as ``(..., n_groups, group_len)`` so each reduction over the last dim is one scale."""
+    if granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    if granularity in ("channel", "token"):
+        return x.unsqueeze(-2)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+@dataclass
+class Quantized:
+    """Integer codes plus what is needed to dequantize them.
+
+    ``q``: codes, same shape as the input (int8 for symmetric, uint8 for asymmetric);
+    ``scale``/``zero``: float32, shape ``(..., n_groups)``; ``zero`` is ``None`` when symmetric.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    granularity: str
+    group_size: int | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+
+def qparams(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True, granularity: str = "channel",
+            group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and float offsets when asymmetric) of ``x``; shape ``(..., n_groups)``, float32."""
+    _check(x, bits, granularity, group_size)
+    g = _grouped(x.float(), granularity, group_size)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return (g.abs().amax(-1) / qmax).clamp_min(_EPS), None
+    lo, hi = g.amin(-1), g.amax(-1)
+    return ((hi - lo) / (2**bits - 1)).clamp_min(_EPS), lo
+
+
+def quantize(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True, granularity: str = "channel",
+             group_size: int | None = None) -> Quantized:
+    """Round-to-nearest quantization of ``x`` (see the module docstring for the conventions).
+
+    Raises ``ValueError`` for unsupported bits, a group size that does not divide the rows, or NaN/Inf.
+    """
+    scale, zero = qparams(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    g = _grouped(x.float(), granularity, group_size)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
+    else:
+        q = torch.clamp(torch.round((g - zero.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 2**bits - 1).to(torch.uint8)
+    return Quantized(q.reshape(x.shape), scale, zero, bits, granularity, group_size)
+
+
+def dequantize(qt: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float tensor ``q * scale (+ zero)`` of the original shape."""
+    g = _grouped(qt.q.float(), qt.granularity, qt.group_size)
+    out = g * qt.scale.unsqueeze(-1)
+    if qt.zero is not None:
+        out = out + qt.zero.unsqueeze(-1)
+    return out.reshape(qt.q.shape).to(dtype)
+
+
+def error_bound(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True, granularity: str = "channel",
+                group_size: int | None = None) -> torch.Tensor:
+    """Worst-case absolute rounding error of each element of ``x``: half a quantization step.
+
+    The step is ``range / (2^b - 1)`` (asymmetric, range = max - min of the element's group) or
+    ``absmax / (2^(b-1) - 1)`` (symmetric: the levels ``-qmax..qmax`` span ``2 * absmax`` in ``2^b - 2`` steps).
+    Returns a float32 tensor of ``x``'s shape.
+    """
+    scale, _ = qparams(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    g = _grouped(torch.empty_like(x, dtype=torch.float32), granularity, group_size)
+    return (scale.unsqueeze(-1) / 2).expand_as(g).reshape(x.shape)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric activation quantization, one scale per token.
+
+    ``x: (..., hidden)`` -> codes ``int8 (..., hidden)`` and scales ``float32 (..., 1)``.
+    Traceable by ``torch.compile`` (no data-dependent Python).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(_EPS)
+    return torch.clamp(torch.round(xf / scale), -qmax, qmax).to(torch.int8), scale
+
+
+# ----------------------------------------------------------------------------- int4 packing
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit codes two per byte: ``(..., 2k) -> (..., k) uint8``.
+
+    The even element goes to the high nibble (the order ``torch._convert_weight_to_int4pack`` expects).
+    """
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError("int4 codes must lie in 0..15")
+    return (q[..., 0::2] << 4) | q[..., 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``(..., k) uint8 -> (..., 2k) uint8`` codes in 0..15."""
+    hi = packed >> 4
+    lo = packed & 15
+    return torch.stack((hi, lo), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def to_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale rows of ``x`` into float8 e4m3 range: codes ``float8_e4m3fn`` and float32 scales (keepdim)."""
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    xf = x.float()
+    scale = (xf.abs().amax(dim, keepdim=True) / fmax).clamp_min(_EPS)
+    return (xf / scale).clamp(-fmax, fmax).to(torch.float8_e4m3fn), scale

@@ -1,0 +1,133 @@
+"""Triton kernels of the quantized Linear layers (CUDA; testable on CPU with ``TRITON_INTERPRET=1``).
+
+* ``wo_matmul``: ``y (M, N) = x (M, K) @ dequant(W)^T`` for small M (decode). W is int8 ``(N, K)``,
+  packed int4 ``(N, K/2)`` (even k in the high nibble) or float8 e4m3 ``(N, K)``; one scale (and
+  optionally a float offset) per ``GROUP`` inputs of each output row. The codes go straight into the
+  tensor-core dot as 16-bit floats (exact: |code| <= 127); scales and offsets are applied to the
+  partial sums of each K tile (``x @ (q s + z) = (x @ q) s + sum(x) z``), so dequantization costs almost
+  nothing and only the packed bytes cross the memory bus. Split-K with fp32 atomics fills the GPU when
+  N is small.
+* ``dequant``: the same formats to a dense 16-bit matrix (prefill: dequantize then cuBLAS GEMM).
+* ``quant_rows``: per-token symmetric int8 / float8 activation quantization in one pass.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_iter = tl.cdiv(K, BLOCK_K * SPLIT_K)
+    for it in range(0, n_iter):
+        k0 = (pid_k * n_iter + it) * BLOCK_K
+        if BITS == 4:
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            wb = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=mask_n[:, None], other=0)
+            hi = (wb >> 4).to(dt)
+            lo = (wb & 15).to(dt)
+            ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=mask_m[:, None], other=0.0)
+            xo = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :] + 1, mask=mask_m[:, None], other=0.0)
+            part = tl.dot(xe, tl.trans(hi)) + tl.dot(xo, tl.trans(lo))
+            xsum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask_n[:, None], other=0).to(dt)
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None], other=0.0)
+            part = tl.dot(xt, tl.trans(w))
+            xsum = tl.sum(xt.to(tl.float32), 1)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+        if HAS_Z:
+            z = tl.load(z_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+            acc += xsum[:, None] * z[None, :]
+        elif BITS == 4:  # symmetric int4 codes are stored with an offset of 8
+            acc -= 8.0 * xsum[:, None] * s[None, :]
+    ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+def _prune(configs, named_args, **kwargs):
+    K, group = named_args["K"], kwargs.get("GROUP", named_args.get("GROUP"))
+    ok = [c for c in configs
+          if c.kwargs["BLOCK_K"] <= group and K % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0]
+    return ok or [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=4)]
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+    for bn, bk, sk, w, st in [
+        (32, 128, 1, 4, 4), (32, 128, 2, 4, 4), (32, 128, 4, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4),
+        (64, 128, 4, 4, 4), (16, 128, 2, 4, 4), (16, 128, 4, 4, 4), (64, 64, 4, 4, 4), (32, 64, 4, 4, 4),
+        (128, 128, 1, 8, 3), (128, 128, 2, 8, 3), (32, 256, 2, 4, 3), (64, 256, 1, 8, 3), (32, 32, 4, 4, 4),
+    ]
+]
+
+wo_matmul_tuned = triton.autotune(
+    configs=_CONFIGS, key=["M", "N", "K", "BITS", "GROUP"], reset_to_zero=["y_ptr"],
+    prune_configs_by={"early_config_prune": _prune},
+)(wo_matmul_kernel)
+
+
+@triton.jit
+def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                   GROUP: tl.constexpr, BITS: tl.constexpr, HAS_Z: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    dt = out_ptr.dtype.element_ty
+    if BITS == 4:
+        rb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        m = mask_n[:, None] & (rb[None, :] < K // 2)
+        wb = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=m, other=0)
+        ke = 2 * rb
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + ke[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + rn[:, None] * stride_sn + ke[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
+        else:
+            z = -8.0 * s
+        hi = (wb >> 4).to(tl.float32) * s + z
+        lo = (wb & 15).to(tl.float32) * s + z
+        base = out_ptr + rn[:, None] * stride_on + ke[None, :]
+        tl.store(base, hi.to(dt), mask=m)
+        tl.store(base + 1, lo.to(dt), mask=m)
+    else:
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        m = mask_n[:, None] & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=m, other=0).to(tl.float32)
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], (w * s).to(dt), mask=m)
+
+
+@triton.jit
+def quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, FP8: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK)
+    m = rk < K
+    x = tl.load(x_ptr + row * stride_xm + rk, mask=m, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / QMAX, 1e-12)
+    v = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+    if FP8:
+        q = v.to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.floor(v + 0.5).to(tl.int8)
+    tl.store(q_ptr + row * stride_qm + rk, q, mask=m)
+    tl.store(s_ptr + row, scale)
