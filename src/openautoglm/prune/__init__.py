@@ -6,6 +6,7 @@ so pruned checkpoints reload with the right shapes.
 from __future__ import annotations
 
 from ..hub import register_rebuilder
+from .api import PruneRecipe, apply_pruning
 from .heads import HeadPruneConfig, HeadPruner, HeadPruneResult, apply_head_layout, mask_heads, remove_heads
 from .importance import METHODS, calibration_ids, keep_masks, weight_scores
 from .recovery import RecoveryConfig, RecoveryResult, recover
@@ -29,6 +30,7 @@ def _rebuild_sparsity(model, spec: dict) -> None:
 
 
 __all__ = [
+    "PruneRecipe", "apply_pruning",
     "HeadPruner", "HeadPruneConfig", "HeadPruneResult", "remove_heads", "apply_head_layout", "mask_heads",
     "METHODS", "calibration_ids", "keep_masks", "weight_scores",
     "SparsityConfig", "SparsityResult", "sparsify", "nm_mask", "check_nm",
