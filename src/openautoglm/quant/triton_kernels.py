@@ -34,7 +34,7 @@ def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stri
         k0 = (pid_k * n_iter + it) * BLOCK_K
         if BITS == 4:
             rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            wb = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=mask_n[:, None], other=0)
+            wb = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=mask_n[:, None])
             hi = (wb >> 4).to(dt)
             lo = (wb & 15).to(dt)
             ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)
@@ -44,7 +44,7 @@ def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stri
             xsum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask_n[:, None], other=0).to(dt)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask_n[:, None]).to(dt)
             xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None], other=0.0)
             part = tl.dot(xt, tl.trans(w))
             xsum = tl.sum(xt.to(tl.float32), 1)
@@ -74,9 +74,8 @@ def _prune(configs, named_args, **kwargs):
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
     for bn, bk, sk, w, st in [
-        (32, 128, 1, 4, 4), (32, 128, 2, 4, 4), (32, 128, 4, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4),
-        (64, 128, 4, 4, 4), (16, 128, 2, 4, 4), (16, 128, 4, 4, 4), (64, 64, 4, 4, 4), (32, 64, 4, 4, 4),
-        (128, 128, 1, 8, 3), (128, 128, 2, 8, 3), (32, 256, 2, 4, 3), (64, 256, 1, 8, 3), (32, 32, 4, 4, 4),
+        (32, 128, 1, 4, 4), (32, 128, 2, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (16, 128, 4, 4, 4),
+        (64, 64, 4, 4, 4), (128, 128, 1, 8, 3), (32, 256, 2, 4, 3), (32, 32, 4, 4, 4),
     ]
 ]
 
@@ -96,7 +95,7 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, str
     if BITS == 4:
         rb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         m = mask_n[:, None] & (rb[None, :] < K // 2)
-        wb = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=m, other=0)
+        wb = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=m)
         ke = 2 * rb
         s = tl.load(s_ptr + rn[:, None] * stride_sn + ke[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
@@ -111,7 +110,7 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, str
     else:
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         m = mask_n[:, None] & (rk[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=m, other=0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=m).to(tl.float32)
         s = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], (w * s).to(dt), mask=m)
 
