@@ -45,6 +45,11 @@ _register_lazy({
     "MemoryProfiler": "openautoglm.memory.profile",
     "plan_training": "openautoglm.memory.plan",
 })
+_register_lazy({  # pruning
+    "HeadPruneConfig": "openautoglm.prune", "sparsify": "openautoglm.prune", "SparsityConfig": "openautoglm.prune",
+    "low_rank": "openautoglm.prune", "LowRankConfig": "openautoglm.prune", "recover": "openautoglm.prune",
+    "PruneRecipe": "openautoglm.prune", "apply_pruning": "openautoglm.prune",
+})
 
 
 def __getattr__(name: str):
