@@ -127,6 +127,6 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.con
     if FP8:
         q = v.to(q_ptr.dtype.element_ty)
     else:
-        q = tl.floor(v + 0.5).to(tl.int8)
+        q = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int8)  # round half away from zero
     tl.store(q_ptr + row * stride_qm + rk, q, mask=m)
     tl.store(s_ptr + row, scale)
