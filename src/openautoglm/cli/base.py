@@ -9,7 +9,7 @@ import torch
 import typer
 
 from .. import _hf, hub
-from ..memory.estimate import dtype_bytes, kv_cache_bytes, model_bytes
+from ..memory.estimate import kv_cache_bytes, model_bytes
 from . import app, console
 from ._common import fmt_bytes, pick_device, table
 
@@ -31,11 +31,11 @@ def info(
     w = model_bytes(m)
     hidden = _hf.text_config(cfg).hidden_size
     inter = getattr(_hf.text_config(cfg), "intermediate_size", 4 * hidden)
-    kv_dim = _hf.num_kv_heads(cfg) * _hf.head_dim(cfg)
-    act_b = dtype_bytes(dtypes[0] if dtypes[0] in ("bfloat16", "float16", "float32") else "bfloat16")
-    # Peak transient activations of one decoder layer during prefill: residual, normed input, q, k, v,
-    # attention output, and the MLP's gate, up and activated tensors; plus last-token logits in fp32.
-    act = batch * context * (4 * hidden + 2 * kv_dim + 3 * inter) * act_b + batch * cfg.vocab_size * 4
+    from ..memory.estimate import estimate_memory
+
+    # prefill of batch x context tokens with a KV cache (memory.estimate: activations and last-token logits)
+    est = estimate_memory(m, mode="inference", batch=batch, seq_len=context, kv_dtype=kv_dtype)
+    act = est.terms["activations"] + est.terms["logits"]
     kv1k = kv_cache_bytes(cfg, 1024, 1, kv_dtype)
     kvc = kv_cache_bytes(cfg, context, batch, kv_dtype)
     transforms = hub.applied_transforms(cfg)
@@ -61,7 +61,7 @@ def info(
             [f"KV cache per 1k tokens ({kv_dtype}, batch 1)", fmt_bytes(kv1k)],
             [f"KV cache, batch {batch} x context {context}", fmt_bytes(kvc)],
             [f"activations, prefill peak (estimate)", fmt_bytes(act)],
-            [f"[bold]inference total, batch {batch} x context {context}", f"[bold]{fmt_bytes(w + kvc + act)}"],
+            [f"[bold]inference total, batch {batch} x context {context}", f"[bold]{fmt_bytes(est.total)}"],
         ],
     ))
 

@@ -148,13 +148,13 @@ def _quant_spec(quantization) -> dict | None:
             "exclude_head": "lm_head" in tuple(q.get("exclude", ("lm_head",)))}
 
 
-def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float) -> tuple[int, str]:
+def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int) -> tuple[int, str]:
     """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``."""
     n = sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)
     g = spec["group_size"] or s.hidden  # per output channel: one scale per row of ``hidden`` inputs
     scale_b = 2 if spec["symmetric"] else 4
     q = n * spec["bits"] / 8 + n / g * scale_b
-    return int(s.param_bytes - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
+    return int(full - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
 
 
 def _kv_bytes(s: ModelShape, tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
@@ -252,11 +252,10 @@ def estimate_memory(
 
 def _inference(s, layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group, residual, logits, float_params,
                settings, fm, notes) -> MemoryEstimate:
+    w = int(float_params * pb + (s.param_bytes - s.n_params * dtype_bytes(s.dtype) if s.param_bytes else 0))
+    fm["weights"] = f"{float_params:,} params x {pb:g} B (+ buffers and already-quantized tensors as stored)"
     if spec:
-        w, fm["weights"] = quantized_weight_bytes(s, spec, pb)
-    else:
-        w = int(float_params * pb + (s.param_bytes - s.n_params * dtype_bytes(s.dtype) if s.param_bytes else 0))
-        fm["weights"] = f"{float_params:,} params x {pb:g} B"
+        w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w)
     kv = _kv_bytes(s, seq_len, batch, kv_dtype, cb, group, residual)
     fm["kv_cache"] = f"2 x {len(layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
     trans = max(F.inference_layer_transient(L, h, cb) for L in layers)
@@ -273,6 +272,7 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     P = int(float_params * pb)
     state_mult = {"adamw": 2, "adamw_foreach": 2, "sgd": 1, "adafactor": 0}[optimizer]
     S = int(float_params * pb * state_mult) if optimizer != "adafactor" else int(s.adafactor_elems * 4)
+    S += 4 * s.n_tensors if optimizer in ("adamw", "adamw_foreach", "adafactor") else 0  # fp32 'step' per tensor
     fm["optimizer_states"] = {"adamw": "2 x params x param bytes (Adam m, v)", "adamw_foreach": "2 x params x param bytes (Adam m, v)",
                               "sgd": "params x param bytes (momentum)", "adafactor": "(rows + cols) of each matrix x 4 B"}[optimizer]
     opt_temp = {"adamw": 0, "adamw_foreach": P, "sgd": P, "adafactor": 2 * 4 * s.largest_matrix}[optimizer]
@@ -321,6 +321,7 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     emb_ws = 4 * h * T + (G_emb if s.tied else 0) + rb * h * T
     add("backward: embedding", master=P, states=S, grads=G, acts=0, weights=0, logits=0, ws=inputs + emb_ws)
     add("optimizer step", master=P, states=S, grads=G, acts=0, weights=0, logits=0, ws=opt_temp)
+    settings.update(param_bytes=P, grad_bytes=G, optimizer_state_bytes=S)
     totals = {k: sum(v.values()) for k, v in ev.items()}
     phase = max(totals, key=totals.get)
     t = ev[phase]

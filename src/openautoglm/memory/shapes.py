@@ -68,8 +68,16 @@ def _meta_model_from_config(config) -> nn.Module:
     transforms = hub.applied_transforms(config)
     if transforms:
         hub._import_plugins()
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "n_embd", "n_layer", "n_head"):
+        v = getattr(_hf.text_config(config), k, None)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"config {k}={v!r} must be a positive integer")
     with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except (ZeroDivisionError, AssertionError, RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot build a {config.model_type} model from this config: {e}") from None
         for t in transforms:
             fn = hub._REBUILDERS.get(t.get("type"))
             if fn is not None:  # unknown transforms are handled analytically by the estimator
