@@ -20,7 +20,8 @@ def run(argv, capsys):
 def test_prune_command_all_steps_round_trip(tiny_llama_dir, tmp_path, capsys, input_ids):
     out_dir = tmp_path / "pruned"
     code, out, err = run(["prune", str(tiny_llama_dir), "--prune-heads", "0.25", "--sparsity-pattern", "2:4",
-                          "--sparsity-method", "magnitude", "--low-rank", "0.5", "--out", str(out_dir)], capsys)
+                          "--sparsity-method", "magnitude", "--low-rank", "0.5", "--calib-samples", "4",
+                          "--out", str(out_dir)], capsys)
     assert code == 0, err
     assert "pruning" in out and "parameters" in out
     m = hub.from_pretrained(out_dir)

@@ -19,12 +19,13 @@ HELP = {
     "sparsity_pattern": "unstructured, or 2:4 (semi-structured; implies 50%).",
     "low_rank": "Factorize Linears with activation-aware SVD keeping this fraction of energy (0-1].",
     "calib_text": "Calibration text file (default: the bundled held-out text).",
+    "calib_samples": "Calibration windows of 256 tokens.",
 }
 
 
 def pruning_steps(model, tokenizer, *, prune_heads: float | None = None, sparsity: float | None = None,
                   sparsity_method: str = "wanda", sparsity_pattern: str = "unstructured",
-                  low_rank: float | None = None, calib_text: Path | None = None) -> dict:
+                  low_rank: float | None = None, calib_text: Path | None = None, calib_samples: int = 32) -> dict:
     """Apply the pruning options to ``model`` in place and print what they saved; returns the results."""
     from ..prune import PruneRecipe, apply_pruning
 
@@ -33,7 +34,7 @@ def pruning_steps(model, tokenizer, *, prune_heads: float | None = None, sparsit
     if sparsity_pattern not in ("unstructured", "2:4"):
         raise ValueError(f"--sparsity-pattern {sparsity_pattern!r}; accepted: unstructured, 2:4")
     recipe = PruneRecipe(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
-                         sparsity_pattern=sparsity_pattern, low_rank=low_rank)
+                         sparsity_pattern=sparsity_pattern, low_rank=low_rank, n_samples=calib_samples)
     if recipe.empty:
         return {}
     text = None
@@ -73,6 +74,7 @@ def prune(
     sparsity_pattern: str = typer.Option("unstructured", "--sparsity-pattern", help=HELP["sparsity_pattern"]),
     low_rank: float = typer.Option(None, "--low-rank", help=HELP["low_rank"]),
     calib_text: Path = typer.Option(None, "--calib-text", help=HELP["calib_text"]),
+    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help=HELP["calib_samples"]),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
 ) -> None:
     """Prune a model (heads, sparsity, low-rank) on the CPU and save it; it reloads with its new shapes."""
@@ -81,7 +83,8 @@ def prune(
     tok = hub.load_tokenizer(model)
     m = hub.from_pretrained(model, dtype=None if dtype == "auto" else dtype)
     res = pruning_steps(m, tok, prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
-                        sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text)
+                        sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
+                        calib_samples=calib_samples)
     if not res:
         raise ValueError("nothing to do: give --prune-heads, --sparsity, --sparsity-pattern 2:4 or --low-rank")
     m.save_pretrained(out, tokenizer=tok)
