@@ -126,7 +126,6 @@ class SparsityResult:
     per_module: dict[str, float]  # fraction of zeros after pruning
     params_pruned: int
     params_targeted: int
-    skipped: dict[str, str]  # module -> reason
     storage_bytes: dict[str, int]  # summed over targets: dense / csr / bitmask (/ 2:4)
 
     def to_dict(self) -> dict:
@@ -156,11 +155,10 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None, tokenizer=N
     c = config if config is not None else SparsityConfig(**kwargs)
     nm = parse_pattern(c.pattern)
     mods = target_linears(model, c.targets, c.exclude)
-    skipped = {}
-    if nm:
-        for name in [n for n, m in mods.items() if m.in_features % nm[1]]:
-            raise ValueError(f"{c.pattern} sparsity needs input dims divisible by {nm[1]}; {name} has "
-                             f"{mods[name].in_features} -- exclude it")
+    bad = [n for n, m in mods.items() if nm and m.in_features % nm[1]]
+    if bad:
+        raise ValueError(f"{c.pattern} sparsity needs input dims divisible by {nm[1]}; {bad[0]} has "
+                         f"{mods[bad[0]].in_features} -- exclude it (exclude=[...])")
     stats: dict[str, dict] = {n: {} for n in mods}
     if c.method != "magnitude":
         ids = calib_ids if calib_ids is not None else calibration_ids(
@@ -195,8 +193,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None, tokenizer=N
     total = sum(m.weight.numel() for m in mods.values())
     log.info("sparsity %s %s (%s): zeroed %d of %d weights in %d modules", c.pattern, c.method, c.scope,
              pruned, total, len(mods))
-    return SparsityResult(per_module=per_module, params_pruned=pruned, params_targeted=total, skipped=skipped,
-                          storage_bytes=storage)
+    return SparsityResult(per_module=per_module, params_pruned=pruned, params_targeted=total, storage_bytes=storage)
 
 
 def check_nm(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
