@@ -102,11 +102,13 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, str
             z = tl.load(z_ptr + rn[:, None] * stride_sn + ke[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
         else:
             z = -8.0 * s
-        hi = (wb >> 4).to(tl.float32) * s + z
-        lo = (wb & 15).to(tl.float32) * s + z
-        base = out_ptr + rn[:, None] * stride_on + ke[None, :]
-        tl.store(base, hi.to(dt), mask=m)
-        tl.store(base + 1, lo.to(dt), mask=m)
+        hi = ((wb >> 4).to(tl.float32) * s + z).to(dt)
+        lo = ((wb & 15).to(tl.float32) * s + z).to(dt)
+        # interleave in registers so the store is one contiguous row segment (no stride-2 writes)
+        w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mo = mask_n[:, None] & (rk[None, :] < K)
+        tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=mo)
     else:
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         m = mask_n[:, None] & (rk[None, :] < K)

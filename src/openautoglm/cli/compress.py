@@ -1,0 +1,117 @@
+"""``openautoglm compress MODEL --bits 8|4 [--scheme ...] --out DIR``: quantize and save a reloadable model.
+
+The command runs a list of *steps* over the loaded model, then saves it once. Quantization is the last
+step; other capabilities add theirs in front (pruning: ``--prune-heads``, ``--sparsity``, ``--low-rank``)
+by declaring their options on :func:`compress` and appending to ``steps`` in the marked place -- each step
+is ``(title, fn)`` with ``fn(model) -> dict`` of figures to print, and runs under the same progress display.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import hub
+from ..memory.estimate import model_bytes
+from . import app, console
+from ._common import fmt_bytes, pick_device, table
+
+
+def _scheme_for(bits: int, scheme: str | None) -> str | None:
+    from ..quant.config import QuantConfig
+
+    if bits not in (4, 8):
+        raise ValueError(f"--bits {bits} is not supported; accepted: 8 or 4")
+    if scheme is None:
+        return None  # DynamicQuantizer picks: w8a8 (int8 or fp8, whichever is faster here) or w4
+    if QuantConfig(scheme=scheme).bits != bits:
+        raise ValueError(f"--scheme {scheme} is not a {bits}-bit scheme; 8-bit: w8a8, w8a8-fp8, w8, static; 4-bit: w4")
+    return scheme
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def quantize_step(bits: int, scheme: str | None, group_size: int | None, include: list[str], exclude: list[str],
+                  observer: str, calib_text: Path | None, tokenizer):
+    """The quantization step as ``fn(model, progress_callback) -> dict``."""
+    from ..quant import DynamicQuantizer, StaticQuantizer
+
+    def run(model, progress) -> dict:
+        if scheme == "static":
+            text = calib_text.read_text("utf-8") if calib_text else None
+            StaticQuantizer(observer=observer, include=include, exclude=exclude).quantize(
+                model, tokenizer=tokenizer, text=text, progress=progress)
+        else:
+            DynamicQuantizer.quantize(model, bits, scheme=scheme, group_size=group_size, include=include,
+                                      exclude=exclude, progress=progress)
+        r = model.quant_result
+        return {"scheme": r.config.scheme, "quantized": len(r.quantized), "skipped": r.skipped}
+
+    return run
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="Shipped model name or local model folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the compressed model to."),
+    bits: int = typer.Option(8, "--bits", help="Weight bits: 8 (w8a8 by default) or 4 (w4, group 128)."),
+    scheme: str = typer.Option(None, "--scheme", help="w8a8, w8a8-fp8, w8, w4 or static (default: from --bits)."),
+    group_size: int = typer.Option(None, "--group-size", help="Weight group for w8/w4: 32, 64, 128."),
+    include: list[str] = typer.Option(["*"], "--include", help="Quantize modules matching this wildcard (repeatable)."),
+    exclude: list[str] = typer.Option(["lm_head"], "--exclude", help="Skip modules matching this wildcard (repeatable)."),
+    observer: str = typer.Option("minmax", "--observer", help="static: activation range observer, minmax or percentile."),
+    calib_text: Path = typer.Option(None, "--calib-text", help="static: calibration text file (default: held-out text)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (where quantization runs)."),
+    dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+) -> None:
+    """Quantize MODEL's Linear layers and save a checkpoint that reloads without the recipe."""
+    scheme = _scheme_for(bits, scheme)
+    if calib_text is not None and not calib_text.is_file():
+        raise ValueError(f"--calib-text {calib_text}: no such file")
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    m = hub.from_pretrained(model, dtype=dtype, device=dev)
+    tok = hub.load_tokenizer(model)
+    before = model_bytes(m)
+    n_linear_before = sum(1 for _ in m.modules() if type(_).__name__ == "Linear")
+
+    steps: list[tuple[str, object]] = []
+    # -- other capabilities insert their steps here (before quantization), e.g. pruning:
+    #    steps.append(("pruning", lambda model, progress: pruning_steps(model, tok, ...)))
+    steps.append(("quantizing", quantize_step(bits, scheme, group_size, list(include), list(exclude), observer,
+                                               calib_text, tok)))
+
+    results: dict[str, dict] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        for title, fn in steps:
+            task = bar.add_task(title, total=None)
+
+            def progress(name: str, i: int, n: int, task=task, title=title) -> None:
+                bar.update(task, total=n, completed=i, description=f"{title} {name}")
+
+            results[title] = fn(m, progress) or {}
+            bar.update(task, description=f"{title} done")
+    after = model_bytes(m)
+    path = m.save_pretrained(out, tokenizer=tok)
+    q = results["quantizing"]
+    rows = [
+        ["weights in memory", fmt_bytes(before), fmt_bytes(after), f"{after / before:.3f}x"],
+        ["Linear layers (float)", n_linear_before, sum(1 for _ in m.modules() if type(_).__name__ == "Linear"), ""],
+        ["checkpoint on disk", "", fmt_bytes(_dir_bytes(Path(path))), ""],
+    ]
+    console.print(table(f"{model} -> {path} ({q['scheme']}, {time.perf_counter() - t0:.1f} s)",
+                        ["", "before", "after", "ratio"], rows))
+    for title, res in results.items():
+        if title != "quantizing":
+            console.print(f"{title}: {res}")
+    if q["skipped"]:
+        console.print(f"[yellow]not quantized ({len(q['skipped'])}):[/] " +
+                      "; ".join(f"{k}: {v}" for k, v in list(q["skipped"].items())[:8]), highlight=False)
+    console.print(f"{q['quantized']} Linear layers quantized to {q['scheme']}; reload with "
+                  f"AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False)
