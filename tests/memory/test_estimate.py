@@ -71,11 +71,11 @@ def test_param_grad_optimizer_bytes_exact_on_cpu(amp, opt):
 
 def _measure(amp, ckpt, accum):
     model = make_tiny_llama(0, torch.float32 if amp != "none" else torch.bfloat16, vocab_size=1024, hidden_size=128,
-                            intermediate_size=512, num_hidden_layers=3)
-    cfg = TrainConfig(micro_batch=2, seq_len=256, amp=amp, grad_checkpointing=ckpt, grad_accum=accum, progress=False)
+                            intermediate_size=512, num_hidden_layers=2)
+    cfg = TrainConfig(micro_batch=2, seq_len=128, amp=amp, grad_checkpointing=ckpt, grad_accum=accum, progress=False)
     prepare_model(model, cfg)
     opt = build_optimizer(model, cfg)
-    x = torch.randint(2, 1024, (2, 256))
+    x = torch.randint(2, 1024, (2, 128))
 
     def step():
         for _ in range(accum):
@@ -88,7 +88,7 @@ def _measure(amp, ckpt, accum):
     step()  # allocates the optimizer states: the estimate is the steady state
     with MemoryProfiler("cpu", model=model, optimizer=opt) as prof:
         step()
-    est = estimate_memory(model, mode="train", batch=2, seq_len=256, amp=amp, grad_checkpointing=ckpt, grad_accum=accum)
+    est = estimate_memory(model, mode="train", batch=2, seq_len=128, amp=amp, grad_checkpointing=ckpt, grad_accum=accum)
     return est.total, prof.peak_bytes
 
 
@@ -108,20 +108,35 @@ def test_inference_total_matches_cpu_allocation_trace():
 
 
 @pytest.mark.parametrize("model_type,extra", [
-    ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("gemma", {"head_dim": 16}), ("phi3", {"pad_token_id": 0}),
-    ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+    ("mistral", {}), ("qwen2", {}), ("qwen3", {"head_dim": 16}), ("gemma", {"head_dim": 16}), ("phi3", {}),
+    ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+              "attn_pdrop": 0.0}),
 ])
-def test_other_families_from_config_alone(model_type, extra):
+def test_other_families_from_config_alone_match_cpu_trace(model_type, extra):
+    """Each family, estimated from its config dict, vs the CPU allocation trace of a real training step."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    base = {} if model_type == "gpt2" else dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    base = {} if model_type == "gpt2" else dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                                   num_attention_heads=4, num_key_value_heads=2)
-    cfg = {"model_type": model_type, "vocab_size": 512, **base, **extra}
-    real = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    cfg = {"model_type": model_type, "vocab_size": 512, "pad_token_id": 0, **base, **extra}
+    real = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).to(torch.bfloat16)
     assert model_shape(cfg).n_params == sum(p.numel() for p in real.parameters())
-    for mode in ("inference", "train"):
-        e = estimate_memory(cfg, mode=mode, batch=1, seq_len=64, amp="bf16")
-        assert e.total > 0 and "total" in str(e)
+    tc = TrainConfig(micro_batch=2, seq_len=128, amp="none", optimizer="sgd", progress=False)
+    prepare_model(real, tc)
+    opt = build_optimizer(real, tc)
+    x = torch.randint(2, 512, (2, 128))
+
+    def step():
+        real(input_ids=x, labels=x, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with MemoryProfiler("cpu", model=real, optimizer=opt) as prof:
+        step()
+    est = estimate_memory(cfg, mode="train", batch=2, seq_len=128, dtype="bf16", optimizer="sgd")
+    assert abs(est.total / prof.peak_bytes - 1) < 0.05, (est.total, prof.peak_bytes)
+    assert "total" in str(estimate_memory(cfg, mode="inference", seq_len=64))
 
 
 def test_clear_errors():

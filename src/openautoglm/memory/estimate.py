@@ -31,7 +31,8 @@ from torch import nn
 
 from .. import _hf
 from . import formulas as F
-from .shapes import LayerShape, ModelShape, model_shape
+from .formulas import LayerShape
+from .shapes import ModelShape, model_shape
 
 MODES = ("inference", "train")
 AMP = ("bf16", "fp16", "none")
@@ -258,7 +259,7 @@ def _inference(s, layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group
         w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w)
     kv = _kv_bytes(s, seq_len, batch, kv_dtype, cb, group, residual)
     fm["kv_cache"] = f"2 x {len(layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
-    trans = max(F.inference_layer_transient(L, h, cb) for L in layers)
+    trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
     act = T * (2 * cb * h + trans) + 8 * T
     fm["activations"] = "tokens x (input embeddings + residual (2 cb h) + max layer transient (formulas.inference_layer_transient)) + ids"
     lg = (T if logits == "all" else batch) * V * cb
@@ -281,10 +282,10 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     G_emb, G_head = int(s.embed_params * pb), int(s.head_params * pb)
     Wl = [2 * n // settings["tp_degree"] for n in s.layer_linear_params] if autocast else [0] * len(layers)
     W_head = 2 * (lin - sum(Wl) // 2) if autocast else 0
-    A = [F.layer_saved(L, h, rb, cb, autocast, s.gated_mlp) * T for L in layers]
-    A_attn = [F.layer_saved_attention_part(L, h, rb, cb, autocast) * T for L in layers]
+    A = [F.layer_saved(L, h, rb, cb, autocast, s.arch) * T for L in layers]
+    A_attn = [F.layer_saved_attention_part(L, h, rb, cb, autocast, s.arch) * T for L in layers]
     ck = [rb * h * T for _ in layers]
-    fn = F.norm_saved(h, rb, cb, 1, autocast) * T
+    fn = F.norm_saved(h, rb, cb, 1, autocast, s.arch) * T
     inputs = 24 * T
     emb_fwd = 0 if (autocast or ckpt) else rb * h * T
     Gp = G if accum > 1 else 0
@@ -294,7 +295,7 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     def add(name, **t):
         ev[name] = t
 
-    kept = sum(ck) if ckpt else sum(A)
+    kept = (sum(ck) if ckpt else sum(A)) + (h * T if s.arch.dropout else 0)  # + embedding dropout mask
     W_all = sum(Wl) + W_head
     lg_fwd = T * V * (cb + (4 if cb < 4 else 0) + 4)
     add("forward end (loss)", master=P, states=S, grads=Gp, acts=kept + fn + emb_fwd, weights=W_all, logits=lg_fwd, ws=inputs)

@@ -18,19 +18,7 @@ import torch
 from torch import nn
 
 from .. import _hf, hub
-
-GATED_ACTS = ("silu", "swish", "gelu_pytorch_tanh", "gelu")  # act names of gated (SwiGLU/GeGLU) MLPs
-
-
-@dataclass
-class LayerShape:
-    """One decoder layer: query heads, KV heads, head dim, MLP width (after any pruning)."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-
+from .formulas import Arch, LayerShape
 
 @dataclass
 class ModelShape:
@@ -41,7 +29,7 @@ class ModelShape:
     vocab: int
     hidden: int
     layers: list[LayerShape]
-    gated_mlp: bool                 # SwiGLU/GeGLU (gate, up, down) vs GELU MLP (fc, proj)
+    arch: Arch                      # norm kind, fused projections, q/k norms, MLP kind, dropout
     tied: bool                      # lm_head shares the embedding matrix
     n_params: int                   # parameters, tied tensors once
     param_bytes: int                # parameters + persistent buffers as stored (quantized included)
@@ -113,13 +101,35 @@ def _to_model(obj) -> tuple[nn.Module, str]:
     raise TypeError(f"expected a model, a config, a config dict or a path, got {type(obj).__name__}")
 
 
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
 def _out_features(mod: nn.Module | None) -> int | None:
     if mod is None:
         return None
     if getattr(mod, "out_features", None):
         return int(mod.out_features)
+    if type(mod).__name__ == "Conv1D":  # GPT-2: weight is (in, out), ``nf`` outputs
+        return int(mod.nf)
     w = getattr(mod, "weight", None)
     return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def _arch(model: nn.Module, config, gated: bool) -> Arch:
+    layer = _hf.decoder_layers(model)[0]
+    norms = [type(m).__name__ for m in layer.modules() if "norm" in type(m).__name__.lower()]
+    kind = "layer" if any(n == "LayerNorm" for n in norms) else ("rms_fp32" if any("Gemma" in n for n in norms) else "rms")
+    attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+    names = {n for n, _ in attn.named_children()} if attn is not None else set()
+    tc = _hf.text_config(config)
+    act = str(getattr(tc, "activation_function", None) or getattr(tc, "hidden_act", "silu"))
+    drop = any(float(getattr(tc, k, 0) or 0) > 0 for k in ("embd_pdrop", "resid_pdrop", "hidden_dropout", "resid_dropout"))
+    return Arch(norm=kind, rotary=getattr(tc, "model_type", "") not in ("gpt2", "gpt_neo", "gptj", "opt"),
+                fused_qkv=bool(names & {"qkv_proj", "c_attn", "query_key_value", "Wqkv"}),
+                fused_gate_up=hasattr(getattr(layer, "mlp", None), "gate_up_proj"),
+                qk_norm="q_norm" in names, gated_mlp=gated, act_extra=3 if (not gated and act == "gelu_new") else 0,
+                dropout=drop)
 
 
 def _layer_shapes(model: nn.Module, config) -> tuple[list[LayerShape], bool]:
@@ -167,7 +177,7 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     for mod in model.modules():
         for pname, p in mod.named_parameters(recurse=False):
             # autocast casts F.linear weights (a tied lm_head too) to the low-precision dtype
-            is_lin = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+            is_lin = _is_linear(mod)
             if pname == "weight" and is_lin and p.is_floating_point() and id(p) not in lin_seen:
                 lin_seen.add(id(p))
                 linear += p.numel()
@@ -182,7 +192,7 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     dec = _hf.decoder_layers(model)
     layer_params = [sum(p.numel() for p in lay.parameters() if p.is_floating_point()) for lay in dec]
-    layer_linear = [sum(m.weight.numel() for m in lay.modules() if isinstance(m, nn.Linear) and m.weight.is_floating_point())
+    layer_linear = [sum(m.weight.numel() for m in lay.modules() if _is_linear(m) and m.weight.is_floating_point())
                     for lay in dec]
     params = list(dict.fromkeys(model.parameters()))
     ada = sum((p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
@@ -190,7 +200,7 @@ def model_shape(model_or_config_or_path) -> ModelShape:
 
     return ModelShape(
         name=str(name), model_type=str(getattr(config, "model_type", "?")), vocab=int(tc.vocab_size), hidden=hidden,
-        layers=layers, gated_mlp=gated, tied=tied, n_params=n_params, param_bytes=model_bytes(model),
+        layers=layers, arch=_arch(model, config, gated), tied=tied, n_params=n_params, param_bytes=model_bytes(model),
         linear_params=linear, largest_matrix=largest, dtype=max(set(floats), key=floats.count) if floats else torch.float32,
         transforms=hub.applied_transforms(config), layer_params=layer_params, layer_linear_params=layer_linear,
         embed_params=emb.weight.numel() if emb is not None else 0,
