@@ -231,3 +231,51 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise TypeError(f"{type(model).__name__} does not support activation checkpointing; use a transformers model")
+
+
+# ---- KV cache API (openautoglm.kv) ------------------------------------------------------------
+
+def cache_base_classes():
+    """``(Cache, CacheLayerMixin)`` of the installed transformers (5.17 and 5.24 share this API)."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    return Cache, CacheLayerMixin
+
+
+def check_kv_cache_support(config) -> None:
+    """Raise if the attention of ``config`` is not plain full causal self-attention (Llama/Mistral/Qwen2).
+
+    A compressed KV cache that stores every past token cannot serve sliding-window layers (the window
+    would be ignored), multi-head latent attention (no per-head K/V to quantize) or cross-attention.
+    """
+    cfg = text_config(config)
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    if getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        raise ValueError(f"{name}: cross-attention (encoder-decoder) models are not supported by the compressed KV caches")
+    if getattr(cfg, "kv_lora_rank", None) or getattr(cfg, "q_lora_rank", None):
+        raise ValueError(f"{name}: multi-head latent attention (MLA) is not supported by the compressed KV caches")
+    uses_window = getattr(cfg, "use_sliding_window", True)
+    if getattr(cfg, "sliding_window", None) is not None and uses_window is not False:
+        raise ValueError(
+            f"{name}: sliding-window attention (sliding_window={cfg.sliding_window}) is not supported by the "
+            "compressed KV caches; supported: full causal attention (Llama, Mistral without window, Qwen2)"
+        )
+    types = getattr(cfg, "layer_types", None) or []
+    bad = sorted({t for t in types if t != "full_attention"})
+    if bad:
+        raise ValueError(f"{name}: layer types {bad} are not supported by the compressed KV caches; only full_attention")
+
+
+def generate_with_cache(model: nn.Module, input_ids: torch.Tensor, cache, **kwargs):
+    """``model.generate`` with a user cache under the keyword this transformers version expects."""
+    return model.generate(input_ids, **{cache_kwarg(model): cache}, **kwargs)
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The attention backend in use (``sdpa``, ``eager``, ...)."""
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Switch the attention backend (``eager`` is needed to return attention weights)."""
+    model.set_attn_implementation(name)

@@ -1,0 +1,132 @@
+"""transformers ``Cache`` glue shared by the compressed KV caches.
+
+Each cache is a list of :class:`KVLayer` objects (transformers' public cache-layer API), each of
+which forwards ``update`` to a *slot*: a per-layer store (:mod:`.stores`) or one side of a shared
+cross-layer pair (:mod:`.sharing`). The caches therefore work wherever transformers takes a
+``Cache``: ``model.generate(..., past_key_values=cache)`` and a plain forward loop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import _hf
+from .stores import storage_bytes
+
+log = logging.getLogger(__name__)
+
+_Cache, _CacheLayerMixin = _hf.cache_base_classes()
+
+SUPPORTED_GROUP_SIZES = (8, 16, 32, 64, 128, 256)
+
+
+class KVLayer(_CacheLayerMixin):
+    """One decoder layer's cache: a transformers cache layer backed by an openautoglm slot."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, slot) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def __repr__(self) -> str:
+        return f"KVLayer({type(self.slot).__name__}, tokens={self.get_seq_length()})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states, value_states: (batch, kv_heads, new_tokens, head_dim) -> all keys, all values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.slot.update(key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.slot.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.16 name of get_max_length
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.slot.batch is None else self.slot.batch
+
+    def reset(self) -> None:
+        self.slot.reset()
+        self.is_initialized = False
+
+    def offload(self):
+        raise NotImplementedError("offloading is not supported by the compressed KV caches")
+
+    prefetch = offload
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the compressed KV caches cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.slot.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.slot.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.slot.map_batch(lambda t: t[indices])
+
+
+class CompressedKVCache(_Cache):
+    """Common base: byte accounting and validation of the model it serves."""
+
+    def __init__(self, layers: list[KVLayer] | None = None, factory=None, config=None) -> None:
+        if config is not None:
+            _hf.check_kv_cache_support(config)
+        if layers is not None:
+            super().__init__(layers=layers)
+        else:
+            super().__init__(layer_class_to_replicate=factory)
+        self.model_config = config
+
+    @property
+    def batch_size(self) -> int:
+        sizes = {layer.batch_size for layer in self.layers if layer.batch_size > 0}
+        return sizes.pop() if len(sizes) == 1 else -1
+
+    def tensors(self):
+        for layer in self.layers:
+            yield from layer.slot.tensors()
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache: the sum of the distinct storages of every tensor it keeps."""
+        return storage_bytes(self.tensors())
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+
+def validate_quant_args(bits, group_size, residual_length) -> None:
+    if isinstance(bits, bool) or bits not in (2, 4, 8):
+        raise ValueError(f"bits={bits!r} is not supported; use 8, 4 or 2")
+    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported; use one of {SUPPORTED_GROUP_SIZES}")
+    if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
+        raise ValueError(f"residual_length={residual_length!r} must be an integer >= 0")
+
+
+def layer_count(config, num_layers: int | None) -> int | None:
+    if num_layers is not None:
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
+        return num_layers
+    return _hf.num_layers(config) if config is not None else None

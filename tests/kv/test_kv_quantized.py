@@ -1,0 +1,163 @@
+"""QuantizedKVCache: packing math, KIVI window logic, attention output vs full precision, memory, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_llama
+from transformers import DynamicCache
+
+from openautoglm import _hf
+from openautoglm.kv import KVCacheConfig, QuantizedKVCache
+from openautoglm.kv import packing
+from openautoglm.kv.stores import QuantStore
+
+
+def _rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_roundtrip(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 1 << bits, (3, 5, 64), generator=g, dtype=torch.uint8)
+    p = packing.pack(q, bits)
+    assert p.shape[-1] == 64 * bits // 8
+    assert torch.equal(packing.unpack(p, bits), q)
+
+
+@pytest.mark.parametrize("bits,max_rel", [(8, 0.01), (4, 0.12), (2, 0.5)])
+def test_key_value_quantization_error(bits, max_rel):
+    k = _rand(2, 3, 64, 32, seed=1)
+    k[..., 5] *= 20  # an outlier channel: per-channel key scales must absorb it
+    qk = packing.quantize_keys(k, bits, 32)
+    kd = packing.dequantize_keys(*qk, bits, torch.float32)
+    v = _rand(2, 3, 64, 32, seed=2)
+    vd = packing.dequantize_values(*packing.quantize_values(v, bits, 16), bits, torch.float32)
+    assert kd.shape == k.shape and vd.shape == v.shape
+    for x, xd in ((k, kd), (v, vd)):
+        rel = (x - xd).norm() / x.norm()
+        assert rel < max_rel, (bits, float(rel))
+
+
+def test_window_logic_quantizes_each_block_once():
+    st = QuantStore(bits=4, group_size=16, residual_length=32)
+    k, v = _rand(1, 2, 100, 16, seed=3), _rand(1, 2, 100, 16, seed=4)
+    st.update(k[:, :, :70], v[:, :, :70])  # prefill: 70 = 32 quantized (2 blocks) + 38 in the window
+    assert (st.quantized_length, st.res_k.shape[-2]) == (32, 38)
+    first_blocks = st.kq.clone()
+    for t in range(70, 100):  # decode
+        st.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert 32 <= st.res_k.shape[-2] < 32 + 16
+    assert st.length == 100 and st.quantized_length == 64
+    assert torch.equal(st.kq[:, :, :2], first_blocks)  # old blocks untouched (never re-quantized)
+    # the same tokens fed one by one leave the same state (prefill goes through the same rule)
+    st2 = QuantStore(bits=4, group_size=16, residual_length=32)
+    for t in range(100):
+        st2.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert torch.equal(st2.kq, st.kq) and torch.equal(st2.vq, st.vq)
+    kk, vv = st.read()
+    assert torch.equal(kk[:, :, 64:], k[:, :, 64:])  # the window is exact
+    assert F.cosine_similarity(kk.flatten(), k.flatten(), 0) > 0.99
+
+
+def _attention_out(model, ids, cache, n_new):
+    _hf.forward_with_cache(model, ids[:, :-n_new], cache)
+    return _hf.forward_with_cache(model, ids[:, -n_new:], cache).logits
+
+
+@pytest.mark.parametrize("bits,min_cos", [(8, 0.9999), (4, 0.999), (2, 0.98)])
+def test_logits_vs_full_precision_cache(bits, min_cos):
+    model = make_tiny_llama()
+    ids = torch.randint(2, 8192, (2, 150), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = _attention_out(model, ids, DynamicCache(config=model.config), 6)
+        got = _attention_out(model, ids, QuantizedKVCache(bits, group_size=16, residual_length=16, config=model.config), 6)
+    cos = F.cosine_similarity(got.flatten(), ref.flatten(), 0)
+    assert cos > min_cos, float(cos)
+    assert not torch.equal(got, ref)  # the cache really was read quantized
+
+
+def test_attention_output_vs_full_precision():
+    """Layer output of SDPA over dequantized K/V vs exact K/V (fresh random inputs)."""
+    st = QuantStore(bits=4, group_size=32, residual_length=32)
+    k, v, q = _rand(1, 2, 256, 32, seed=6), _rand(1, 2, 256, 32, seed=7), _rand(1, 2, 1, 32, seed=8)
+    kk, vv = st.update(k, v)  # returns exact K/V for the chunk itself
+    assert torch.equal(kk, k)
+    kd, vd = st.read()  # what the next step attends to
+    ref = F.scaled_dot_product_attention(q, k, v)
+    got = F.scaled_dot_product_attention(q, kd, vd)
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.98
+
+
+def test_generate_and_memory_freed(tokenizer):
+    model = make_tiny_llama()
+    ids = torch.randint(2, 8192, (1, 300), generator=torch.Generator().manual_seed(9))
+    ref = DynamicCache(config=model.config)
+    cache = QuantizedKVCache(4, group_size=16, residual_length=32, config=model.config)
+    out = _hf.generate_with_cache(model, ids, cache, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    assert out.shape == (1, 308) and cache.get_seq_length() == 307
+    with torch.no_grad():
+        _hf.forward_with_cache(model, ids, ref)
+    full = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in ref.layers)
+    # measured: the distinct storages the cache keeps alive (a kept slice of the prefill would count whole)
+    held = cache.nbytes()
+    assert held < 0.45 * full * 307 / 300, (held, full)
+    for layer in cache.layers:
+        assert layer.slot.res_k.untyped_storage().nbytes() == layer.slot.res_k.numel() * layer.slot.res_k.element_size()
+
+
+def test_config_roundtrip_and_build(tiny_llama):
+    cfg = KVCacheConfig(bits=4, group_size=32, residual_length=64)
+    assert KVCacheConfig.from_dict(cfg.to_dict()) == cfg
+    assert isinstance(cfg.build(tiny_llama.config), QuantizedKVCache)
+    assert isinstance(KVCacheConfig().build(tiny_llama.config), DynamicCache)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=3), "bits=3"),
+    (dict(bits=16), "bits=16"),
+    (dict(bits=4, group_size=48), "group_size=48"),
+    (dict(bits=4, residual_length=-1), "residual_length"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedKVCache(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        KVCacheConfig(**kwargs)
+
+
+def test_value_group_must_divide_head_dim():
+    st = QuantStore(bits=4, group_size=16, residual_length=0)
+    with pytest.raises(ValueError, match="head_dim=24"):
+        st.update(_rand(1, 1, 16, 24), _rand(1, 1, 16, 24))
+
+
+def test_batch_size_reuse_is_an_error():
+    model = make_tiny_llama()
+    cache = QuantizedKVCache(4, group_size=16, residual_length=16, config=model.config)
+    with torch.no_grad():
+        _hf.forward_with_cache(model, torch.randint(2, 8192, (2, 20)), cache)
+        with pytest.raises(ValueError, match="batch size 2 but got batch size 3"):
+            _hf.forward_with_cache(model, torch.randint(2, 8192, (3, 1)), cache)
+        cache.reset()
+        _hf.forward_with_cache(model, torch.randint(2, 8192, (3, 20)), cache)  # fine after reset
+    assert cache.get_seq_length() == 20
+
+
+def test_unsupported_attention_is_an_error():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    with pytest.raises(ValueError, match="sliding-window"):
+        QuantizedKVCache(4, config=MistralConfig(sliding_window=64, num_hidden_layers=2))
+    QuantizedKVCache(4, config=Qwen2Config(use_sliding_window=False, num_hidden_layers=2))  # window off: fine
+    mla = LlamaConfig(num_hidden_layers=2)
+    mla.kv_lora_rank = 512
+    with pytest.raises(ValueError, match="latent attention"):
+        QuantizedKVCache(4, config=mla)
+    xattn = LlamaConfig(num_hidden_layers=2)
+    xattn.add_cross_attention = True
+    with pytest.raises(ValueError, match="cross-attention"):
+        QuantizedKVCache(4, config=xattn)
