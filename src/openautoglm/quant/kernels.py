@@ -73,11 +73,11 @@ def wo_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor
 
     M, K = x.shape
     N = w.shape[0]
-    y = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     tk.wo_matmul_tuned[grid](x, w, s, z if z is not None else s, y, M, N, K, x.stride(0), w.stride(0),
                              s.stride(0), y.stride(0), GROUP=group, BITS=bits, HAS_Z=z is not None, BLOCK_M=16)
-    return y.to(x.dtype)
+    return y
 
 
 @wo_matmul.register_fake

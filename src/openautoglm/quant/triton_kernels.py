@@ -58,9 +58,9 @@ def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stri
             acc -= 8.0 * xsum[:, None] * s[None, :]
     ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc, mask=mask)
-    else:
+    if SPLIT_K == 1:  # the output in x's dtype, written once: no zero-fill or cast kernels around it
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # fp32 output buffer, zeroed by the caller
         tl.atomic_add(ptrs, acc, mask=mask)
 
 
@@ -71,16 +71,19 @@ def _prune(configs, named_args, **kwargs):
     return ok or [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=4)]
 
 
+# SPLIT_K=1 only: at decode the output is tiny and a split would need a zero-fill and a cast kernel
+# around every matmul (two extra launches per Linear inside the decode graph). Parallelism comes from
+# narrow BLOCK_N instead (N / 16 programs).
 _CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-    for bn, bk, sk, w, st in [
-        (32, 128, 1, 4, 4), (32, 128, 2, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (16, 128, 4, 4, 4),
-        (64, 64, 4, 4, 4), (128, 128, 1, 8, 3), (32, 256, 2, 4, 3), (32, 32, 4, 4, 4),
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=st)
+    for bn, bk, w, st in [
+        (16, 128, 2, 4), (16, 256, 4, 3), (16, 64, 2, 5), (32, 128, 4, 4), (32, 256, 4, 3), (32, 64, 2, 5),
+        (64, 128, 4, 4), (64, 64, 4, 4), (16, 32, 2, 6),
     ]
 ]
 
 wo_matmul_tuned = triton.autotune(
-    configs=_CONFIGS, key=["M", "N", "K", "BITS", "GROUP"], reset_to_zero=["y_ptr"],
+    configs=_CONFIGS, key=["M", "N", "K", "BITS", "GROUP"],
     prune_configs_by={"early_config_prune": _prune},
 )(wo_matmul_kernel)
 

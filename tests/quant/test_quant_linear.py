@@ -1,0 +1,105 @@
+"""quant/linear.py + kernels.py (CPU paths): each scheme's Linear vs the float reference, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from openautoglm.quant import LINEAR_CLASSES, QuantConfig
+from openautoglm.quant.config import SCHEMES
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0))
+
+
+def _linear(k=256, n=128, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    nn.init.normal_(lin.weight, std=0.05)
+    return lin
+
+
+@pytest.mark.parametrize("scheme,group,sym,min_cos", [
+    ("w8a8", None, None, 0.999), ("w8a8-fp8", None, None, 0.999), ("static", None, None, 0.999),
+    ("w8", None, None, 0.999), ("w8", 32, None, 0.999), ("w8", 128, None, 0.999),
+    ("w4", 32, None, 0.99), ("w4", 64, None, 0.99), ("w4", 128, None, 0.99), ("w4", 128, True, 0.99),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_float_reference(scheme, group, sym, min_cos, dtype):
+    lin = _linear().to(dtype)
+    cfg = QuantConfig(scheme=scheme, group_size=group, symmetric=sym)
+    q = LINEAR_CLASSES[scheme].from_linear(lin, cfg)
+    x = torch.randn(3, 7, 256, dtype=dtype)
+    if scheme == "static":
+        q.act_scale.data.fill_(float(x.abs().max()) / 127)
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert _cos(out, ref) > min_cos, scheme
+
+
+def test_storage_shapes_and_dtypes():
+    lin = _linear(k=256, n=64, bias=False)
+    w4 = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4"))
+    assert w4.qweight.shape == (64, 128) and w4.qweight.dtype == torch.uint8
+    assert w4.scale.shape == (64, 2) and w4.zero.shape == (64, 2)
+    w4s = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4", symmetric=True))
+    assert w4s.zero is None
+    w8 = LINEAR_CLASSES["w8a8"].from_linear(lin, QuantConfig())
+    assert w8.qweight.dtype == torch.int8 and w8.scale.shape == (64, 1)
+    fp8 = LINEAR_CLASSES["w8a8-fp8"].from_linear(lin, QuantConfig(scheme="w8a8-fp8"))
+    assert fp8.qweight.dtype == torch.float8_e4m3fn
+    assert all(not p.requires_grad for p in w4.parameters())
+    assert "scheme=w4" in repr(w4)
+
+
+def test_nan_weight_rejected():
+    lin = _linear()
+    lin.weight.data[3, 5] = float("nan")
+    for s in ("w8a8", "w8a8-fp8", "w4"):
+        with pytest.raises(ValueError, match="NaN"):
+            LINEAR_CLASSES[s].from_linear(lin, QuantConfig(scheme=s))
+
+
+def test_unsupported_shapes_reported():
+    cfg = QuantConfig(scheme="w4", group_size=128)
+    assert "not divisible" in LINEAR_CLASSES["w4"].supports(nn.Linear(192, 64), cfg)
+    assert LINEAR_CLASSES["w4"].supports(nn.Linear(256, 64), cfg) is None
+    assert "multiple of 16" in LINEAR_CLASSES["w8a8"].supports(nn.Linear(100, 64), QuantConfig())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_config_json_round_trip(scheme):
+    cfg = QuantConfig(scheme=scheme, include=("model.*",), exclude=("lm_head", "*.0.*"))
+    again = QuantConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["scheme"] == scheme
+
+
+@pytest.mark.parametrize("kwargs,err", [
+    (dict(scheme="w3"), "unknown scheme"),
+    (dict(scheme="w4", group_size=100), "group_size=100"),
+    (dict(scheme="w8a8", group_size=128), "per-channel"),
+    (dict(scheme="w8", symmetric=False), "symmetric only"),
+    (dict(observer="mse"), "observer"),
+    (dict(percentile=10), "percentile"),
+    (dict(kernel="cuda"), "kernel"),
+    (dict(version=2), "version"),
+])
+def test_config_validation(kwargs, err):
+    with pytest.raises(ValueError, match=err):
+        QuantConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown QuantConfig fields"):
+        QuantConfig.from_dict({"scheme": "w8", "bitz": 8})
+
+
+def test_patterns():
+    cfg = QuantConfig(include=("model.layers.*.mlp.*",), exclude=("*.down_proj",))
+    assert cfg.matches("model.layers.3.mlp.up_proj")
+    assert not cfg.matches("model.layers.3.mlp.down_proj")
+    assert not cfg.matches("model.layers.3.self_attn.q_proj")
+    assert QuantConfig(scheme="w4").group_size == 128 and QuantConfig(scheme="w4").symmetric is False
