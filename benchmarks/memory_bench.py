@@ -256,6 +256,12 @@ def plot(path: Path) -> None:
 
     doc = json.loads(path.read_text())
     cs = doc["cases"]
+    print(f"{'case':58} {'measured':>9} {'ours':>9} {'error':>7} {'accelerate (weights)':>21}")
+    for c in cs:
+        name = f"{c['mode']} {c['model']} b{c['batch']}x{c['seq_len']}" + (
+            f" amp={c['amp']} ckpt={int(c['ckpt'])} acc={c['accum']}" if c["mode"] == "train" else "")
+        print(f"{name:58} {c['measured'] / 2**30:8.3f}G {c['estimated'] / 2**30:8.3f}G {c['error_pct']:+6.2f}% "
+              f"{c['accelerate_weights'] / 2**30:20.3f}G")
     labels = [f"{c['model']} {c['mode'][:5]} b{c['batch']}x{c['seq_len']}"
               + (f" {c['amp']}{' ckpt' if c['ckpt'] else ''}{' acc' + str(c['accum']) if c['accum'] > 1 else ''}"
                  if c["mode"] == "train" else "") for c in cs]

@@ -46,6 +46,10 @@ def test_inference_terms_by_hand():
     e8 = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_dtype="int8").terms["kv_cache"]
     # 128 recent tokens in bf16, 1000 in int8 with a 2-byte scale and zero point per 64 values
     assert e8 == full * 128 // 1128 + 2 * 4 * 2 * 16 * 1000 * (1 + 4 / 64)
+    shared = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_shared_layers=2).terms["kv_cache"]
+    assert shared == full // 2  # 2 of 4 layers reuse a neighbour's K/V
+    tp2 = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", tp_degree=2)
+    assert tp2.terms["kv_cache"] == full // 2  # KV heads sharded over 2 ranks
     q = estimate_memory(CFG, mode="inference", dtype="bf16", quantization={"bits": 4, "group_size": 128, "symmetric": True})
     lin = sum(model_shape(CFG).layer_linear_params)
     assert q.terms["weights"] == int(n * 2 + buffers - lin * 2 + lin / 2 + lin / 128 * 2)

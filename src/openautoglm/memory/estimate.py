@@ -158,11 +158,11 @@ def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int) -> t
     return int(full - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
 
 
-def _kv_bytes(s: ModelShape, tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
+def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
     if kv_dtype not in _KV_BITS:
         raise ValueError(f"kv_dtype={kv_dtype!r}; accepted: {', '.join(_KV_BITS)}")
     bits = _KV_BITS[kv_dtype]
-    elems = sum(2 * L.kv_heads * L.head_dim for L in s.layers) * batch
+    elems = sum(2 * L.kv_heads * L.head_dim for L in layers) * batch
     if bits >= 16 or kv_dtype == "fp8":
         return int(elems * tokens * bits / 8)
     full = min(tokens, residual)           # recent tokens kept in full precision (KIVI residual window)
@@ -186,6 +186,7 @@ def estimate_memory(
     logits: str | None = None,
     kv_group_size: int = 64,
     kv_residual: int = 128,
+    kv_shared_layers: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of inference (prefill of ``seq_len`` tokens with a KV cache) or of one
     training step of :func:`openautoglm.train.train` (steady state, optimizer states allocated).
@@ -204,9 +205,13 @@ def estimate_memory(
     grad_accum : micro-batches per optimizer step (grads of earlier micro-batches stay allocated).
     tp_degree : tensor-parallel degree (Megatron column/row sharding of attention, MLP and vocabulary).
     logits : ``"all"`` positions or ``"last"`` (default: last for inference, as ``generate`` does; all for train).
+    kv_group_size, kv_residual : quantized KV cache groups and full-precision recent window (KIVI-style).
+    kv_shared_layers : layers whose K/V blocks are freed by cross-layer KV sharing (they reuse a neighbour's).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; accepted: {', '.join(MODES)}")
+    if not isinstance(kv_shared_layers, int) or kv_shared_layers < 0:
+        raise ValueError(f"kv_shared_layers={kv_shared_layers!r} must be an integer >= 0")
     for name, v in (("batch", batch), ("seq_len", seq_len), ("grad_accum", grad_accum), ("tp_degree", tp_degree)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -230,6 +235,8 @@ def estimate_memory(
     cb = 2 if autocast else int(pb)                             # compute (activation) bytes
     spec = _quant_spec(quantization)
     recorded = [t for t in s.transforms if "quant" in str(t.get("type", ""))]
+    if recorded and not s.quantized_modules and spec is None:  # recorded but not rebuilt here: count it analytically
+        spec = _quant_spec(recorded[-1])
     if mode == "train" and (spec or recorded):
         raise ValueError("training a quantized model is not supported; estimate mode='inference' or drop quantization")
     kv_dtype = kv_dtype or {2: "bf16" if dtype == torch.bfloat16 else "fp16", 4: "fp32"}[cb]
@@ -238,27 +245,31 @@ def estimate_memory(
     h, V, T = s.hidden, s.vocab // tp if tp > 1 else s.vocab, batch * seq_len
     shard = lambda n: n // tp  # noqa: E731  (Linear weights are sharded; norms and embeddings replicated here)
     lin = shard(sum(s.layer_linear_params)) + shard(s.head_params or (s.embed_params if s.tied else 0))
-    float_params = s.n_params - sum(s.layer_linear_params) + shard(sum(s.layer_linear_params))
+    float_params = s.float_params - sum(s.layer_linear_params) + shard(sum(s.layer_linear_params))
     settings = dict(model=s.name, mode=mode, batch=batch, seq_len=seq_len, dtype=str(dtype).replace("torch.", ""),
                     kv_dtype=kv_dtype, quantization=spec, optimizer=optimizer, amp=amp,
                     grad_checkpointing=grad_checkpointing, grad_accum=grad_accum, tp_degree=tp, params=s.n_params)
     fm: dict[str, str] = {}
     notes: list[str] = []
     if mode == "inference":
-        return _inference(s, layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, kv_group_size, kv_residual,
+        if kv_shared_layers >= len(layers):
+            raise ValueError(f"kv_shared_layers={kv_shared_layers} must be below the number of layers {len(layers)}")
+        kv_layers = layers[: len(layers) - kv_shared_layers]
+        return _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, kv_group_size, kv_residual,
                           logits or "last", float_params, settings, fm, notes)
     return _train(s, layers, pb, cb, h, V, T, autocast, optimizer, grad_checkpointing, grad_accum, lin,
                   float_params, settings, fm, notes)
 
 
-def _inference(s, layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group, residual, logits, float_params,
+def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group, residual, logits, float_params,
                settings, fm, notes) -> MemoryEstimate:
-    w = int(float_params * pb + (s.param_bytes - s.n_params * dtype_bytes(s.dtype) if s.param_bytes else 0))
-    fm["weights"] = f"{float_params:,} params x {pb:g} B (+ buffers and already-quantized tensors as stored)"
+    # float parameters follow the dtype; buffers and quantized codes/scales (frozen) stay as stored
+    w = int(float_params * pb + s.param_bytes - s.float_param_bytes)
+    fm["weights"] = f"{float_params:,} params x {pb:g} B + {s.param_bytes - s.float_param_bytes:,} B as stored (buffers, quantized)"
     if spec:
         w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w)
-    kv = _kv_bytes(s, seq_len, batch, kv_dtype, cb, group, residual)
-    fm["kv_cache"] = f"2 x {len(layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
+    kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual)
+    fm["kv_cache"] = f"2 x {len(kv_layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
     trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
     act = T * (2 * cb * h + trans) + 8 * T
     fm["activations"] = "tokens x (input embeddings + residual (2 cb h) + max layer transient (formulas.inference_layer_transient)) + ids"

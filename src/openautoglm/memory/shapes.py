@@ -42,6 +42,9 @@ class ModelShape:
     head_params: int = 0            # lm_head weight when not tied (0 when tied)
     adafactor_elems: int = 0        # factored second-moment elements: rows + cols of 2-D params, numel of 1-D
     n_tensors: int = 0              # parameter tensors (per-tensor optimizer scalars)
+    float_params: int = 0           # floating-point parameters (tied once): these follow the requested dtype
+    float_param_bytes: int = 0      # their bytes as built/stored
+    quantized_modules: int = 0      # modules of openautoglm.quant (rebuilt from the recorded transform)
     transforms: list[dict] = field(default_factory=list)
 
     @property
@@ -99,6 +102,14 @@ def _to_model(obj) -> tuple[nn.Module, str]:
                 raise ValueError(f"{p} is not valid JSON: {e}") from None
         return hub.empty_model(obj), str(obj)
     raise TypeError(f"expected a model, a config, a config dict or a path, got {type(obj).__name__}")
+
+
+def _main_dtype(params: list) -> torch.dtype:
+    """The dtype holding the most elements of the trainable float parameters."""
+    count: dict[torch.dtype, int] = {}
+    for p in params:
+        count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else torch.float32
 
 
 def _is_linear(mod: nn.Module) -> bool:
@@ -189,20 +200,23 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and out.weight is emb.weight
-    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     dec = _hf.decoder_layers(model)
     layer_params = [sum(p.numel() for p in lay.parameters() if p.is_floating_point()) for lay in dec]
     layer_linear = [sum(m.weight.numel() for m in lay.modules() if _is_linear(m) and m.weight.is_floating_point())
                     for lay in dec]
     params = list(dict.fromkeys(model.parameters()))
     ada = sum((p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
+    fl = [p for p in params if p.is_floating_point() and p.requires_grad]
+    nq = sum(1 for m in model.modules() if type(m).__module__.startswith("openautoglm.quant"))
     from .estimate import model_bytes
 
     return ModelShape(
         name=str(name), model_type=str(getattr(config, "model_type", "?")), vocab=int(tc.vocab_size), hidden=hidden,
         layers=layers, arch=_arch(model, config, gated), tied=tied, n_params=n_params, param_bytes=model_bytes(model),
-        linear_params=linear, largest_matrix=largest, dtype=max(set(floats), key=floats.count) if floats else torch.float32,
+        linear_params=linear, largest_matrix=largest, dtype=_main_dtype(fl),
         transforms=hub.applied_transforms(config), layer_params=layer_params, layer_linear_params=layer_linear,
         embed_params=emb.weight.numel() if emb is not None else 0,
         head_params=0 if tied or out is None else out.weight.numel(), adafactor_elems=ada, n_tensors=len(params),
+        float_params=sum(p.numel() for p in fl), float_param_bytes=sum(p.numel() * p.element_size() for p in fl),
+        quantized_modules=nq,
     )
