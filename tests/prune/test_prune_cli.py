@@ -47,3 +47,25 @@ def test_recipe_validates_early():
     with pytest.raises(ValueError, match="sparsity"):
         PruneRecipe(sparsity=2.0)
     assert PruneRecipe().empty and not PruneRecipe(sparsity_pattern="2:4").empty
+
+
+def test_compress_prunes_before_quantizing(tiny_llama_dir, tmp_path, capsys, input_ids):
+    pytest.importorskip("openautoglm.cli.compress")
+    out_dir = tmp_path / "c"
+    code, out, err = run(["compress", str(tiny_llama_dir), "--prune-heads", "0.25", "--sparsity", "0.5",
+                          "--sparsity-method", "magnitude", "--low-rank", "0.8", "--bits", "8", "--out", str(out_dir)],
+                         capsys)
+    assert code == 0, err
+    m = hub.from_pretrained(out_dir)
+    kinds = [t["type"] for t in hub.applied_transforms(m)]
+    assert kinds[:3] == ["prune_heads", "low_rank", "sparsity"] and len(kinds) == 4
+    assert sum(len(_hf.attention_layout(a)) for _, a in _hf.attention_modules(m)) == 24
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids).logits).all()
+
+
+def test_compress_rejects_bad_pruning_option(tiny_llama_dir, tmp_path, capsys):
+    pytest.importorskip("openautoglm.cli.compress")
+    code, out, err = run(["compress", str(tiny_llama_dir), "--sparsity-pattern", "2:8", "--out", str(tmp_path / "x")],
+                         capsys)
+    assert code == 2 and "sparsity-pattern" in err

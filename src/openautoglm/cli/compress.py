@@ -18,6 +18,8 @@ from .. import hub
 from ..memory.estimate import model_bytes
 from . import app, console
 from ._common import fmt_bytes, pick_device, table
+from .prune import HELP as PRUNE_HELP
+from .prune import pruning_step
 
 
 def _scheme_for(bits: int, scheme: str | None) -> str | None:
@@ -68,9 +70,16 @@ def compress(
     calib_text: Path = typer.Option(None, "--calib-text", help="static: calibration text file (default: held-out text)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (where quantization runs)."),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+    prune_heads: float = typer.Option(None, "--prune-heads", help=PRUNE_HELP["prune_heads"]),
+    sparsity: float = typer.Option(None, "--sparsity", help=PRUNE_HELP["sparsity"]),
+    sparsity_method: str = typer.Option("wanda", "--sparsity-method", help=PRUNE_HELP["sparsity_method"]),
+    sparsity_pattern: str = typer.Option("unstructured", "--sparsity-pattern", help=PRUNE_HELP["sparsity_pattern"]),
+    low_rank: float = typer.Option(None, "--low-rank", help=PRUNE_HELP["low_rank"]),
 ) -> None:
     """Quantize MODEL's Linear layers and save a checkpoint that reloads without the recipe."""
     scheme = _scheme_for(bits, scheme)
+    pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
+                           sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text)
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
     dev = pick_device(device)
@@ -83,6 +92,8 @@ def compress(
     steps: list[tuple[str, object]] = []
     # -- other capabilities insert their steps here (before quantization), e.g. pruning:
     #    steps.append(("pruning", lambda model, progress: pruning_steps(model, tok, ...)))
+    if pruning is not None:  # heads -> low-rank -> sparsity, before quantization
+        steps.append(("pruning", lambda model, progress: pruning(model, tok)))
     steps.append(("quantizing", quantize_step(bits, scheme, group_size, list(include), list(exclude), observer,
                                                calib_text, tok)))
 

@@ -64,6 +64,30 @@ def pruning_steps(model, tokenizer, *, prune_heads: float | None = None, sparsit
     return res
 
 
+def pruning_step(*, prune_heads: float | None, sparsity: float | None, sparsity_method: str, sparsity_pattern: str,
+                 low_rank: float | None, calib_text: Path | None = None, calib_samples: int = 32):
+    """Validate the pruning options now; return ``fn(model, tokenizer) -> summary dict`` or None if no option is set.
+    ``compress`` runs it before quantization."""
+    from ..prune import PruneRecipe
+
+    if sparsity_method not in ("magnitude", "wanda"):
+        raise ValueError(f"--sparsity-method {sparsity_method!r}; accepted: magnitude, wanda")
+    if sparsity_pattern not in ("unstructured", "2:4"):
+        raise ValueError(f"--sparsity-pattern {sparsity_pattern!r}; accepted: unstructured, 2:4")
+    if PruneRecipe(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
+                   sparsity_pattern=sparsity_pattern, low_rank=low_rank, n_samples=calib_samples).empty:
+        return None
+
+    def run(model, tokenizer) -> dict:
+        p0 = sum(p.numel() for p in model.parameters())
+        res = pruning_steps(model, tokenizer, prune_heads=prune_heads, sparsity=sparsity,
+                            sparsity_method=sparsity_method, sparsity_pattern=sparsity_pattern, low_rank=low_rank,
+                            calib_text=calib_text, calib_samples=calib_samples)
+        return {"steps": list(res), "parameters": f"{p0:,} -> {sum(p.numel() for p in model.parameters()):,}"}
+
+    return run
+
+
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Shipped model name or local model folder."),
