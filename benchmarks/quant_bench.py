@@ -103,7 +103,7 @@ def apply_variant(model: nn.Module, variant: str) -> str:
         if base == "w8a8" and not kernel:
             DynamicQuantizer.quantize(model, bits=8)
         else:
-            scheme = "w8a8-fp8" if base == "w8a8" and kernel else base
+            scheme = "w8a8-fp8" if base == "w8a8" and kernel == "triton" else base
             quantize(model, QuantConfig(scheme=scheme, kernel=kernel or "auto"))
         return model.quant_result.config.scheme
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
@@ -391,7 +391,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes")
     ap.add_argument("--models", default="7b,1b")
-    ap.add_argument("--variants", default="bf16,w8,w8a8,ao-int8wo,ao-fp8dq,ao-int4wo,w4")
+    ap.add_argument("--variants", default="bf16,w8,w8a8,ao-int8wo,ao-fp8dq,ao-int4wo,w4,w4:tinygemm")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

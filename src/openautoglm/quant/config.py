@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 SCHEMES = ("w8a8", "w8a8-fp8", "w8", "w4", "static")
 OBSERVERS = ("minmax", "percentile")
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch", "tinygemm")
 CONFIG_VERSION = 1
 _DEFAULT_GROUP = {"w4": 128}
 
@@ -31,7 +31,9 @@ class QuantConfig:
         quantized when it matches an include and no exclude. ``lm_head`` is excluded by default.
     observer, percentile : activation-range observer of ``static`` (``"minmax"`` or ``"percentile"``
         of ``|x|``).
-    kernel : ``"auto"`` (Triton on CUDA when available, else torch ops), ``"triton"``, ``"torch"``.
+    kernel : ``"auto"`` (Triton on CUDA when available, else torch ops), ``"triton"``, ``"torch"``, or
+        ``"tinygemm"`` (w4 only: decode through ``torch._weight_int4pack_mm``; keeps a second, tinygemm-packed
+        copy of the int4 codes on the GPU, +0.25 bytes per weight).
     """
 
     scheme: str = "w8a8"
@@ -72,6 +74,8 @@ class QuantConfig:
             raise ValueError(f"percentile={self.percentile!r} must lie in (50, 100]")
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; accepted: {', '.join(KERNELS)}")
+        if self.kernel == "tinygemm" and s != "w4":
+            raise ValueError(f"kernel 'tinygemm' is for scheme w4 only, got scheme {s!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"QuantConfig version {self.version} is not supported (this build reads {CONFIG_VERSION})")
 

@@ -64,7 +64,16 @@ class QuantLinear(nn.Module):
         mod._fill(w)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
+        mod._prepare_device()
         return mod
+
+    def _prepare_device(self) -> None:
+        """Hook for derived, device-specific layouts (re-run after every ``.to()``)."""
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._prepare_device()
+        return out
 
     def extra_repr(self) -> str:
         g = f", group_size={self.config.group_size}" if self.config.group_size else ""
@@ -162,7 +171,28 @@ class WeightOnlyLinear(QuantLinear):
         if self.zero is not None:
             self.zero.data.copy_(qt.zero.reshape(self.zero.shape))
 
+    def _prepare_device(self) -> None:
+        # kernel="tinygemm": a tinygemm-packed copy of the codes for decode, as non-persistent buffers (never
+        # saved, but counted by model_bytes); rebuilt from the canonical codes whenever the module moves.
+        tg_w = tg_sz = None
+        if self.config.kernel == "tinygemm" and not self.qweight.is_meta and self.qweight.is_cuda:
+            k = self.in_features
+            tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+            zero = self.zero if self.zero is not None else -8 * self.scale
+            tg_w = torch._convert_weight_to_int4pack(self.qweight.data, tiles)
+            tg_sz = torch.stack([self.scale.t(), (zero + 8 * self.scale).t()], -1).to(torch.bfloat16).contiguous()
+        for name, t in (("_tg_w", tg_w), ("_tg_sz", tg_sz)):
+            if name in self._buffers:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tg = getattr(self, "_tg_w", None)
+        if tg is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= kernels.DECODE_MAX_M:
+            y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), tg, self.group, self._tg_sz)
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return kernels.weight_only_linear(x, self.qweight, self.scale, self.zero, self.bits, self.group, self.bias,
                                           kernel=self.config.kernel)
 
