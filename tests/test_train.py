@@ -52,7 +52,19 @@ def test_loss_decreases_with_amp_and_checkpointing():
     assert len(res.losses) == 12 and all(torch.isfinite(torch.tensor(res.losses)))
     assert res.losses[-1] < res.losses[0] - 0.3
     assert [e["step"] for e in res.evals] == [6, 12]
-    assert next(model.parameters()).dtype == torch.float32  # fp32 master weights under AMP
+    assert next(model.parameters()).dtype == torch.float32  # fp32 model stays fp32
+
+
+def test_half_model_trains_with_fp32_master_weights_and_comes_back_half():
+    model = make_tiny_llama(0, torch.bfloat16)
+    seen = []
+    res = train(model, _ids(), _cfg(steps=2, amp="bf16"),
+                callback=lambda step, loss: seen.append(next(model.parameters()).dtype))
+    assert seen == [torch.float32, torch.float32] and res.steps == 2
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model = make_tiny_llama(0, torch.bfloat16)
+    train(model, _ids(), _cfg(steps=1, amp="bf16", keep_fp32=True))
+    assert next(model.parameters()).dtype == torch.float32
 
 
 def test_accumulation_matches_big_batch():

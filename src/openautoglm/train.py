@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     log_every: int = 10
+    keep_fp32: bool = False          # under AMP, leave the model in fp32 after training (default: its own dtype)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -225,6 +226,9 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
           callback=None) -> TrainResult:
     """Train ``model`` in place on ``data`` (token ids, 1-D, or text with ``tokenizer``).
 
+    Under AMP a half-precision model trains with fp32 master weights and is cast back to its dtype at the
+    end (``keep_fp32=True`` keeps fp32); checkpoints hold the fp32 weights so a resumed run is exact.
+
     Parameters
     ----------
     model : a transformers causal LM (``model(input_ids=, labels=)`` returns ``.loss``), on its target device.
@@ -245,6 +249,7 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
     device = next(model.parameters()).device
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("amp='bf16' is not supported on this GPU; use amp='fp16'")
+    orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     prepare_model(model, cfg)
     opt = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -310,6 +315,8 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
         result.checkpoint = str(out / io.CKPT)
         (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2))
     model.eval()
+    if orig_dtype is not None and orig_dtype != torch.float32 and cfg.amp != "none" and not cfg.keep_fp32:
+        model.to(orig_dtype)  # the fp32 master weights were for training; hand the model back in its dtype
     return result
 
 
