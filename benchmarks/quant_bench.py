@@ -241,9 +241,12 @@ def kernel_bench(dev) -> dict:
                 m4 = mods["w4"]
                 from openautoglm.quant.math import unpack_int4
 
+                from openautoglm.quant.kernels import unpack_zero
+
                 q = unpack_int4(m4.qweight).to(torch.int32)
                 packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-                sz = torch.stack([m4.scale.t(), (m4.zero + 8 * m4.scale).t()], -1).contiguous().to(torch.bfloat16)
+                zc = unpack_zero(m4.zero).to(torch.bfloat16)
+                sz = torch.stack([m4.scale.t(), ((8 - zc) * m4.scale).t()], -1).contiguous().to(torch.bfloat16)
                 yt = torch._weight_int4pack_mm(x, packed, 128, sz).float()
                 row["tinygemm_us"] = op_us(lambda: torch._weight_int4pack_mm(x, packed, 128, sz), dev, reps)
                 row["tinygemm_relerr"] = float((yt - ref).norm() / ref.norm())

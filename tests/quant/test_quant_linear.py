@@ -46,7 +46,7 @@ def test_storage_shapes_and_dtypes():
     lin = _linear(k=256, n=64, bias=False)
     w4 = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4"))
     assert w4.qweight.shape == (64, 128) and w4.qweight.dtype == torch.uint8
-    assert w4.scale.shape == (64, 2) and w4.zero.shape == (64, 2)
+    assert w4.scale.shape == (64, 2) and w4.zero.shape == (32, 2) and w4.zero.dtype == torch.uint8
     w4s = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4", symmetric=True))
     assert w4s.zero is None
     w8 = LINEAR_CLASSES["w8a8"].from_linear(lin, QuantConfig())

@@ -24,11 +24,13 @@ SLACK = 1e-5  # float32 rounding of the scale arithmetic
     groups=st.integers(1, 3),
     scale=st.floats(1e-3, 1e3),
     offset=st.floats(-10, 10),
+    zero_point=st.sampled_from(["float", "int"]),
 )
-def test_error_never_exceeds_bound(seed, bits, symmetric, gran, group, rows, groups, scale, offset):
+def test_error_never_exceeds_bound(seed, bits, symmetric, gran, group, rows, groups, scale, offset, zero_point):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, group * groups, generator=g) * scale + offset
-    kw = dict(symmetric=symmetric, granularity=gran, group_size=group if gran == "group" else None)
+    kw = dict(symmetric=symmetric, granularity=gran, group_size=group if gran == "group" else None,
+              zero_point=zero_point)
     qt = quantize(x, bits, **kw)
     err = (dequantize(qt) - x).abs()
     bound = error_bound(x, bits, **kw)
@@ -50,6 +52,16 @@ def test_round_trip_and_dtypes(bits, symmetric):
     assert qt.scale.shape == (16, 4)
     rel = (dequantize(qt) - x).norm() / x.norm()
     assert rel < (0.01 if bits == 8 else 0.15)
+
+
+def test_integer_zero_point():
+    x = torch.randn(8, 128) + 0.3
+    qt = quantize(x, 4, symmetric=False, granularity="group", group_size=32, zero_point="int")
+    assert qt.zero.dtype == torch.uint8 and int(qt.zero.max()) <= 15
+    assert ((dequantize(qt) - x).abs() <= error_bound(x, 4, symmetric=False, granularity="group", group_size=32,
+                                                       zero_point="int") * 1.00001).all()
+    with pytest.raises(ValueError, match="zero_point"):
+        quantize(x, 4, symmetric=False, zero_point="half")
 
 
 def test_constant_and_zero_tensors_are_exact():

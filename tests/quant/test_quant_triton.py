@@ -29,13 +29,14 @@ SCRIPT = textwrap.dedent("""
         dense = kernels.dequant_torch(w, s, z, mod.bits, mod.group, torch.float32)
         ref = x.float() @ dense.t()
         y = torch.empty(M, N, dtype=x.dtype)
+        zs = z.stride(0) if z is not None else 0
         tk.wo_matmul_kernel[(N // 32, 1)](x, w, s, z if z is not None else s, y, M, N, K, x.stride(0), w.stride(0),
-            s.stride(0), y.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None, BLOCK_M=16,
+            s.stride(0), zs, y.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None, BLOCK_M=16,
             BLOCK_N=32, BLOCK_K=min(64, mod.group), SPLIT_K=1)
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3, scheme
         out = torch.empty(N, K, dtype=torch.float16)
         tk.dequant_kernel[(N // 32, K // 128)](w, s, z if z is not None else s, out, N, K, w.stride(0), s.stride(0),
-            out.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None, BLOCK_N=32, BLOCK_K=128)
+            zs, out.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None, BLOCK_N=32, BLOCK_K=128)
         assert float((out.float() - dense).abs().max()) < 2e-2 * float(dense.abs().max()), scheme
     q = torch.empty(M, K, dtype=torch.int8); sc = torch.empty(M, 1)
     tk.quant_rows_kernel[(M,)](x, q, sc, K, x.stride(0), q.stride(0), QMAX=127.0, FP8=False, BLOCK=256)

@@ -76,7 +76,8 @@ def wo_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     tk.wo_matmul_tuned[grid](x, w, s, z if z is not None else s, y, M, N, K, x.stride(0), w.stride(0),
-                             s.stride(0), y.stride(0), GROUP=group, BITS=bits, HAS_Z=z is not None, BLOCK_M=16)
+                             s.stride(0), z.stride(0) if z is not None else 0, y.stride(0), GROUP=group, BITS=bits,
+                             HAS_Z=z is not None, BLOCK_M=16)
     return y
 
 
@@ -94,8 +95,8 @@ def dequant_triton(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bit
     N, K = w.shape[0], in_features
     out = torch.empty((N, K), device=w.device, dtype=dtype)
     grid = (triton_cdiv(N, 32), triton_cdiv(K, 256))
-    tk.dequant_kernel[grid](w, s, z if z is not None else s, out, N, K, w.stride(0), s.stride(0), out.stride(0),
-                            GROUP=group, BITS=bits, HAS_Z=z is not None, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    tk.dequant_kernel[grid](w, s, z if z is not None else s, out, N, K, w.stride(0), s.stride(0),
+                            z.stride(0) if z is not None else 0, out.stride(0), GROUP=group, BITS=bits, HAS_Z=z is not None, BLOCK_N=32, BLOCK_K=256, num_warps=4)
     return out
 
 
@@ -131,15 +132,20 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # ----------------------------------------------------------------------------- torch-op references
 
+def unpack_zero(z: torch.Tensor) -> torch.Tensor:
+    """Zero-point codes packed two rows a byte ``(N/2, G)`` -> ``(N, G)`` uint8 (row 2i from the high nibble)."""
+    return unpack_int4(z.t()).t()
+
+
 def dequant_torch(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group: int,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``(N, K)`` weight from codes ``w`` and scales ``s (N, K // group)`` with torch ops."""
+    """Dense ``(N, K)`` weight from codes ``w``, scales ``s (N, K // group)`` and packed zero codes, torch ops."""
     q = unpack_int4(w) if bits == 4 else w
     N, K = q.shape
     qf = q.to(dtype if dtype != torch.float8_e4m3fn else torch.float32).reshape(N, K // group, group)
     sf = s.to(qf.dtype).unsqueeze(-1)
     if z is not None:
-        out = qf * sf + z.to(qf.dtype).unsqueeze(-1)
+        out = (qf - unpack_zero(z).to(qf.dtype).unsqueeze(-1)) * sf
     elif bits == 4:
         out = (qf - 8) * sf
     else:

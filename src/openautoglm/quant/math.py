@@ -8,6 +8,10 @@ Conventions (one for every scheme, CPU and GPU alike):
   and the float offset ``z = min`` (the value of code 0, as in tinygemm/HQQ); ``x ~ q * s + z``.
   Codes are unsigned (uint8 storage). A float offset keeps the rounding error within half a step
   everywhere, where an integer zero point could not.
+* **asymmetric, integer zero point** (``zero_point="int"``, the compact storage of w4): the range is widened
+  to include 0, ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)`` is a code (uint8), and
+  ``q = clamp(round(x / s) + z, 0, 2^b - 1)``; ``x ~ (q - z) * s``. ``min / s + z`` lies within half a
+  step of 0, so the error bound stays half a step.
 * **granularity**: ``"tensor"`` (one scale), ``"channel"`` (one per row of a ``(out, in)`` weight),
   ``"group"`` (one per ``group_size`` consecutive elements of a row) and ``"token"`` (one per row of an
   activation ``(..., hidden)``; the same reduction as ``"channel"``, computed at run time).
@@ -69,6 +73,7 @@ class Quantized:
     bits: int
     granularity: str
     group_size: int | None = None
+    zero_point: str = "float"
 
     @property
     def symmetric(self) -> bool:
@@ -76,51 +81,66 @@ class Quantized:
 
 
 def qparams(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True, granularity: str = "channel",
-            group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and float offsets when asymmetric) of ``x``; shape ``(..., n_groups)``, float32."""
+            group_size: int | None = None, zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zeros of ``x``, shape ``(..., n_groups)``: float32 scales; zeros ``None`` (symmetric),
+    float32 offsets (``zero_point="float"``) or uint8 codes (``zero_point="int"``)."""
     _check(x, bits, granularity, group_size)
+    if zero_point not in ("float", "int"):
+        raise ValueError(f"zero_point={zero_point!r}; accepted: float, int")
     g = _grouped(x.float(), granularity, group_size)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         return (g.abs().amax(-1) / qmax).clamp_min(_EPS), None
     lo, hi = g.amin(-1), g.amax(-1)
+    if zero_point == "int":
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+        scale = ((hi - lo) / (2**bits - 1)).clamp_min(_EPS)
+        return scale, torch.clamp(torch.round(-lo / scale), 0, 2**bits - 1).to(torch.uint8)
     return ((hi - lo) / (2**bits - 1)).clamp_min(_EPS), lo
 
 
 def quantize(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True, granularity: str = "channel",
-             group_size: int | None = None) -> Quantized:
+             group_size: int | None = None, zero_point: str = "float") -> Quantized:
     """Round-to-nearest quantization of ``x`` (see the module docstring for the conventions).
 
     Raises ``ValueError`` for unsupported bits, a group size that does not divide the rows, or NaN/Inf.
     """
-    scale, zero = qparams(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    scale, zero = qparams(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size,
+                          zero_point=zero_point)
     g = _grouped(x.float(), granularity, group_size)
+    s = scale.unsqueeze(-1)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
+        q = torch.clamp(torch.round(g / s), -qmax, qmax).to(torch.int8)
+    elif zero_point == "int":
+        q = torch.clamp(torch.round(g / s) + zero.unsqueeze(-1).float(), 0, 2**bits - 1).to(torch.uint8)
     else:
-        q = torch.clamp(torch.round((g - zero.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 2**bits - 1).to(torch.uint8)
-    return Quantized(q.reshape(x.shape), scale, zero, bits, granularity, group_size)
+        q = torch.clamp(torch.round((g - zero.unsqueeze(-1)) / s), 0, 2**bits - 1).to(torch.uint8)
+    return Quantized(q.reshape(x.shape), scale, zero, bits, granularity, group_size, zero_point)
 
 
 def dequantize(qt: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Float tensor ``q * scale (+ zero)`` of the original shape."""
+    """Float tensor ``q * scale (+ zero)`` or ``(q - zero) * scale`` (integer zero point), original shape."""
     g = _grouped(qt.q.float(), qt.granularity, qt.group_size)
+    if qt.zero is not None and qt.zero_point == "int":
+        g = g - qt.zero.unsqueeze(-1).float()
     out = g * qt.scale.unsqueeze(-1)
-    if qt.zero is not None:
+    if qt.zero is not None and qt.zero_point == "float":
         out = out + qt.zero.unsqueeze(-1)
     return out.reshape(qt.q.shape).to(dtype)
 
 
 def error_bound(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True, granularity: str = "channel",
-                group_size: int | None = None) -> torch.Tensor:
+                group_size: int | None = None, zero_point: str = "float") -> torch.Tensor:
     """Worst-case absolute rounding error of each element of ``x``: half a quantization step.
 
     The step is ``range / (2^b - 1)`` (asymmetric, range = max - min of the element's group) or
-    ``absmax / (2^(b-1) - 1)`` (symmetric: the levels ``-qmax..qmax`` span ``2 * absmax`` in ``2^b - 2`` steps).
+    ``absmax / (2^(b-1) - 1)`` (symmetric: the levels ``-qmax..qmax`` span ``2 * absmax`` in ``2^b - 2`` steps);
+    with an integer zero point the range is first widened to include 0.
     Returns a float32 tensor of ``x``'s shape.
     """
-    scale, _ = qparams(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    scale, _ = qparams(x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size,
+                       zero_point=zero_point)
     g = _grouped(torch.empty_like(x, dtype=torch.float32), granularity, group_size)
     return (scale.unsqueeze(-1) / 2).expand_as(g).reshape(x.shape)
 

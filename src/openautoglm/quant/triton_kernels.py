@@ -2,9 +2,9 @@
 
 * ``wo_matmul``: ``y (M, N) = x (M, K) @ dequant(W)^T`` for small M (decode). W is int8 ``(N, K)``,
   packed int4 ``(N, K/2)`` (even k in the high nibble) or float8 e4m3 ``(N, K)``; one scale (and
-  optionally a float offset) per ``GROUP`` inputs of each output row. The codes go straight into the
-  tensor-core dot as 16-bit floats (exact: |code| <= 127); scales and offsets are applied to the
-  partial sums of each K tile (``x @ (q s + z) = (x @ q) s + sum(x) z``), so dequantization costs almost
+  optionally an int4 zero point, packed two rows a byte) per ``GROUP`` inputs of each output row. The codes go straight into the
+  tensor-core dot as 16-bit floats (exact: |code| <= 127); scales and zero points are applied to the
+  partial sums of each K tile (``x @ ((q - z) s) = (x @ q) s - sum(x) z s``), so dequantization costs almost
   nothing and only the packed bytes cross the memory bus. Split-K with fp32 atomics fills the GPU when
   N is small.
 * ``dequant``: the same formats to a dense 16-bit matrix (prefill: dequantize then cuBLAS GEMM).
@@ -18,7 +18,7 @@ import triton.language as tl
 
 
 @triton.jit
-def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                      GROUP: tl.constexpr, BITS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -51,9 +51,10 @@ def wo_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stri
         g = k0 // GROUP
         s = tl.load(s_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
         acc += part * s[None, :]
-        if HAS_Z:
-            z = tl.load(z_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
-            acc += xsum[:, None] * z[None, :]
+        if HAS_Z:  # integer zero points, two rows a byte: x @ ((q - z) s) = (x @ q) s - sum(x) z s
+            zb = tl.load(z_ptr + (rn // 2) * stride_zn + g, mask=mask_n, other=0)
+            zc = tl.where(rn % 2 == 0, zb >> 4, zb & 15).to(tl.float32)
+            acc -= xsum[:, None] * (zc * s)[None, :]
         elif BITS == 4:  # symmetric int4 codes are stored with an offset of 8
             acc -= 8.0 * xsum[:, None] * s[None, :]
     ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -89,7 +90,7 @@ wo_matmul_tuned = triton.autotune(
 
 
 @triton.jit
-def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
                    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_Z: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,7 +103,8 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, str
         ke = 2 * rb
         s = tl.load(s_ptr + rn[:, None] * stride_sn + ke[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + rn[:, None] * stride_sn + ke[None, :] // GROUP, mask=m, other=0.0).to(tl.float32)
+            zb = tl.load(z_ptr + (rn[:, None] // 2) * stride_zn + ke[None, :] // GROUP, mask=m, other=0)
+            z = -tl.where(rn[:, None] % 2 == 0, zb >> 4, zb & 15).to(tl.float32) * s
         else:
             z = -8.0 * s
         hi = ((wb >> 4).to(tl.float32) * s + z).to(dt)
