@@ -53,7 +53,8 @@ def test_compress_prunes_before_quantizing(tiny_llama_dir, tmp_path, capsys, inp
     pytest.importorskip("openautoglm.cli.compress")
     out_dir = tmp_path / "c"
     code, out, err = run(["compress", str(tiny_llama_dir), "--prune-heads", "0.25", "--sparsity", "0.5",
-                          "--sparsity-method", "magnitude", "--low-rank", "0.8", "--bits", "8", "--out", str(out_dir)],
+                          "--sparsity-method", "magnitude", "--low-rank", "0.8", "--bits", "8", "--calib-samples", "4",
+                          "--out", str(out_dir)],
                          capsys)
     assert code == 0, err
     m = hub.from_pretrained(out_dir)

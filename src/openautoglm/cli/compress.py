@@ -75,11 +75,13 @@ def compress(
     sparsity_method: str = typer.Option("wanda", "--sparsity-method", help=PRUNE_HELP["sparsity_method"]),
     sparsity_pattern: str = typer.Option("unstructured", "--sparsity-pattern", help=PRUNE_HELP["sparsity_pattern"]),
     low_rank: float = typer.Option(None, "--low-rank", help=PRUNE_HELP["low_rank"]),
+    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="pruning: " + PRUNE_HELP["calib_samples"]),
 ) -> None:
     """Quantize MODEL's Linear layers and save a checkpoint that reloads without the recipe."""
     scheme = _scheme_for(bits, scheme)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
-                           sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text)
+                           sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
+                           calib_samples=calib_samples)
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
     dev = pick_device(device)

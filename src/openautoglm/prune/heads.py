@@ -229,7 +229,7 @@ class HeadPruner:
                 norms = input_sq_norms(model, {str(i): a.o_proj for i, a in enumerate(attns)}, ids, progress=progress)
                 stats = [{"o_in_sq_norm": norms[str(i)]} for i in range(len(attns))]
             else:
-                g_abs, g_sq = head_mask_grads(model, ids, progress=progress)
+                g_abs, g_sq = head_mask_grads(model, ids, batch_size=4, progress=progress)
                 stats = [{"mask_grad_abs": a, "mask_grad_sq": s} for a, s in zip(g_abs, g_sq)]
         return [head_scores(a, c.importance, **st).cpu() for a, st in zip(attns, stats)]
 

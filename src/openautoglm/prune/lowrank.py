@@ -116,7 +116,7 @@ class LowRankConfig:
     targets: list[str] = field(default_factory=lambda: [t for t in DEFAULT_TARGETS if t not in ("*.down", "*.up")])
     exclude: list[str] = field(default_factory=list)
     damp: float = 0.01
-    rank_multiple: int = 8
+    rank_multiple: int = 16  # ranks aligned for tensor cores and the quantizers (multiples of 16)
     n_samples: int = 32
     seq_len: int = 256
     seed: int = 0
