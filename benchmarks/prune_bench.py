@@ -78,7 +78,7 @@ def section_heads(b: Bench) -> dict:
     for gran in ("head", "kv_group"):
         model = b.fresh()
         t = time.perf_counter()
-        res = HeadPruner(importance="taylor", ratio=0.25, scope="global", granularity=gran).prune(
+        res = HeadPruner(importance="taylor", ratio=0.25, scope="global", granularity=gran, batch_size=1).prune(
             model, calib_ids=b.calib[: b.args.head_samples])
         prune_s = time.perf_counter() - t
         scale = BF16 / 4  # fp32 on the CPU here -> bf16 bytes
@@ -110,7 +110,8 @@ def section_importance(b: Bench) -> dict:
     out = {}
     for imp in ("magnitude", "wanda", "taylor", "fisher"):
         model = b.fresh()
-        HeadPruner(importance=imp, ratio=0.25, scope="global").prune(model, calib_ids=b.calib[: b.args.head_samples])
+        HeadPruner(importance=imp, ratio=0.25, scope="global", batch_size=1).prune(
+            model, calib_ids=b.calib[: b.args.head_samples])
         out[imp] = {"perplexity": b.ppl(model)}
         print("importance", imp, out[imp], flush=True)
     return out
@@ -137,14 +138,14 @@ def section_lowrank(b: Bench) -> dict:
     for method in ("activation", "plain"):
         for ratio in b.args.lowrank_ratios:
             model = b.fresh()
-            res = low_rank(model, param_ratio=ratio, method=method, calib_ids=b.calib)
+            res = low_rank(model, param_ratio=ratio, method=method, calib_ids=b.calib, rank_multiple=8)
             pt = {"method": method, "param_ratio_per_module": ratio, "modules": len(res.ranks),
                   "params": params(model), "param_reduction_frac": round(1 - params(model) / p0, 4),
                   "perplexity": b.ppl(model)}
             out["points"].append(pt)
             print("lowrank", pt, flush=True)
     model = b.fresh()
-    res = low_rank(model, energy=0.9, method="activation", calib_ids=b.calib)
+    res = low_rank(model, energy=0.9, method="activation", calib_ids=b.calib, rank_multiple=8)
     out["energy_0.9_activation"] = {"modules": len(res.ranks), "skipped": len(res.skipped),
                                     "param_reduction_frac": round(1 - params(model) / p0, 4),
                                     "perplexity": b.ppl(model)}

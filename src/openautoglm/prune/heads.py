@@ -48,6 +48,7 @@ class HeadPruneConfig:
     normalize: bool = True
     n_samples: int = 32
     seq_len: int = 256
+    batch_size: int = 4  # calibration sequences per gradient (Michel et al. use 1: per-example |g|)
     seed: int = 0
 
     def __post_init__(self):
@@ -64,8 +65,9 @@ class HeadPruneConfig:
             raise ValueError(f"unknown scope {self.scope!r}; accepted: {', '.join(SCOPES)}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; accepted: {', '.join(GRANULARITIES)}")
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise ValueError(f"n_samples={self.n_samples} must be >= 1 and seq_len={self.seq_len} >= 2")
+        if self.n_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError(f"n_samples={self.n_samples} and batch_size={self.batch_size} must be >= 1, "
+                             f"seq_len={self.seq_len} >= 2")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,7 +231,7 @@ class HeadPruner:
                 norms = input_sq_norms(model, {str(i): a.o_proj for i, a in enumerate(attns)}, ids, progress=progress)
                 stats = [{"o_in_sq_norm": norms[str(i)]} for i in range(len(attns))]
             else:
-                g_abs, g_sq = head_mask_grads(model, ids, batch_size=4, progress=progress)
+                g_abs, g_sq = head_mask_grads(model, ids, batch_size=c.batch_size, progress=progress)
                 stats = [{"mask_grad_abs": a, "mask_grad_sq": s} for a, s in zip(g_abs, g_sq)]
         return [head_scores(a, c.importance, **st).cpu() for a, st in zip(attns, stats)]
 
