@@ -170,6 +170,22 @@ class Decoder:
             if isinstance(c, torch.Tensor):
                 c.fill_(self.plen)
 
+    def check(self, n: int = 8) -> bool:
+        """The captured graph produces the same greedy tokens as the eager step (first ``n`` steps)."""
+        if self.graph is None:
+            return True
+        self.reset()
+        eager = []
+        for _ in range(n):
+            self.step()
+            eager.append(self.tok.clone())
+        self.reset()
+        graph = []
+        for _ in range(n):
+            self.graph.replay()
+            graph.append(self.tok.clone())
+        return all(torch.equal(a, b) for a, b in zip(eager, graph))
+
     def run(self) -> torch.Tensor:
         self.reset()
         for _ in range(self.new):
@@ -184,8 +200,10 @@ def decode_tps(model, batch, prompt_len, new, dev, vocab) -> dict:
     g = torch.Generator(device=dev).manual_seed(batch)
     prompt = torch.randint(0, vocab, (batch, prompt_len), device=dev, generator=g)
     d = Decoder(model, batch, prompt, new)
+    ok = d.check()
     t = timed(d.run, 2, 1 if d.graph is None else 0)
-    res = {"tokens_per_s": batch * new / t, "ms_per_step": 1e3 * t / new, "cuda_graph": d.graph is not None}
+    res = {"tokens_per_s": batch * new / t, "ms_per_step": 1e3 * t / new, "cuda_graph": d.graph is not None,
+           "graph_tokens_match_eager": ok}
     if d.graph_error:
         res["graph_error"] = d.graph_error
     del d
