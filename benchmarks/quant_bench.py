@@ -503,6 +503,37 @@ def _write(res, shape, rows, path):
     res["models"][shape] = rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=str))
+    plot(res, path.with_suffix(".png"))
+
+
+def plot(res, path: Path) -> None:
+    """Bars: decode tokens/s at batch 1 and 8 and prefill speed-up, per variant, per model (PNG)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models = [m for m, rows in res["models"].items() if any("weight_bytes" in r for r in rows)]
+    if not models:
+        return
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 3.6 * len(models)), squeeze=False)
+    for i, m in enumerate(models):
+        rows = [r for r in res["models"][m] if "weight_bytes" in r]
+        names = [r["variant"] for r in rows]
+        for j, (key, title) in enumerate([("decode_b1", "decode tok/s, batch 1"), ("decode_b8", "decode tok/s, batch 8")]):
+            axes[i][j].bar(names, [r.get(key, {}).get("tokens_per_s", 0) for r in rows],
+                           color=["C0" if not n.startswith("ao-") else "C1" for n in names])
+            axes[i][j].set_title(f"{m}: {title}")
+        axes[i][2].bar(names, [r.get("prefill_speedup_vs_bf16") or 0 for r in rows])
+        axes[i][2].axhline(1.0, color="k", lw=0.8)
+        axes[i][2].set_title(f"{m}: prefill {res['prefill_tokens']} speed-up vs bf16")
+        for ax in axes[i]:
+            ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(f"{res['device']}: ours (blue) vs torchao {res['torchao']} (orange), same harness")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def summarize(res):
