@@ -176,6 +176,9 @@ def fits(model, kind, batch, ctx, chunk, device) -> bool:
 def max_batch(model, kind, ctx, per_token_bytes, chunk, device, cap=4096):
     """Largest batch whose cache (filled to ``ctx``) and one decode step fit: a guess from the measured
     bytes per token, then verified (it fits, and one more does not) or walked down."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # blocks cached by earlier sections are not free for mem_get_info
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 2**30
     b = max(1, min(cap, int(0.98 * free / (per_token_bytes * ctx))))
     tried = {}

@@ -161,3 +161,17 @@ def test_unsupported_attention_is_an_error():
     xattn.add_cross_attention = True
     with pytest.raises(ValueError, match="cross-attention"):
         QuantizedKVCache(4, config=xattn)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_read_matches_reference_math(bits):
+    from openautoglm.kv import kernels
+
+    k, v = _rand(2, 2, 64, 32, seed=11), _rand(2, 2, 64, 32, seed=12)
+    kq = packing.quantize_keys(k, bits, 32)
+    vq = packing.quantize_values(v, bits, 16)
+    res, new = _rand(2, 2, 5, 32, seed=13), _rand(2, 2, 1, 32, seed=14)
+    kk, vv = kernels.materialize(*kq, res, new, *vq, res, new, bits)
+    assert torch.equal(kk[:, :, :64], packing.dequantize_keys(*kq, bits, torch.float32))
+    assert torch.equal(vv[:, :, :64], packing.dequantize_values(*vq, bits, torch.float32))
+    assert torch.equal(kk[:, :, 64:], torch.cat([res, new], dim=-2))

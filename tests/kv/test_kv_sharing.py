@@ -91,7 +91,9 @@ def test_threshold_one_shares_nothing_and_matches_dynamic_cache():
         _hf.forward_with_cache(model, ids[:, :-3], cache)
         b = _hf.forward_with_cache(model, ids[:, -3:], cache).logits
     assert F.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.9999
-    assert all(p["shared_fraction_k"] == 0 for p in cache.report()["pairs"])
+    assert all(p["shared_fraction_k"] == 0 and not p["shared"] for p in cache.report()["pairs"])
+    # dissimilar pairs fall back to separate stores: no overhead over the plain cache
+    assert cache.nbytes() == sum(layer.keys.nbytes + layer.values.nbytes for layer in ref.layers)
     assert set(cache.report()["prefill_similarity"]) == {"0-1", "1-2", "2-3"}
 
 

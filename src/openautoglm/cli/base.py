@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -76,8 +77,18 @@ def eval_(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
     json_out: Path = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache: 8, 4 or 2 bits (KIVI)."),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="KV quantization group (tokens for keys, channels for values)."),
+    kv_residual: int = typer.Option(128, "--kv-residual", help="Most recent tokens kept in full precision."),
+    kv_share: bool = typer.Option(False, "--kv-share", help="Share KV across adjacent layers (MiniCache)."),
+    kv_share_start: int = typer.Option(None, "--kv-share-start", help="First shared layer (default: half the depth)."),
+    kv_share_threshold: float = typer.Option(0.9, "--kv-share-threshold", help="Cosine above which a token is shared."),
+    kv_chunk: int = typer.Option(64, "--kv-chunk", min=1, help="With a KV cache option: tokens fed per forward."),
 ) -> None:
-    """Held-out perplexity of a model (bundled Python-docs text unless --text is given)."""
+    """Held-out perplexity of a model (bundled Python-docs text unless --text is given).
+
+    With --kv-bits / --kv-share the windows are fed --kv-chunk tokens at a time through the
+    compressed cache (chunked prefill + decode), so attention really reads the compressed cache."""
     from ..evaluate import perplexity
 
     text = None
@@ -88,15 +99,24 @@ def eval_(
     dev = pick_device(device)
     m = hub.from_pretrained(model, dtype=dtype, device=dev)
     tok = hub.load_tokenizer(model)
-    res = perplexity(m, tok, text, max_tokens=max_tokens or None, seq_len=seq_len, batch_size=batch_size)
+    kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
+    if kv is None:
+        res = perplexity(m, tok, text, max_tokens=max_tokens or None, seq_len=seq_len, batch_size=batch_size)
+    else:
+        from ..kv.metrics import cached_perplexity
+
+        res = cached_perplexity(m, tok, text, kv=kv, max_tokens=max_tokens or None, seq_len=seq_len,
+                                chunk=min(kv_chunk, seq_len), batch_size=batch_size)
     console.print(table(f"{model} on {'held-out text' if text is None else text_file}", ["metric", "value"], [
+        ["KV cache", kv.label() if kv else "none (one teacher-forced pass per window)"],
         ["perplexity", f"{res.perplexity:.3f}"],
         ["mean NLL (nats/token)", f"{res.nll:.4f}"],
         ["tokens scored", f"{res.tokens:,}"],
         ["window", res.seq_len],
     ]))
     if json_out:
-        json_out.write_text(json.dumps({"model": model, **res.to_dict()}, indent=2))
+        extra = {"kv_cache": kv.to_dict()} if kv else {}
+        json_out.write_text(json.dumps({"model": model, **res.to_dict(), **extra}, indent=2))
 
 
 @app.command()
@@ -110,8 +130,14 @@ def generate(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+    kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache: 8, 4 or 2 bits (KIVI)."),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="KV quantization group (tokens for keys, channels for values)."),
+    kv_residual: int = typer.Option(128, "--kv-residual", help="Most recent tokens kept in full precision."),
+    kv_share: bool = typer.Option(False, "--kv-share", help="Share KV across adjacent layers (MiniCache)."),
+    kv_share_start: int = typer.Option(None, "--kv-share-start", help="First shared layer (default: half the depth)."),
+    kv_share_threshold: float = typer.Option(0.9, "--kv-share-threshold", help="Cosine above which a token is shared."),
 ) -> None:
-    """Continue PROMPT with the model (greedy by default)."""
+    """Continue PROMPT with the model (greedy by default); --kv-bits / --kv-share compress its KV cache."""
     if not prompt:
         raise ValueError("PROMPT is empty; give some text to continue")
     dev = pick_device(device)
@@ -120,6 +146,24 @@ def generate(
     torch.manual_seed(seed)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
     with torch.no_grad():
-        out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
+        if kv is None:
+            out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
+        else:
+            cache = kv.build(m.config)
+            out = _hf.generate_with_cache(m, ids, cache, max_new_tokens=max_new_tokens,
+                                          pad_token_id=tok.pad_token_id, **kwargs)
+            logging.getLogger(__name__).info("KV cache %s: %s held for %d tokens", kv.label(),
+                                             fmt_bytes(cache.nbytes()), cache.get_seq_length())
     console.print(tok.decode(out[0], skip_special_tokens=True), highlight=False, markup=False)
+
+
+def _kv_config(bits, group_size, residual, share, share_start, share_threshold):
+    """The KVCacheConfig the --kv-* options ask for, or None when they ask for no compression."""
+    if bits is None and not share:
+        return None
+    from ..kv import KVCacheConfig
+
+    return KVCacheConfig(bits=bits, group_size=group_size, residual_length=residual, share=share,
+                         share_start=share_start, share_threshold=share_threshold)

@@ -24,9 +24,13 @@ def _make(bits: int):
     """The read function for ``bits``: ``bits`` is a closure constant, not an input, so the compiled
     kernel specialises on it (as an input under dynamic shapes it became symbolic and failed)."""
 
+    up = packing.UNPACK[bits]  # resolved here: nothing derived from ``bits`` is traced
+
     def read(kq, ks, km, res_k, new_k, vq, vs, vm, res_v, new_v):
-        k = packing.dequantize_keys(kq, ks, km, bits, res_k.dtype)
-        v = packing.dequantize_values(vq, vs, vm, bits, res_v.dtype)
+        k = (up(kq).float() * ks.float() + km.float()).to(res_k.dtype)  # (b, h, n_blocks, d, group)
+        b, h, nb, d, g = k.shape
+        k = k.transpose(-1, -2).reshape(b, h, nb * g, d)
+        v = (up(vq).float() * vs.float() + vm.float()).to(res_v.dtype).flatten(-2)  # (b, h, n, d)
         return torch.cat([k, res_k, new_k], dim=-2), torch.cat([v, res_v, new_v], dim=-2)
 
     return read

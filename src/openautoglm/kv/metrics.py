@@ -93,7 +93,7 @@ def _probe_attentions(model, ids: torch.Tensor, kv: KVCacheConfig, context: int,
 def attention_fidelity(
     model: nn.Module,
     token_ids: torch.Tensor,
-    kv: KVCacheConfig,
+    kv: KVCacheConfig | dict[str, KVCacheConfig],
     *,
     context: int = 1024,
     probe: int = 32,
@@ -104,22 +104,28 @@ def attention_fidelity(
 
     For ``n_windows`` windows of held-out tokens, ``context`` tokens are prefilled through the cache in
     chunks, then ``probe`` more tokens are fed at once and every layer's attention probabilities
-    (heads x probe queries x all keys) are compared row by row. Returns mean and min cosine.
+    (heads x probe queries x all keys) are compared row by row. Returns mean and min cosine (a dict
+    of them per name when ``kv`` is a dict; the reference runs once).
     """
+    kvs = kv if isinstance(kv, dict) else {"kv": kv}
     need = context + probe
     if token_ids.numel() < need * n_windows:
         raise ValueError(f"need {need * n_windows} tokens for {n_windows} windows of {need}; got {token_ids.numel()}")
     dev = _device(model)
-    cos_all = []
+    cos_all: dict[str, list] = {name: [] for name in kvs}
     with _eager_attention(model):
         for w in range(n_windows):
             ids = token_ids[w * need : (w + 1) * need].view(1, -1).to(dev)
             ref = _probe_attentions(model, ids, KVCacheConfig(), context, chunk)
-            got = _probe_attentions(model, ids, kv, context, chunk)
-            for a, b in zip(ref, got):
-                cos_all.append(F.cosine_similarity(a, b, dim=-1).flatten())
-    cos = torch.cat(cos_all)
-    return {"mean": float(cos.mean()), "min": float(cos.min()), "rows": int(cos.numel())}
+            for name, cfg in kvs.items():
+                got = _probe_attentions(model, ids, cfg, context, chunk)
+                for a, b in zip(ref, got):
+                    cos_all[name].append(F.cosine_similarity(a, b, dim=-1).flatten())
+    out = {}
+    for name, parts in cos_all.items():
+        cos = torch.cat(parts)
+        out[name] = {"mean": float(cos.mean()), "min": float(cos.min()), "rows": int(cos.numel())}
+    return out if isinstance(kv, dict) else out["kv"]
 
 
 @torch.no_grad()

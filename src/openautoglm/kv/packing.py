@@ -39,13 +39,23 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def _unpack4(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
+
+
+def _unpack2(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6], dim=-1).flatten(-2)
+
+
+# Literal shifts and masks: under torch.compile(dynamic=True) an integer computed from ``bits`` can be
+# traced as a symbol, and torch 2.11 could not evaluate ``1 << symbol``.
+UNPACK = {8: lambda p: p, 4: _unpack4, 2: _unpack2}
+
+
 def unpack(p: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``(..., n) -> (..., n * 8 // bits)`` uint8."""
     _check_bits(bits)
-    if bits == 8:
-        return p
-    mask = (1 << bits) - 1
-    return torch.stack([(p >> s) & mask for s in range(0, 8, bits)], dim=-1).flatten(-2)
+    return UNPACK[bits](p)
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -76,8 +76,10 @@ def _restore(dirs: torch.Tensor, norms: torch.Tensor, idx: torch.Tensor, exact) 
 class _Pair:
     """State shared by layers ``a`` and ``a + 1``: shared directions, norms, retained tokens."""
 
-    def __init__(self, layers: tuple[int, int], threshold: float, t: float, make_store) -> None:
+    def __init__(self, layers: tuple[int, int], threshold: float, t: float, make_store, min_shared: float = 0.0) -> None:
         self.layers, self.threshold, self.t, self._make = layers, threshold, t, make_store
+        self.min_shared = min_shared
+        self.split: tuple | None = None  # (store a, store b) once the pair is found too dissimilar to share
         self.dirs = make_store()  # holds (key directions, value directions)
         self.norms = {}  # "ka", "kb", "va", "vb" -> (b, h, n, 1) float16
         self.ret_idx = {}  # "k", "v" -> (m, 3) int32 (batch, head, token)
@@ -90,11 +92,11 @@ class _Pair:
         self.batch = None
 
     def reset(self) -> None:
-        self.__init__(self.layers, self.threshold, self.t, self._make)
+        self.__init__(self.layers, self.threshold, self.t, self._make, self.min_shared)
 
     @property
     def length(self) -> int:
-        return self.dirs.length
+        return self.split[1].length if self.split else self.dirs.length
 
     def _read(self, side: str, dk: torch.Tensor, dv: torch.Tensor, k_new, v_new):
         if not self.norms:
@@ -104,6 +106,8 @@ class _Pair:
         return torch.cat([k, k_new.to(k.dtype)], dim=-2), torch.cat([v, v_new.to(v.dtype)], dim=-2)
 
     def update_a(self, k: torch.Tensor, v: torch.Tensor):
+        if self.split:
+            return self.split[0].update(k, v)
         if self.pending is not None:
             raise RuntimeError(f"layer {self.layers[1]} was not updated after layer {self.layers[0]}")
         if self.batch is not None and k.shape[0] != self.batch:
@@ -116,6 +120,8 @@ class _Pair:
         return self._read("a", dk, dv, k, v)
 
     def update_b(self, k: torch.Tensor, v: torch.Tensor):
+        if self.split:
+            return self.split[1].update(k, v)
         if self.pending is None:
             raise RuntimeError(f"layer {self.layers[0]} must be updated before layer {self.layers[1]}")
         ka, va = self.pending
@@ -127,6 +133,16 @@ class _Pair:
         out = self._read("b", dk, dv, k, v)
         sk, nka, nkb, mk = merge_pair(ka, k, self.threshold, self.t)
         sv, nva, nvb, mv = merge_pair(va, v, self.threshold, self.t)
+        if n_past == 0 and self.min_shared > 0:
+            shared = 0.5 * float(mk.float().mean() + mv.float().mean())
+            if shared < self.min_shared:  # too dissimilar: sharing would cost more than it saves
+                log.info("layers %s share %.1f%% of tokens (< %.0f%%): kept separate", self.layers, 100 * shared,
+                         100 * self.min_shared)
+                self.split = (self._make(), self._make())
+                self.split[0].append(ka, va)
+                self.split[1].append(k, v)
+                self.total_count += mk.numel()
+                return out
         self.dirs.append(sk.to(k.dtype), sv.to(v.dtype))
         self.batch = k.shape[0]
         new = {"ka": nka, "kb": nkb, "va": nva, "vb": nvb}
@@ -147,6 +163,10 @@ class _Pair:
         return out
 
     def tensors(self):
+        if self.split:
+            for st in self.split:
+                yield from st.tensors()
+            return
         yield from self.dirs.tensors()
         yield from self.norms.values()
         yield from self.ret_idx.values()
@@ -163,6 +183,8 @@ class _PairSlot:
 
     @property
     def length(self) -> int:
+        if self.pair.split:
+            return self.pair.split[0 if self.side == "a" else 1].length
         return self.pair.length + (self.pair.pending[0].shape[-2] if self.side == "a" and self.pair.pending else 0)
 
     @property
@@ -193,6 +215,8 @@ class CrossLayerKVCache(CompressedKVCache):
     threshold : a token (per head) is shared when the cosine between the two layers' directions is
         at least this (in [-1, 1]); other tokens are retained exactly.
     t : SLERP interpolation weight of the later layer (0.5: the midpoint).
+    min_shared : a pair whose prefill shares fewer than this fraction of (token, head) entries is kept
+        as two separate layers (sharing few tokens costs more than it saves: norms and indices).
     config / num_layers : the model's config (validated) or its layer count; one is required.
     bits, group_size, residual_length : quantize every store (shared directions and unpaired
         layers) with :class:`~openautoglm.kv.stores.QuantStore`; ``bits=None`` keeps full precision.
@@ -204,6 +228,7 @@ class CrossLayerKVCache(CompressedKVCache):
         threshold: float = 0.9,
         *,
         t: float = 0.5,
+        min_shared: float = 0.5,
         config=None,
         num_layers: int | None = None,
         bits: int | None = None,
@@ -220,6 +245,8 @@ class CrossLayerKVCache(CompressedKVCache):
             raise ValueError(f"start_layer={start_layer!r} must be an integer in [0, {n - 2}] for a {n}-layer model")
         if not isinstance(threshold, (int, float)) or not -1.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold={threshold!r} must be a cosine in [-1, 1]")
+        if not 0.0 <= min_shared <= 1.0:
+            raise ValueError(f"min_shared={min_shared!r} must be in [0, 1]")
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"t={t!r} must be in [0, 1]")
         if bits is not None:
@@ -228,12 +255,13 @@ class CrossLayerKVCache(CompressedKVCache):
         else:
             make = FullStore
         self.start_layer, self.threshold, self.t, self.bits = start, float(threshold), t, bits
+        self.min_shared = min_shared
         self.group_size, self.residual_length = group_size, residual_length
         self.pairs: list[_Pair] = []
         layers: list[KVLayer] = []
         for i in range(n):
             if i >= start and (i - start) % 2 == 0 and i + 1 < n:
-                self.pairs.append(_Pair((i, i + 1), self.threshold, t, make))
+                self.pairs.append(_Pair((i, i + 1), self.threshold, t, make, min_shared))
                 layers.append(KVLayer(_PairSlot(self.pairs[-1], "a")))
             elif i > start and (i - start) % 2 == 1:
                 layers.append(KVLayer(_PairSlot(self.pairs[-1], "b")))
@@ -270,6 +298,7 @@ class CrossLayerKVCache(CompressedKVCache):
             tot = max(p.total_count, 1)
             pairs.append({
                 "layers": list(p.layers),
+                "shared": p.split is None,
                 "shared_fraction_k": p.merged_count["k"] / tot,
                 "shared_fraction_v": p.merged_count["v"] / tot,
             })
