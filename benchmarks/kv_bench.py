@@ -89,9 +89,36 @@ def run_gpu(args) -> dict:
     return res
 
 
+def plot_gpu(path: Path) -> Path:
+    """PNG next to the GPU JSON: KV bytes vs context, decode tokens/s at 8k (first run)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(path.read_text())["runs"]["run1"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [2048, 8192, 32768]
+    for kind in ["bf16-dynamic", "int8", "int4", "int2", "hf-quanto-int4"]:
+        ax[0].plot(xs, [d["kv_bytes"][f"{kind}@{c}"]["bytes"] / 2**30 for c in xs], marker="o", label=kind)
+    ax[0].set_xscale("log", base=2)
+    ax[0].set(xlabel="context (tokens)", ylabel="KV cache GiB (allocated)", title="7B-shaped Llama, batch 1, H100")
+    ax[0].legend()
+    names = list(d["decode"])
+    ax[1].bar(names, [d["decode"][n]["tokens_per_s"] for n in names])
+    ax[1].set(ylabel="tokens/s", title="decode at 8k context, batch 1 (run 1, eager dequantize)")
+    ax[1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["gpu", "quality"])
+    ap.add_argument("mode", choices=["gpu", "quality", "plot"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=130, help="decode steps timed (more than one 128-token residual window)")
@@ -104,6 +131,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     args.bytes_per_token = {k: float(v) for k, v in (x.split("=") for x in args.bytes_per_token.split(",") if x)}
+    if args.mode == "plot":
+        print(plot_gpu(Path(args.out or RESULTS / "kv_bench_gpu.json")))
+        return
     if args.mode == "gpu":
         args.out = args.out or str(RESULTS / ("kv_bench_gpu_smoke.json" if args.smoke else "kv_bench_gpu.json"))
         run_gpu(args)
