@@ -117,6 +117,17 @@ def section_importance(b: Bench) -> dict:
     return out
 
 
+def bf16_storage(model, pattern: str) -> dict:
+    """Storage of the sparsified targets as bf16 (dense / CSR / bitmask / 2:4), summed over modules."""
+    from openautoglm.prune.sparsity import DEFAULT_TARGETS, sparse_storage_bytes, target_linears
+
+    out: dict[str, int] = {}
+    for m in target_linears(model, list(DEFAULT_TARGETS)).values():
+        for k, v in sparse_storage_bytes(m.weight.detach().to(torch.bfloat16), pattern).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def section_sparsity(b: Bench) -> dict:
     out = {}
     runs = [("unstructured", "magnitude", "per_layer"), ("unstructured", "magnitude", "per_output"),
@@ -125,7 +136,7 @@ def section_sparsity(b: Bench) -> dict:
         model = b.fresh()
         res = sparsify(model, sparsity=0.5, method=method, pattern=pattern, scope=scope, calib_ids=b.calib)
         key = f"{pattern}/{method}/{scope}"
-        st = {k: v * BF16 // 4 for k, v in res.storage_bytes.items()}
+        st = bf16_storage(model, pattern)
         out[key] = {"sparsity": round(res.params_pruned / res.params_targeted, 4), "perplexity": b.ppl(model),
                     "target_bytes_bf16": st}
         print("sparsity", key, out[key], flush=True)
