@@ -156,3 +156,14 @@ def test_bad_prune_requests():
         HeadPruner(importance="taylor").prune(model)
     with pytest.raises(TypeError, match="not both"):
         HeadPruner(HeadPruneConfig(), ratio=0.5)
+
+
+def test_uneven_layout_survives_deepcopy_and_attn_switch(input_ids):
+    import copy
+
+    model = make_tiny_llama()
+    remove_heads(model, UNEVEN)
+    clone = copy.deepcopy(model)
+    clone.config._attn_implementation = "eager"  # the per-layer view follows the model config
+    with torch.no_grad():
+        assert _rel(clone(input_ids).logits, model(input_ids).logits) < 1e-5
