@@ -40,6 +40,7 @@ _register_lazy({
     "quantize": "openautoglm.quant.api",
     "QuantizedKVCache": "openautoglm.kv.quantized",
     "CrossLayerKVCache": "openautoglm.kv.sharing",
+    "KVCacheConfig": "openautoglm.kv.config",
     "HeadPruner": "openautoglm.prune.heads",
     "estimate_memory": "openautoglm.memory.estimate",
     "MemoryProfiler": "openautoglm.memory.profile",
