@@ -163,3 +163,15 @@ def test_clear_errors():
         estimate_memory(CFG, kv_dtype="int3")
     with pytest.raises(TypeError):
         estimate_memory(42)
+
+
+def test_model_bytes_counts_wrapper_subclasses_through_inner_tensors():
+    # torchao's quantized weights are wrapper subclasses whose storage cannot be read directly.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from openautoglm.memory.estimate import model_bytes
+
+    lin = torch.nn.Linear(16, 8, bias=False)
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    lin.weight = torch.nn.Parameter(TwoTensor(a, b), requires_grad=False)
+    assert model_bytes(lin) == a.nbytes + b.nbytes

@@ -55,12 +55,28 @@ def model_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
-        key = t.untyped_storage().data_ptr() if not t.is_meta else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
+        total += _tensor_bytes(t, seen)
     return total
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    """Stored bytes of ``t``; wrapper tensor subclasses (e.g. torchao's quantized tensors) are counted
+    through their inner tensors (``__tensor_flatten__``), shared storages once."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
+    if t.is_meta:
+        key = id(t)
+    else:
+        try:
+            key = t.untyped_storage().data_ptr()
+        except RuntimeError:  # a subclass without flatten support: count its logical size
+            return t.numel() * t.element_size()
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.numel() * t.element_size()
 
 
 def kv_cache_bytes(config, tokens: int, batch: int = 1, dtype: torch.dtype | str = torch.bfloat16) -> int:
