@@ -13,15 +13,13 @@ checkpoint (a stray ``.checkpoint.old-*`` folder is picked up if the crash fell 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._atomic import atomic_directory
 
 CKPT = "checkpoint"
 
@@ -65,25 +63,12 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sca
     from safetensors.torch import save_file, save_model
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CKPT}.tmp-", dir=out))
-    try:
+    with atomic_directory(out / CKPT) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, meta = _flatten_optimizer(opt.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         doc = {**trainer, "optimizer": meta, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
         (tmp / "trainer.json").write_text(json.dumps(doc, indent=1))
-        final = out / CKPT
-        if final.exists():
-            backup = out / f".{CKPT}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, backup)
-            os.rename(tmp, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / CKPT
 
 

@@ -36,6 +36,18 @@ def _max_positions(model: nn.Module) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
 
+def token_windows(tokenizer, text: str | None = None, *, token_ids: torch.Tensor | None = None,
+                  max_tokens: int | None = None, seq_len: int = 512) -> torch.Tensor:
+    """Non-overlapping windows of ``text`` (default: the held-out text), shape ``(n_windows, seq_len)``."""
+    ids = token_ids if token_ids is not None else heldout_token_ids(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_win = ids.numel() // seq_len
+    if n_win == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    return ids[: n_win * seq_len].view(n_win, seq_len)
+
+
 @dataclass
 class PerplexityResult:
     perplexity: float
@@ -70,13 +82,8 @@ def perplexity(
         raise ValueError(f"max_tokens={max_tokens} must be at least seq_len={seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    ids = token_ids if token_ids is not None else heldout_token_ids(tokenizer, text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n_win = ids.numel() // seq_len
-    if n_win == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    windows = ids[: n_win * seq_len].view(n_win, seq_len)
+    windows = token_windows(tokenizer, text, token_ids=token_ids, max_tokens=max_tokens, seq_len=seq_len)
+    n_win = windows.shape[0]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -17,8 +17,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from . import _hf
+from ._atomic import atomic_directory
 from .errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -353,9 +352,7 @@ def save_pretrained(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or not _looks_like_model_dir(out)):
         raise ValueError(f"refusing to replace {out}: it exists and is not an (empty or model) folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         kwargs.pop("safe_serialization", None)
         type(model).save_pretrained(model, tmp, max_shard_size=max_shard_size, **kwargs)
         if tokenizer is not None:
@@ -367,16 +364,6 @@ def save_pretrained(
                     shutil.copy2(Path(src) / name, tmp / name)
         for f in tmp.glob("*.bin"):
             raise CheckpointError(f"refusing to publish pickle file {f.name}; only safetensors are written")
-        if out.exists():
-            backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, backup)
-            os.rename(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved %s", out)
     return out
 

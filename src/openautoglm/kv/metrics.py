@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _hf
-from ..evaluate import PerplexityResult, bleu_vs_baseline, heldout_token_ids
+from ..evaluate import PerplexityResult, bleu_vs_baseline, token_windows
 from .config import KVCacheConfig
 
 
@@ -47,13 +47,8 @@ def cached_perplexity(
     kv = kv or KVCacheConfig()
     if chunk < 1 or chunk > seq_len:
         raise ValueError(f"chunk={chunk} must be in [1, seq_len={seq_len}]")
-    ids = token_ids if token_ids is not None else heldout_token_ids(tokenizer, text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n_win = ids.numel() // seq_len
-    if n_win == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    windows = ids[: n_win * seq_len].view(n_win, seq_len)
+    windows = token_windows(tokenizer, text, token_ids=token_ids, max_tokens=max_tokens, seq_len=seq_len)
+    n_win = windows.shape[0]
     dev = _device(model)
     nll, count = 0.0, 0
     for i in tqdm(range(0, n_win, batch_size), desc=f"perplexity[{kv.label()}]", disable=not progress):
