@@ -76,3 +76,21 @@ def test_debug_shows_traceback():
 def test_console_script_exit_code():
     p = subprocess.run([sys.executable, "-m", "openautoglm", "info", "no-such-model"], capture_output=True, text=True)
     assert p.returncode == 2 and "unknown model" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_info_pruned_and_quantized_counts_logical_parameters(tmp_path, capsys):
+    from conftest import make_tiny_llama
+
+    from openautoglm import DynamicQuantizer, hub
+    from openautoglm.prune.heads import HeadPruner
+
+    m = make_tiny_llama()
+    HeadPruner(importance="magnitude", ratio=0.25, scope="global").prune(m)
+    pruned = sum(p.numel() for p in m.parameters())  # the tiny model has untied embeddings
+    DynamicQuantizer.quantize(m, bits=8)
+    hub.save_pretrained(m, tmp_path / "pq")
+    code, out, err = run(["info", str(tmp_path / "pq")], capsys)
+    assert code == 0, err
+    assert f"{pruned:,}" in out
+    assert "prune_heads, quantize" in out
+    assert "per layer q" in out or "6 / 2" in out

@@ -10,7 +10,7 @@ import torch
 import typer
 
 from .. import _hf, hub
-from ..memory.estimate import kv_cache_bytes, model_bytes
+from ..memory.estimate import model_bytes
 from . import app, console
 from ._common import fmt_bytes, pick_device, table
 
@@ -27,18 +27,19 @@ def info(
         raise ValueError(f"--kv-dtype {kv_dtype!r} is not one of bf16, fp16, fp32")
     m = hub.empty_model(model)
     cfg = m.config
-    n_params = sum(p.numel() for p in m.parameters())
+    n_params = _logical_parameters(m)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()})
     w = model_bytes(m)
     hidden = _hf.text_config(cfg).hidden_size
     inter = getattr(_hf.text_config(cfg), "intermediate_size", 4 * hidden)
     from ..memory.estimate import estimate_memory
 
-    # prefill of batch x context tokens with a KV cache (memory.estimate: activations and last-token logits)
+    # prefill of batch x context tokens with a KV cache (memory.estimate: activations, last-token logits and
+    # the KV cache of the layers as they are, pruned heads included)
     est = estimate_memory(m, mode="inference", batch=batch, seq_len=context, kv_dtype=kv_dtype)
     act = est.terms["activations"] + est.terms["logits"]
-    kv1k = kv_cache_bytes(cfg, 1024, 1, kv_dtype)
-    kvc = kv_cache_bytes(cfg, context, batch, kv_dtype)
+    kvc = est.terms["kv_cache"]
+    kv1k = kvc * 1024 // (batch * context)
     transforms = hub.applied_transforms(cfg)
     console.print(table(
         f"{model}", ["property", "value"],
@@ -46,12 +47,12 @@ def info(
             ["architecture", ", ".join(getattr(cfg, "architectures", None) or [cfg.model_type])],
             ["parameters", f"{n_params:,} ({n_params / 1e6:.2f} M)"],
             ["layers", _hf.num_layers(cfg)],
-            ["query heads / KV heads", f"{_hf.num_heads(cfg)} / {_hf.num_kv_heads(cfg)}"],
+            ["query heads / KV heads", _heads_summary(m)],
             ["head dim", _hf.head_dim(cfg)],
             ["hidden / intermediate", f"{hidden} / {inter}"],
             ["vocabulary", cfg.vocab_size],
             ["context (max positions)", getattr(cfg, "max_position_embeddings", "?")],
-            ["dtype", ", ".join(dtypes)],
+            ["dtype (as stored)", ", ".join(dtypes)],
             ["compression", ", ".join(t["type"] for t in transforms) or "none"],
         ],
     ))
@@ -61,10 +62,41 @@ def info(
             ["weights (as stored)", fmt_bytes(w)],
             [f"KV cache per 1k tokens ({kv_dtype}, batch 1)", fmt_bytes(kv1k)],
             [f"KV cache, batch {batch} x context {context}", fmt_bytes(kvc)],
-            [f"activations, prefill peak (estimate)", fmt_bytes(act)],
+            ["activations, prefill peak (estimate)", fmt_bytes(act)],
             [f"[bold]inference total, batch {batch} x context {context}", f"[bold]{fmt_bytes(est.total)}"],
         ],
     ))
+
+
+def _logical_parameters(model) -> int:
+    """Parameters as the model computes with them: a quantized Linear counts in x out (+ bias), not its codes."""
+    total, counted, seen = 0, set(), set()
+    for name, mod in model.named_modules():
+        if any(name.startswith(c + ".") for c in counted):
+            continue
+        if hasattr(mod, "in_features") and hasattr(mod, "out_features") and not isinstance(mod, torch.nn.Linear) \
+                and any(p.dtype in (torch.int8, torch.uint8, torch.int32) or p.element_size() == 1 for p in mod.parameters(recurse=False)):
+            total += mod.in_features * mod.out_features + (mod.bias.numel() if getattr(mod, "bias", None) is not None else 0)
+            counted.add(name)
+        else:
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen:  # tied weights (embeddings / lm_head) once
+                    seen.add(id(p))
+                    total += p.numel()
+    return total
+
+
+def _heads_summary(model) -> str:
+    """``"16 / 4"``, or per-layer counts when pruning left layers uneven."""
+    try:
+        layouts = [_hf.attention_layout(a) for _, a in _hf.attention_modules(model)]
+    except (TypeError, AttributeError):
+        return f"{_hf.num_heads(model.config)} / {_hf.num_kv_heads(model.config)}"
+    q = [len(lay) for lay in layouts]
+    kv = [max(lay) + 1 for lay in layouts]
+    if len(set(q)) == 1 and len(set(kv)) == 1:
+        return f"{q[0]} / {kv[0]}"
+    return f"{sum(q)} / {sum(kv)} in all; per layer q {q}, kv {kv}"
 
 
 @app.command("eval")
