@@ -34,6 +34,14 @@ SCRIPT = textwrap.dedent("""
             s.stride(0), zs, y.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None, BLOCK_M=16,
             BLOCK_N=32, BLOCK_K=min(64, mod.group), SPLIT_K=1)
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3, scheme
+        wq = kernels.gemv_weight(w, mod.bits)
+        for rows, bm, bk, wide in [(1, 1, 128, True), (1, 1, 32, False), (M, 16, 256, True), (M, 16, 64, False)]:
+            xr = x[:rows]
+            yv = torch.empty(rows, N, dtype=x.dtype)
+            tk.wo_gemv_kernel[(N // 16,)](xr, wq, s, z if z is not None else s, yv, rows, N, K, xr.stride(0),
+                wq.stride(0), s.stride(0), zs, yv.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None,
+                BLOCK_M=bm, BLOCK_N=16, BLOCK_K=bk, WIDE=wide)
+            assert float((yv.float() - ref[:rows]).norm() / ref[:rows].norm()) < 2e-3, (scheme, rows, bk, wide)
         out = torch.empty(N, K, dtype=torch.float16)
         tk.dequant_kernel[(N // 32, K // 128)](w, s, z if z is not None else s, out, N, K, w.stride(0), s.stride(0),
             zs, out.stride(0), GROUP=mod.group, BITS=mod.bits, HAS_Z=z is not None, BLOCK_N=32, BLOCK_K=128)

@@ -9,7 +9,8 @@ Dispatch (``x: (..., K)`` flattened to ``(M, K)``):
 =============  ==========================================  ==========================================
 scheme         M <= DECODE_MAX_M (decode)                  larger M (prefill) / CPU
 =============  ==========================================  ==========================================
-w4, w8         Triton ``wo_matmul`` (codes in the dot)     Triton dequant + cuBLAS bf16 GEMM / torch
+w4             Triton ``wo_gemv`` (see DECODE_KERNEL)      Triton dequant + cuBLAS bf16 GEMM / torch
+w8             Triton ``wo_matmul`` (codes in the dot)     Triton dequant + cuBLAS bf16 GEMM / torch
 w8a8 (int8)    Triton ``wo_matmul`` (weight-only)          per-token int8 + ``torch._int_mm``
 w8a8-fp8       Triton ``wo_matmul`` on the e4m3 weights    per-token e4m3 + ``torch._scaled_mm`` rowwise
 static         Triton ``wo_matmul`` (weight-only)          static-scale int8 + ``torch._int_mm``
@@ -84,6 +85,43 @@ def wo_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor
 @wo_matmul.register_fake
 def _(x, w, s, z, bits, group):
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def gemv_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes as ``wo_gemv`` reads them: packed int4 ``(N, K/2)`` uint8 viewed as int32 ``(N, K/8)``."""
+    return w.view(torch.int32) if bits == 4 else w
+
+
+@torch.library.custom_op("openautoglm::wo_gemv", mutates_args=())
+def wo_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
+            group: int) -> torch.Tensor:
+    """``x (M, K) @ dequant(w)^T -> (M, N)``, decode GEMV (Triton v2: wide code loads, fp32 FMA at M=1)."""
+    from . import triton_kernels as tk
+
+    M, K = x.shape
+    N = w.shape[0]
+    wq = gemv_weight(w, bits)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    tk.wo_gemv_tuned[grid](x, wq, s, z if z is not None else s, y, M, N, K, x.stride(0), wq.stride(0), s.stride(0),
+                           z.stride(0) if z is not None else 0, y.stride(0), GROUP=group, BITS=bits,
+                           HAS_Z=z is not None, BLOCK_M=1 if M == 1 else 16)
+    return y
+
+
+@wo_gemv.register_fake
+def _(x, w, s, z, bits, group):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+# Decode kernel of the weight-only paths on CUDA: "v2" (wo_gemv) or "v1" (wo_matmul, codes in the dot), by
+# bit width. Measured per layer on the H100 (K=4096, N=11008, CUDA graph, benchmarks/quant_kernels_gpu.py):
+# w4 v2 25 / 44 / 44 us at M=1/8/16 vs v1 50 / 66 / 82 us; w8 v1 19 / 20 / 20 us vs v2 21 / 25 / 25 us.
+DECODE_KERNEL = {4: "v2", 8: "v1"}
+
+
+def _decode_op(bits: int):
+    return wo_gemv if DECODE_KERNEL.get(bits, "v1") == "v2" else wo_matmul
 
 
 @torch.library.custom_op("openautoglm::dequant", mutates_args=())
@@ -166,7 +204,7 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: tor
     x2 = x.reshape(-1, K)
     if _use_triton(x2, kernel) and x.dtype in (torch.bfloat16, torch.float16):
         if x2.shape[0] <= DECODE_MAX_M:
-            y = wo_matmul(x2.contiguous(), w, s, z, bits, group)
+            y = _decode_op(bits)(x2.contiguous(), w, s, z, bits, group)
         else:
             y = F.linear(x2, dequant_triton(w, s, z, bits, group, K, x.dtype))
     else:
