@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Annotated, Optional
 
 import torch
 import typer
@@ -13,6 +14,17 @@ from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from . import app, console
 from ._common import fmt_bytes, pick_device, table
+
+
+# Options shared by eval and generate (declared once).
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
+DType = Annotated[str, typer.Option(help="auto (checkpoint's), bf16, fp16, fp32")]
+KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Quantize the KV cache: 8, 4 or 2 bits (KIVI).")]
+KVGroupSize = Annotated[int, typer.Option("--kv-group-size", help="KV quantization group (tokens for keys, channels for values).")]
+KVResidual = Annotated[int, typer.Option("--kv-residual", help="Most recent tokens kept in full precision.")]
+KVShare = Annotated[bool, typer.Option("--kv-share", help="Share KV across adjacent layers (MiniCache).")]
+KVShareStart = Annotated[Optional[int], typer.Option("--kv-share-start", help="First shared layer (default: half the depth).")]
+KVShareThreshold = Annotated[float, typer.Option("--kv-share-threshold", help="Cosine above which a token is shared.")]
 
 
 @app.command()
@@ -106,15 +118,15 @@ def eval_(
     seq_len: int = typer.Option(512, "--seq-len", min=2, help="Window length in tokens."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     text_file: Path = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of the held-out text."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+    device: Device = "auto",
+    dtype: DType = "auto",
     json_out: Path = typer.Option(None, "--json", help="Also write the result to this JSON file."),
-    kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache: 8, 4 or 2 bits (KIVI)."),
-    kv_group_size: int = typer.Option(64, "--kv-group-size", help="KV quantization group (tokens for keys, channels for values)."),
-    kv_residual: int = typer.Option(128, "--kv-residual", help="Most recent tokens kept in full precision."),
-    kv_share: bool = typer.Option(False, "--kv-share", help="Share KV across adjacent layers (MiniCache)."),
-    kv_share_start: int = typer.Option(None, "--kv-share-start", help="First shared layer (default: half the depth)."),
-    kv_share_threshold: float = typer.Option(0.9, "--kv-share-threshold", help="Cosine above which a token is shared."),
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+    kv_residual: KVResidual = 128,
+    kv_share: KVShare = False,
+    kv_share_start: KVShareStart = None,
+    kv_share_threshold: KVShareThreshold = 0.9,
     kv_chunk: int = typer.Option(64, "--kv-chunk", min=1, help="With a KV cache option: tokens fed per forward."),
 ) -> None:
     """Held-out perplexity of a model (bundled Python-docs text unless --text is given).
@@ -160,14 +172,14 @@ def generate(
     temperature: float = typer.Option(0.8, min=1e-4),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0),
     seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
-    kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache: 8, 4 or 2 bits (KIVI)."),
-    kv_group_size: int = typer.Option(64, "--kv-group-size", help="KV quantization group (tokens for keys, channels for values)."),
-    kv_residual: int = typer.Option(128, "--kv-residual", help="Most recent tokens kept in full precision."),
-    kv_share: bool = typer.Option(False, "--kv-share", help="Share KV across adjacent layers (MiniCache)."),
-    kv_share_start: int = typer.Option(None, "--kv-share-start", help="First shared layer (default: half the depth)."),
-    kv_share_threshold: float = typer.Option(0.9, "--kv-share-threshold", help="Cosine above which a token is shared."),
+    device: Device = "auto",
+    dtype: DType = "auto",
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+    kv_residual: KVResidual = 128,
+    kv_share: KVShare = False,
+    kv_share_start: KVShareStart = None,
+    kv_share_threshold: KVShareThreshold = 0.9,
 ) -> None:
     """Continue PROMPT with the model (greedy by default); --kv-bits / --kv-share compress its KV cache."""
     if not prompt:
