@@ -73,3 +73,15 @@ def test_cli_train_resumable(tiny_llama_dir, tmp_path):
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_cli_memory_commands_bad_files(tiny_llama_dir, tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text("{bad")
+    assert main(["estimate", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["plan-train", str(tmp_path / "missing.json"), "--budget", "1GiB"]) == 2
+    assert main(["train", str(tiny_llama_dir), "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["plan-train", str(tiny_llama_dir), "--budget", "lots"]) == 2
+    assert "cannot read the size 'lots'" in capsys.readouterr().err
