@@ -59,11 +59,16 @@ def registered_transforms() -> list[str]:
 
 
 def record_transform(model: nn.Module, kind: str, spec: dict[str, Any]) -> None:
-    """Append ``{"type": kind, **spec}`` to the model config's transform log (saved in config.json)."""
+    """Append ``{"type": kind, **spec}`` to the model config's transform log (saved in config.json).
+
+    A model that our loader did not build also gets the atomic :func:`save_pretrained` bound here, so every
+    in-place verb that records a transform saves its result atomically."""
     meta = getattr(model.config, META_KEY, None) or {"version": FORMAT_VERSION, "transforms": []}
     meta = {"version": meta.get("version", FORMAT_VERSION), "transforms": list(meta.get("transforms", []))}
     meta["transforms"].append({"type": kind, **json.loads(json.dumps(spec))})
     setattr(model.config, META_KEY, meta)
+    if not hasattr(model, "_openautoglm_source"):  # not loaded by us: bind the atomic save_pretrained too
+        _attach(model, None)
 
 
 def applied_transforms(model_or_config) -> list[dict]:

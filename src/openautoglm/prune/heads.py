@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import _hf
-from ..hub import _attach, record_transform
+from ..hub import record_transform
 from .importance import (METHODS, SCOPES, calibration_ids, check_method, head_mask_grads, head_scores,
                          input_sq_norms, keep_masks)
 
@@ -167,8 +167,6 @@ def remove_heads(model: nn.Module, heads: dict[int, list[int]], *, info: dict | 
             _hf.set_attention_layout(attn, lay)
         layouts.append(lay)
     record_transform(model, "prune_heads", {"layers": layouts, **(info or {})})
-    if not hasattr(model, "_openautoglm_source"):
-        _attach(model, None)
     return layouts
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..hub import _attach, record_transform
+from ..hub import record_transform
 from .importance import calibration_ids
 from .sparsity import DEFAULT_TARGETS, target_linears
 
@@ -212,8 +212,6 @@ def low_rank(model: nn.Module, config: LowRankConfig | None = None, tokenizer=No
     for name, why in skipped.items():
         log.info("low-rank: left %s dense: %s", name, why)
     record_transform(model, "low_rank", {"ranks": ranks, "config": c.to_dict()})
-    if not hasattr(model, "_openautoglm_source"):
-        _attach(model, None)
     return LowRankResult(ranks=ranks, skipped=skipped, params_before=p0,
                          params_after=sum(p.numel() for p in model.parameters()), rel_errors=errors)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _hf
-from ..hub import _attach, record_transform
+from ..hub import record_transform
 from .importance import METHODS, calibration_ids, check_method, input_sq_norms, weight_grads, weight_scores
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,6 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None, tokenizer=N
         for k, v in sparse_storage_bytes(m.weight, c.pattern).items():
             storage[k] = storage.get(k, 0) + v
     record_transform(model, "sparsity", {"config": c.to_dict()})
-    if not hasattr(model, "_openautoglm_source"):
-        _attach(model, None)
     total = sum(m.weight.numel() for m in mods.values())
     log.info("sparsity %s %s (%s): zeroed %d of %d weights in %d modules", c.pattern, c.method, c.scope,
              pruned, total, len(mods))

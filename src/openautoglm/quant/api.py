@@ -8,7 +8,6 @@ materializing full-precision weights (rebuilder ``"quantize"`` below).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,8 +116,6 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
     result.bytes_after = model_bytes(model)
     if hasattr(model, "config"):
         hub.record_transform(model, TRANSFORM, {"config": config.to_dict(), "modules": chosen})
-    if not isinstance(getattr(model, "save_pretrained", None), functools.partial):
-        hub._attach(model, getattr(model, "_openautoglm_source", None))
     model.quant_result = result
     log.info("quantized %d Linear layers to %s (%d skipped): %.1f MiB -> %.1f MiB", len(chosen), config.scheme,
              len(skipped), result.bytes_before / 2**20, result.bytes_after / 2**20)
