@@ -1,0 +1,49 @@
+"""Model names -> folders, loading and atomic saving.
+
+``from_pretrained`` accepts a shipped model name (``open-autoglm-base``) or a local Hugging Face folder
+(``config.json`` + safetensors, sharded or not). Compressed checkpoints record what was done to them in
+``config.json`` under ``"openautoglm": {"version": 1, "transforms": [...]}``; each transform type has a
+*rebuilder* registered with :func:`register_rebuilder` that reshapes the freshly built (empty, meta-device)
+model -- swap in quantized modules, drop pruned heads -- before the saved tensors are assigned. So a
+compressed model reloads without the user repeating the recipe and without materializing full-precision
+weights.
+
+One file per job: ``names`` (names -> folders), ``validate`` (safetensors headers, shard indexes),
+``config`` (config.json, dtypes), ``load`` (building and filling models), ``save`` (atomic saving),
+``registry`` (the transform log and its rebuilders).
+"""
+
+from __future__ import annotations
+
+from .config import _load_config, _resolve_dtype
+from .load import (
+    PICKLE_FILES,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    _load_pickle,
+    _read_state_dict,
+    empty_model,
+    from_pretrained,
+    load_tokenizer,
+)
+from .names import PACKAGE_DIR, SHIPPED_MODELS, resolve_model_path, shipped_models
+from .registry import (
+    _REBUILDERS,
+    FORMAT_VERSION,
+    META_KEY,
+    Rebuilder,
+    _import_plugins,
+    applied_transforms,
+    record_transform,
+    register_rebuilder,
+    registered_transforms,
+)
+from .save import TOKENIZER_FILES, _attach, _looks_like_model_dir, save_pretrained
+from .validate import validate_safetensors, weight_files
+
+__all__ = [
+    "AutoModelForCausalLM", "AutoTokenizer", "FORMAT_VERSION", "META_KEY", "PACKAGE_DIR", "PICKLE_FILES",
+    "Rebuilder", "SHIPPED_MODELS", "TOKENIZER_FILES", "applied_transforms", "empty_model", "from_pretrained",
+    "load_tokenizer", "record_transform", "register_rebuilder", "registered_transforms", "resolve_model_path",
+    "save_pretrained", "shipped_models", "validate_safetensors", "weight_files",
+]

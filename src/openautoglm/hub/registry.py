@@ -1,0 +1,71 @@
+"""The transform registry: what was done to a model, recorded in its config, and how to rebuild it.
+
+Compressed checkpoints record what was done to them in ``config.json`` under
+``"openautoglm": {"version": 1, "transforms": [...]}``; each transform type has a *rebuilder* registered with
+:func:`register_rebuilder` that reshapes the freshly built (empty, meta-device) model -- swap in quantized
+modules, drop pruned heads -- before the saved tensors are assigned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .save import _attach
+
+META_KEY = "openautoglm"
+FORMAT_VERSION = 1
+
+Rebuilder = Callable[[nn.Module, dict], None]
+_REBUILDERS: dict[str, Rebuilder] = {}
+
+
+# ----------------------------------------------------------------------------- registry
+
+def register_rebuilder(kind: str) -> Callable[[Rebuilder], Rebuilder]:
+    """Register ``fn(model, spec)`` that re-applies the *structure* of transform ``kind`` to an empty model."""
+
+    def deco(fn: Rebuilder) -> Rebuilder:
+        _REBUILDERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def registered_transforms() -> list[str]:
+    _import_plugins()
+    return sorted(_REBUILDERS)
+
+
+def record_transform(model: nn.Module, kind: str, spec: dict[str, Any]) -> None:
+    """Append ``{"type": kind, **spec}`` to the model config's transform log (saved in config.json).
+
+    A model that our loader did not build also gets the atomic :func:`save_pretrained` bound here, so every
+    in-place verb that records a transform saves its result atomically."""
+    meta = getattr(model.config, META_KEY, None) or {"version": FORMAT_VERSION, "transforms": []}
+    meta = {"version": meta.get("version", FORMAT_VERSION), "transforms": list(meta.get("transforms", []))}
+    meta["transforms"].append({"type": kind, **json.loads(json.dumps(spec))})
+    setattr(model.config, META_KEY, meta)
+    if not hasattr(model, "_openautoglm_source"):  # not loaded by us: bind the atomic save_pretrained too
+        _attach(model, None)
+
+
+def applied_transforms(model_or_config) -> list[dict]:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    meta = getattr(cfg, META_KEY, None) or (cfg.get(META_KEY) if isinstance(cfg, dict) else None) or {}
+    return list(meta.get("transforms", []))
+
+
+def _import_plugins() -> None:
+    # Each capability registers its rebuilder on import; import them lazily so `import openautoglm` stays light.
+    import importlib
+
+    for mod in ("openautoglm.quant", "openautoglm.prune"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # capability not present in this build
+            if e.name != mod:
+                raise
