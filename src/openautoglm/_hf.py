@@ -7,6 +7,7 @@ else in openautoglm calls these helpers instead of reaching into transformers it
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Iterator
@@ -122,6 +123,30 @@ def rebuild_rotary_buffers(model: nn.Module, device: torch.device | str = "cpu")
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:
         raise RuntimeError(f"buffers still on the meta device after loading: {left[:5]}")
+
+
+def own_config(model: nn.Module) -> None:
+    """Give ``model`` a private deep copy of its config, re-pointing every submodule that shares it.
+
+    ``LlamaForCausalLM(cfg)`` keeps ``cfg`` itself (as do its inner ``LlamaModel``, attention and rotary
+    modules), so two models built from one config object share it. Transforms are recorded in the config;
+    recording them on a shared one would mark the other models too. Sub-configs (``text_config``) are
+    copied and re-pointed in the same pass.
+    """
+    from transformers import PretrainedConfig
+
+    old = model.config
+    memo: dict[int, object] = {}
+    new = copy.deepcopy(old, memo)
+    copies = {k: v for k, v in memo.items() if isinstance(v, PretrainedConfig)}
+    copies[id(old)] = new
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if isinstance(cfg, _AttnConfigView):
+            base = cfg._oag_base
+            object.__setattr__(cfg, "_oag_base", copies.get(id(base), base))
+        elif cfg is not None and id(cfg) in copies:
+            module.config = copies[id(cfg)]
 
 
 # ----------------------------------------------------------------------------- per-layer head counts (pruning)

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import _hf
 from .save import _attach
 
 META_KEY = "openautoglm"
@@ -44,7 +45,11 @@ def record_transform(model: nn.Module, kind: str, spec: dict[str, Any]) -> None:
     """Append ``{"type": kind, **spec}`` to the model config's transform log (saved in config.json).
 
     A model that our loader did not build also gets the atomic :func:`save_pretrained` bound here, so every
-    in-place verb that records a transform saves its result atomically."""
+    in-place verb that records a transform saves its result atomically. The record goes on the model's own
+    copy of the config (made here the first time), never on a config object other models share."""
+    if not getattr(model, "_openautoglm_owns_config", False):
+        _hf.own_config(model)
+        model._openautoglm_owns_config = True
     meta = getattr(model.config, META_KEY, None) or {"version": FORMAT_VERSION, "transforms": []}
     meta = {"version": meta.get("version", FORMAT_VERSION), "transforms": list(meta.get("transforms", []))}
     meta["transforms"].append({"type": kind, **json.loads(json.dumps(spec))})

@@ -4,13 +4,13 @@
 Triton) -> ``api`` (module surgery, the ``"quantize"`` rebuilder registered with ``hub``).
 """
 
-from .api import DynamicQuantizer, QuantResult, is_quantized, quantize, rebuild  # noqa: F401  (registers rebuilder)
+from .api import DynamicQuantizer, QuantResult, is_quantized, quantize, quantized_layers, rebuild  # noqa: F401  (registers rebuilder)
 from .config import SCHEMES, QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
 from .math import dequantize, error_bound, pack_int4, quantize_per_token, unpack_int4
 from .math import quantize as quantize_tensor
 from .static import StaticQuantizer
 
-__all__ = ["DynamicQuantizer", "StaticQuantizer", "QuantConfig", "QuantResult", "quantize", "is_quantized",
+__all__ = ["DynamicQuantizer", "StaticQuantizer", "QuantConfig", "QuantResult", "quantize", "is_quantized", "quantized_layers",
            "SCHEMES", "LINEAR_CLASSES", "QuantLinear", "quantize_tensor", "dequantize", "error_bound",
            "pack_int4", "unpack_int4", "quantize_per_token"]

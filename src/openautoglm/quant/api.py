@@ -42,8 +42,13 @@ class QuantResult:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) for m in model.modules()) or any(
-        t.get("type") == TRANSFORM for t in hub.applied_transforms(model) if hasattr(model, "config"))
+    """True when any layer of ``model`` is a quantized module (decided from the modules, not the config)."""
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def quantized_layers(model: nn.Module) -> dict[str, str]:
+    """Names of the quantized layers of ``model`` -> their scheme."""
+    return {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -59,9 +64,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
-    """Names of the Linear layers to quantize, and of the matching ones that cannot be (with reasons)."""
+    """Names of the Linear layers to quantize, and of the matching ones that cannot be (with reasons).
+
+    Raises ``ValueError`` when the patterns select layers that are already quantized: a partly quantized
+    model can be quantized further, but only on its remaining float layers.
+    """
     cls = LINEAR_CLASSES[config.scheme]
     tied = _tied_names(model)
+    already = {n: s for n, s in quantized_layers(model).items() if config.matches(n)}
+    if already:
+        names = sorted(already)
+        shown = ", ".join(f"{n} ({already[n]})" for n in names[:4])
+        shown += f" and {len(names) - 4} more" if len(names) > 4 else ""
+        raise ValueError(
+            f"model is already quantized on {len(names)} of the selected layers: {shown}; quantize only the "
+            "remaining float layers (narrow include= or add them to exclude=), or reload the full-precision model"
+        )
     chosen, skipped = [], {}
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or not config.matches(name):
@@ -78,8 +96,10 @@ def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], di
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, progress: Progress | None = None) -> QuantResult:
     """Quantize ``model``'s Linear layers in place with ``config`` (default: ``QuantConfig()`` = w8a8).
 
-    Returns a :class:`QuantResult`; skipped layers are also logged. Raises ``ValueError`` when the model
-    is already quantized, when no layer can be quantized, or when a weight holds NaN/Inf.
+    Returns a :class:`QuantResult`; skipped layers are also logged. Raises ``ValueError`` when a selected
+    layer is already quantized, when no layer can be quantized, or when a weight holds NaN/Inf. A partly
+    quantized model can be quantized again with another config on its remaining float layers (other
+    ``include``/``exclude`` patterns); the checkpoint records and rebuilds both.
     ``scheme="static"`` needs calibrated activation ranges: use :class:`StaticQuantizer`.
     """
     config = config or QuantConfig()
@@ -92,8 +112,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, progress: P
 
 def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None = None,
            act_scales: dict[str, float] | None = None) -> QuantResult:
-    if is_quantized(model):
-        raise ValueError("model is already quantized; quantize the full-precision model (reload it) instead")
     chosen, skipped = select_linears(model, config)
     for name, why in skipped.items():
         log.warning("not quantizing %s: %s", name, why)
