@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import _hf
+from ..units import format_bytes
 from . import formulas as F
 from .formulas import LayerShape
 from .shapes import ModelShape, model_shape
@@ -113,29 +114,32 @@ class MemoryEstimate:
         return {**dataclasses.asdict(self), "total": self.total}
 
     def rows(self, measured: dict[str, int] | None = None) -> list[list[str]]:
-        from ..cli._common import fmt_bytes
-
         rows = []
         for k in TERMS:
             v = self.terms.get(k, 0)
             if v or (measured and measured.get(k)):
-                row = [k.replace("_", " "), fmt_bytes(v), f"{100 * v / max(1, self.total):.1f}%", self.formulas.get(k, "")]
+                row = [k.replace("_", " "), format_bytes(v), f"{100 * v / max(1, self.total):.1f}%", self.formulas.get(k, "")]
                 if measured is not None:
-                    row.insert(2, fmt_bytes(measured[k]) if k in measured else "")
+                    row.insert(2, format_bytes(measured[k]) if k in measured else "")
                 rows.append(row)
-        total = ["total", fmt_bytes(self.total), "100%", f"peak at: {self.phase}"]
+        total = ["total", format_bytes(self.total), "100%", f"peak at: {self.phase}"]
         if measured is not None:
-            total.insert(2, fmt_bytes(measured["total"]) if "total" in measured else "")
+            total.insert(2, format_bytes(measured["total"]) if "total" in measured else "")
         return rows + [total]
 
     def table(self, title: str | None = None, measured: dict[str, int] | None = None):
         """A rich Table (the CLI prints it); ``measured`` adds a column (see MemoryProfiler.breakdown)."""
-        from ..cli._common import table
+        from rich.table import Table
 
         cols = ["term", "estimate", "share", "formula"]
         if measured is not None:
             cols.insert(2, "measured")
-        return table(title or f"memory estimate ({self.mode})", cols, self.rows(measured))
+        t = Table(title=title or f"memory estimate ({self.mode})", title_justify="left")
+        for i, c in enumerate(cols):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        for r in self.rows(measured):
+            t.add_row(*r)
+        return t
 
     def __str__(self) -> str:
         return "\n".join(" | ".join(r) for r in self.rows())

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..units import format_bytes, parse_bytes
 from .estimate import MemoryEstimate, estimate_memory
 from .shapes import ModelShape, model_shape
 
@@ -71,12 +72,7 @@ def throughput(micro_tokens: int, ckpt: bool) -> float:
 
 
 def _budget_bytes(budget) -> int:
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        b = int(budget)
-    else:
-        from ..cli._common import parse_bytes
-
-        b = parse_bytes(budget)
+    b = parse_bytes(budget)
     if b <= 0:
         raise ValueError(f"budget={budget!r} must be positive")
     return b
@@ -132,13 +128,11 @@ def plan_training(model_or_config_or_path, budget="40GiB", global_batch: int = 3
             best = tier_best
             break
     if best is None:
-        from ..cli._common import fmt_bytes
-
         assert smallest is not None
         s = smallest[1].settings
         raise NoFeasiblePlan(
-            f"nothing fits in {fmt_bytes(budget_b)} for global batch {global_batch} x {seq_len} tokens of {shape.name}: "
-            f"the smallest feasible budget is {fmt_bytes(smallest[0])} (micro-batch {s['batch']}, "
+            f"nothing fits in {format_bytes(budget_b)} for global batch {global_batch} x {seq_len} tokens of {shape.name}: "
+            f"the smallest feasible budget is {format_bytes(smallest[0])} (micro-batch {s['batch']}, "
             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}, amp {s['amp']}, {s['optimizer']}); "
             "lower seq_len, or shrink the model", smallest[0])
     best.considered = considered
@@ -147,15 +141,13 @@ def plan_training(model_or_config_or_path, budget="40GiB", global_batch: int = 3
 
 
 def _explain(p: TrainingPlan, shape) -> list[str]:
-    from ..cli._common import fmt_bytes
-
     e = p.estimate
     lines = [
-        f"{shape.name}: {shape.n_params / 1e6:,.1f} M parameters; budget {fmt_bytes(p.budget)}, "
+        f"{shape.name}: {shape.n_params / 1e6:,.1f} M parameters; budget {format_bytes(p.budget)}, "
         f"global batch {p.global_batch} x {p.seq_len} tokens",
         f"chosen: micro-batch {p.micro_batch} x {p.grad_accum} accumulation steps, checkpointing "
         f"{'on' if p.grad_checkpointing else 'off'}, amp {p.amp}, optimizer {p.optimizer}",
-        f"estimated peak {fmt_bytes(e.total)} ({100 * e.total / p.budget:.0f}% of the budget) at {e.phase}",
+        f"estimated peak {format_bytes(e.total)} ({100 * e.total / p.budget:.0f}% of the budget) at {e.phase}",
     ]
     if p.amp == "bf16" and p.optimizer == "adamw":
         lines.append("AdamW with bf16 autocast and fp32 master weights (16 B/param + activations) fits: the preferred setup")
