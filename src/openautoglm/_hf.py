@@ -88,6 +88,19 @@ def attention_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         yield i, attn
 
 
+def mlp_projections(model: nn.Module) -> Iterator[tuple[int, nn.Module, nn.Module, nn.Module]]:
+    """Yield ``(layer index, gate_proj, up_proj, down_proj)`` of Llama-family gated MLPs."""
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            kind = type(mlp).__name__ if mlp is not None else "no mlp"
+            raise TypeError(
+                f"layer {i} of {type(model).__name__} has no gated MLP with gate/up/down_proj ({kind}); "
+                "supported: Llama, Mistral, Qwen2/3 MLPs (not fused gate_up or mixture-of-experts)"
+            )
+        yield i, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
@@ -116,7 +129,8 @@ def rebuild_rotary_buffers(model: nn.Module, device: torch.device | str = "cpu")
     """Recreate non-persistent buffers (rotary ``inv_freq``) left on the meta device after an empty init."""
     for name, module in model.named_modules():
         if any(b.is_meta for b in module.buffers(recurse=False)) and "rotary" in type(module).__name__.lower():
-            fresh = type(module)(config=module.config, device=device)
+            # transformers 5.24 dropped the ``device`` argument: build on the CPU, then move
+            fresh = type(module)(config=module.config).to(device)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, fresh)

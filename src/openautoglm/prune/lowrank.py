@@ -80,6 +80,22 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
+    def tp_granularity(self, dim: str) -> int:
+        """Tensor parallelism (:mod:`openautoglm.parallel`): any feature boundary is a valid cut."""
+        return 1
+
+    def tp_slices(self, dim: str, start: int, stop: int) -> dict[str, tuple[int, int, int] | None]:
+        """Output cut: rows of ``up`` (and its bias); input cut: columns of ``down``. The rank-r core is kept whole."""
+        if dim == "out":
+            out = {"up.weight": (0, start, stop), "down.weight": None}
+            if self.up.bias is not None:
+                out["up.bias"] = (0, start, stop)
+            return out
+        out = {"down.weight": (1, start, stop), "up.weight": None}
+        if self.up.bias is not None:
+            out["up.bias"] = None
+        return out
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 

@@ -5,9 +5,16 @@ saved by ``state_dict`` under ``<module>.qweight`` / ``.scale`` / ``.zero`` / ``
 checked by the loader), can be built from a float ``nn.Linear`` (:meth:`from_linear`) or empty on the
 meta device (:meth:`empty`, used when reloading a checkpoint), and computes through :mod:`.kernels`.
 A new format is one new class plus one entry in :data:`LINEAR_CLASSES`.
+
+Tensor parallelism (:mod:`openautoglm.parallel`) asks each class only how its stored tensors are cut along the
+output or input features (:meth:`QuantLinear.tp_granularity`, :meth:`QuantLinear.tp_slices`): pure index
+arithmetic on the packed layout, so a rank slices codes, scales and zero points consistently, in memory or
+straight from the safetensors file, without dequantizing anything. A new layout implements those two.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -75,6 +82,36 @@ class QuantLinear(nn.Module):
         self._prepare_device()
         return out
 
+    # ---- tensor parallelism: how this layout is cut (openautoglm.parallel) --------------------------------
+
+    def tp_granularity(self, dim: str) -> int:
+        """Cuts along ``dim`` (``"out"`` or ``"in"`` features) must fall on multiples of this many features."""
+        return 1
+
+    def tp_slices(self, dim: str, start: int, stop: int) -> dict[str, tuple[int, int, int] | None]:
+        """What a rank holding features ``[start, stop)`` of ``dim`` keeps of each stored tensor.
+
+        Returns ``{state-dict name: (axis, lo, hi)}`` -- keep ``lo:hi`` along ``axis`` -- or ``None`` to keep
+        the tensor whole (per-channel scales under an input cut, a scalar activation scale). Raises
+        ``ValueError`` when the layout cannot be cut there (inside a quantization group or a packed byte).
+        """
+        size = self.out_features if dim == "out" else self.in_features
+        if dim not in ("out", "in") or not 0 <= start < stop <= size:
+            raise ValueError(f"cannot cut {dim!r} features [{start}, {stop}) of {self.extra_repr()}")
+        g = self.tp_granularity(dim)
+        if start % g or stop % g:
+            raise ValueError(f"{self.scheme} layer ({self.extra_repr()}) can only be cut at multiples of {g} "
+                             f"{dim} features{self._granularity_reason(dim)}; asked for [{start}, {stop})")
+        out = {} if self.bias is None else {"bias": (0, start, stop) if dim == "out" else None}
+        out.update(self._layout_slices(dim, start, stop))
+        return out
+
+    def _layout_slices(self, dim: str, start: int, stop: int) -> dict[str, tuple[int, int, int] | None]:
+        raise NotImplementedError(f"{type(self).__name__} does not describe how to cut its tensors")
+
+    def _granularity_reason(self, dim: str) -> str:
+        return ""
+
     def extra_repr(self) -> str:
         g = f", group_size={self.config.group_size}" if self.config.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{g}"
@@ -94,6 +131,13 @@ class Int8DynamicLinear(QuantLinear):
         self.qweight.data.copy_(qt.q)
         self.scale.data.copy_(qt.scale)
 
+    def _layout_slices(self, dim, start, stop):
+        # per-channel weight scales follow the output rows. An input cut quantizes each rank's slice of the
+        # activations with its own per-token scale: finer than one process, so close to but not bitwise its result.
+        if dim == "out":
+            return {"qweight": (0, start, stop), "scale": (0, start, stop)}
+        return {"qweight": (1, start, stop), "scale": None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a8_linear(x, self.qweight, self.scale, self.bias, kernel=self.config.kernel)
 
@@ -106,6 +150,9 @@ class StaticInt8Linear(Int8DynamicLinear):
     def _alloc(self, dtype, device):
         super()._alloc(dtype, device)
         self.act_scale = _frozen(torch.ones((), dtype=torch.float32, device=device))
+
+    def _layout_slices(self, dim, start, stop):
+        return {**super()._layout_slices(dim, start, stop), "act_scale": None}  # one calibrated scale: exact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a8_linear(x, self.qweight, self.scale, self.bias, act_scale=self.act_scale,
@@ -125,6 +172,9 @@ class FP8DynamicLinear(QuantLinear):
         q, s = to_fp8(weight, dim=-1)
         self.qweight.data.copy_(q)
         self.scale.data.copy_(s)
+
+    def _layout_slices(self, dim, start, stop):
+        return Int8DynamicLinear._layout_slices(self, dim, start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.fp8_linear(x, self.qweight, self.scale, self.bias, kernel=self.config.kernel)
@@ -172,6 +222,32 @@ class WeightOnlyLinear(QuantLinear):
         if self.zero is not None:
             z = qt.zero.reshape(self.out_features, -1)
             self.zero.data.copy_(pack_int4(z.t().contiguous()).t())
+
+    def tp_granularity(self, dim: str) -> int:
+        if dim == "out":
+            return 2 if self.zero is not None else 1       # zero points: two rows a byte
+        pack = 2 if self.bits == 4 else 1                   # codes: two input features a byte
+        return math.lcm(pack, self.config.group_size) if self.config.group_size else pack
+
+    def _granularity_reason(self, dim: str) -> str:
+        if dim == "out":
+            return " (zero points are packed two rows a byte)"
+        return f" (quantization groups of {self.config.group_size})" if self.config.group_size else " (int4 codes two a byte)"
+
+    def _layout_slices(self, dim, start, stop):
+        if dim == "out":
+            out = {"qweight": (0, start, stop), "scale": (0, start, stop)}
+            if self.zero is not None:
+                out["zero"] = (0, start // 2, stop // 2)
+            return out
+        per = 2 if self.bits == 4 else 1
+        out = {"qweight": (1, start // per, stop // per)}
+        g = self.config.group_size
+        grouped = None if not g else (1, start // g, stop // g)  # per-channel scales serve any input slice
+        out["scale"] = grouped
+        if self.zero is not None:
+            out["zero"] = grouped
+        return out
 
     def _prepare_device(self) -> None:
         # kernel="tinygemm": a tinygemm-packed copy of the codes for decode, as non-persistent buffers (never
