@@ -7,6 +7,7 @@ the message goes to stderr, with a traceback only under ``--debug``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -76,16 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, KeyError) as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {_one_line(e)}", highlight=False, soft_wrap=True)
+        if _rank_tag() in ("", "[rank 0] "):  # a usage error is the same on every rank: rank 0 says it
+            err_console.print(f"[bold red]error:[/] {_one_line(e)}", highlight=False, soft_wrap=True)
         code = 2
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {_one_line(e)}", highlight=False, soft_wrap=True)
+        err_console.print(f"{_rank_tag()}[bold red]error:[/] {type(e).__name__}: {_one_line(e)}", highlight=False,
+                          soft_wrap=True)
         code = 1
     if argv is None:
         sys.exit(code)
     return code
+
+
+def _rank_tag() -> str:
+    """``"[rank N] "`` in a process started by torchrun (``--tp``), else ``""``."""
+    return f"[rank {os.environ['RANK']}] " if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
 
 
 def _one_line(e: BaseException) -> str:

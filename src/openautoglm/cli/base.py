@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,8 @@ KVResidual = Annotated[int, typer.Option("--kv-residual", help="Most recent toke
 KVShare = Annotated[bool, typer.Option("--kv-share", help="Share KV across adjacent layers (MiniCache).")]
 KVShareStart = Annotated[Optional[int], typer.Option("--kv-share-start", help="First shared layer (default: half the depth).")]
 KVShareThreshold = Annotated[float, typer.Option("--kv-share-threshold", help="Cosine above which a token is shared.")]
+TP = Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel ranks: run as `torchrun --nproc-per-node N "
+                                 "-m openautoglm ... --tp N` (each rank holds 1/N of the model; rank 0 prints).")]
 
 
 @app.command()
@@ -128,6 +131,7 @@ def eval_(
     kv_share_start: KVShareStart = None,
     kv_share_threshold: KVShareThreshold = 0.9,
     kv_chunk: int = typer.Option(64, "--kv-chunk", min=1, help="With a KV cache option: tokens fed per forward."),
+    tp: TP = 1,
 ) -> None:
     """Held-out perplexity of a model (bundled Python-docs text unless --text is given).
 
@@ -140,17 +144,19 @@ def eval_(
         if not text_file.is_file():
             raise ValueError(f"--text {text_file}: no such file")
         text = text_file.read_text("utf-8")
-    dev = pick_device(device)
-    m = hub.from_pretrained(model, dtype=dtype, device=dev)
-    tok = hub.load_tokenizer(model)
     kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
-    if kv is None:
-        res = perplexity(m, tok, text, max_tokens=max_tokens or None, seq_len=seq_len, batch_size=batch_size)
-    else:
-        from ..kv.metrics import cached_perplexity
+    with _loaded(model, dtype, device, tp) as (m, _, lead):
+        tok = hub.load_tokenizer(model)
+        if kv is None:
+            res = perplexity(m, tok, text, max_tokens=max_tokens or None, seq_len=seq_len, batch_size=batch_size,
+                             progress=lead)
+        else:
+            from ..kv.metrics import cached_perplexity
 
-        res = cached_perplexity(m, tok, text, kv=kv, max_tokens=max_tokens or None, seq_len=seq_len,
-                                chunk=min(kv_chunk, seq_len), batch_size=batch_size)
+            res = cached_perplexity(m, tok, text, kv=kv, max_tokens=max_tokens or None, seq_len=seq_len,
+                                    chunk=min(kv_chunk, seq_len), batch_size=batch_size, progress=lead)
+    if not lead:
+        return
     console.print(table(f"{model} on {'held-out text' if text is None else text_file}", ["metric", "value"], [
         ["KV cache", kv.label() if kv else "none (one teacher-forced pass per window)"],
         ["perplexity", f"{res.perplexity:.3f}"],
@@ -180,27 +186,50 @@ def generate(
     kv_share: KVShare = False,
     kv_share_start: KVShareStart = None,
     kv_share_threshold: KVShareThreshold = 0.9,
+    tp: TP = 1,
 ) -> None:
     """Continue PROMPT with the model (greedy by default); --kv-bits / --kv-share compress its KV cache."""
     if not prompt:
         raise ValueError("PROMPT is empty; give some text to continue")
-    dev = pick_device(device)
-    m = hub.from_pretrained(model, dtype=dtype, device=dev)
-    tok = hub.load_tokenizer(model)
-    torch.manual_seed(seed)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
-    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
-    with torch.no_grad():
+    with _loaded(model, dtype, device, tp) as (m, dev, lead), torch.no_grad():
+        tok = hub.load_tokenizer(model)
+        torch.manual_seed(seed)  # the same seed on every rank: sampled tokens agree
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
         if kv is None:
             out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
         else:
             cache = kv.build(m.config)
             out = _hf.generate_with_cache(m, ids, cache, max_new_tokens=max_new_tokens,
                                           pad_token_id=tok.pad_token_id, **kwargs)
-            logging.getLogger(__name__).info("KV cache %s: %s held for %d tokens", kv.label(),
-                                             fmt_bytes(cache.nbytes()), cache.get_seq_length())
+            logging.getLogger(__name__).info("KV cache %s: %s held for %d tokens%s", kv.label(),
+                                             fmt_bytes(cache.nbytes()), cache.get_seq_length(),
+                                             f" on each of {tp} ranks" if tp > 1 else "")
+    if not lead:
+        return
     console.print(tok.decode(out[0], skip_special_tokens=True), highlight=False, markup=False)
+
+
+@contextlib.contextmanager
+def _loaded(model: str, dtype: str, device: str, tp: int):
+    """``(model, device, is rank 0)``: the whole model, or this rank's tensor-parallel part under torchrun."""
+    from .. import parallel
+
+    if tp == 1 and not parallel.launched_by_torchrun():
+        dev = pick_device(device)
+        yield hub.from_pretrained(model, dtype=dtype, device=dev), dev, True
+        return
+    with parallel.distributed(None if device == "auto" else device) as dev:
+        world = parallel.comm.world_size()
+        if world != tp:
+            raise ValueError(f"--tp {tp} needs {tp} processes, found {world}: run `torchrun --nproc-per-node {tp} "
+                             f"-m openautoglm ... --tp {tp}`")
+        lead = parallel.comm.rank() == 0
+        if not lead:  # the other ranks stay quiet: errors only
+            console.quiet = True
+            logging.getLogger().setLevel(logging.ERROR)
+        yield parallel.from_pretrained(model, tp_size=tp, dtype=dtype, device=dev), dev, lead
 
 
 def _kv_config(bits, group_size, residual, share, share_start, share_threshold):

@@ -169,9 +169,10 @@ def _quant_spec(quantization) -> dict | None:
             "exclude_head": "lm_head" in tuple(q.get("exclude", ("lm_head",)))}
 
 
-def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int) -> tuple[int, str]:
-    """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``."""
-    n = sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)
+def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int, tp: int = 1) -> tuple[int, str]:
+    """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``
+    (``n / tp`` of them on each of ``tp`` tensor-parallel ranks)."""
+    n = (sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)) // tp
     g = spec["group_size"] or s.hidden  # per output channel: one scale per row of ``hidden`` inputs
     scale_b = 2 if spec["symmetric"] else 4
     q = n * spec["bits"] / 8 + n / g * scale_b
@@ -241,9 +242,13 @@ def estimate_memory(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
     s = model_or_config_or_path if isinstance(model_or_config_or_path, ModelShape) else model_shape(model_or_config_or_path)
-    for L in s.layers:
-        if L.heads % tp_degree or L.kv_heads % tp_degree or L.intermediate % tp_degree:
-            raise ValueError(f"tp_degree={tp_degree} does not divide heads {L.heads}/{L.kv_heads} or MLP width {L.intermediate}")
+    held = None if tp_degree == 1 or isinstance(model_or_config_or_path, ModelShape) else \
+        _tp_held(model_or_config_or_path, tp_degree)
+    if held is None:
+        for L in s.layers:
+            if L.heads % tp_degree or L.intermediate % tp_degree or (L.kv_heads % tp_degree and tp_degree % L.kv_heads):
+                raise ValueError(f"tp_degree={tp_degree} does not divide heads {L.heads}/{L.kv_heads} or MLP width "
+                                 f"{L.intermediate}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(_DTYPES)}")
@@ -261,8 +266,11 @@ def estimate_memory(
         raise ValueError("training a quantized model is not supported; estimate mode='inference' or drop quantization")
     kv_dtype = kv_dtype or {2: "bf16" if dtype == torch.bfloat16 else "fp16", 4: "fp32"}[cb]
     tp = tp_degree
-    layers = [LayerShape(L.heads // tp, L.kv_heads // tp, L.head_dim, L.intermediate // tp) for L in s.layers]
-    h, V, T = s.hidden, s.vocab // tp if tp > 1 else s.vocab, batch * seq_len
+    # KV heads fewer than ranks are replicated: one per rank (as openautoglm.parallel splits them)
+    layers = held["layers"] if held else [
+        LayerShape(L.heads // tp, max(1, L.kv_heads // tp), L.head_dim, L.intermediate // tp) for L in s.layers]
+    # openautoglm.parallel gathers the logits on every rank; the analytic (Megatron) split keeps 1/tp
+    h, V, T = s.hidden, s.vocab if held or tp == 1 else s.vocab // tp, batch * seq_len
     shard = lambda n: n // tp  # noqa: E731  (Linear weights are sharded; norms and embeddings replicated here)
     lin = shard(sum(s.layer_linear_params)) + shard(s.head_params or (s.embed_params if s.tied else 0))
     float_params = s.float_params - sum(s.layer_linear_params) + shard(sum(s.layer_linear_params))
@@ -276,18 +284,43 @@ def estimate_memory(
             raise ValueError(f"kv_shared_layers={kv_shared_layers} must be below the number of layers {len(layers)}")
         kv_layers = layers[: len(layers) - kv_shared_layers]
         return _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, kv_group_size, kv_residual,
-                          logits or "last", float_params, settings, fm, notes)
+                          logits or "last", float_params, settings, fm, notes, held)
     return _train(s, layers, pb, cb, h, V, T, autocast, optimizer, grad_checkpointing, grad_accum, lin,
                   float_params, settings, fm, notes)
 
 
+def _tp_held(obj, tp: int) -> dict | None:
+    """What the most loaded rank holds under :func:`openautoglm.parallel.make_plan` (weights, per-layer heads and
+    MLP width: the maxima over ranks), or ``None`` for an architecture it cannot split (analytic split then)."""
+    from ..parallel.plan import make_plan
+    from .shapes import _to_model
+
+    model, _ = _to_model(obj)
+    try:
+        plans = [make_plan(model, tp, r) for r in range(tp)]
+    except TypeError:
+        return None
+    except ValueError as e:
+        raise ValueError(f"tp_degree={tp}: {e}") from None
+    held = max((p.held(model) for p in plans), key=lambda h: h["bytes"])
+    hd = [int(a.head_dim) for _, a in _hf.attention_modules(model)]
+    held["layers"] = [LayerShape(max(p.layers[i].n_q for p in plans), max(p.layers[i].n_kv for p in plans), hd[i],
+                                 max(p.layers[i].mlp[1] - p.layers[i].mlp[0] for p in plans)) for i in range(len(hd))]
+    return held
+
+
 def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group, residual, logits, float_params,
-               settings, fm, notes) -> MemoryEstimate:
+               settings, fm, notes, held=None) -> MemoryEstimate:
     # float parameters follow the dtype; buffers and quantized codes/scales (frozen) stay as stored
-    w = int(float_params * pb + s.param_bytes - s.float_param_bytes)
-    fm["weights"] = f"{float_params:,} params x {pb:g} B + {s.param_bytes - s.float_param_bytes:,} B as stored (buffers, quantized)"
+    if held and not spec:
+        w = int(held["float_params"] * pb + held["other_bytes"])
+        fm["weights"] = (f"the most any of {settings['tp_degree']} ranks holds under openautoglm.parallel's plan: "
+                         f"{held['float_params']:,} params x {pb:g} B + {held['other_bytes']:,} B as stored")
+    else:
+        w = int(float_params * pb + s.param_bytes - s.float_param_bytes)
+        fm["weights"] = f"{float_params:,} params x {pb:g} B + {s.param_bytes - s.float_param_bytes:,} B as stored (buffers, quantized)"
     if spec:
-        w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w)
+        w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w, settings["tp_degree"])
     kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual)
     fm["kv_cache"] = f"2 x {len(kv_layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
     trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
