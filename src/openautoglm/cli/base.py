@@ -41,6 +41,12 @@ def info(
     if kv_dtype not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"--kv-dtype {kv_dtype!r} is not one of bf16, fp16, fp32")
     m = hub.empty_model(model)
+    path = hub.resolve_model_path(model)
+    disk = hub.checkpoint_tensors(path)  # headers only: a truncated or corrupt shard fails here, clearly
+    if disk.n_files:
+        hub.check_against_model(disk, m, path)
+    elif not any((path / n).is_file() for n in hub.PICKLE_FILES):
+        logging.getLogger("openautoglm.cli").warning("%s holds no weight files: the figures come from config.json", path)
     cfg = m.config
     n_params = _logical_parameters(m)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()})
@@ -68,6 +74,9 @@ def info(
             ["vocabulary", cfg.vocab_size],
             ["context (max positions)", getattr(cfg, "max_position_embeddings", "?")],
             ["dtype (as stored)", ", ".join(dtypes)],
+            ["weight files", f"{disk.n_files} safetensors, {fmt_bytes(disk.nbytes)}, headers checked"
+             if disk.n_files else "none (pickle weights are not inspected)" if any(
+                 (path / n).is_file() for n in hub.PICKLE_FILES) else "none"],
             ["compression", ", ".join(t["type"] for t in transforms) or "none"],
         ],
     ))
