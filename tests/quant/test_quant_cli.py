@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from openautoglm import AutoModelForCausalLM
+from openautoglm import AutoModelForCausalLM, hub
 from openautoglm.cli import main
 from openautoglm.quant import QuantLinear
 
@@ -37,4 +37,31 @@ def test_compress_usage_errors(tiny_llama_dir, tmp_path, capsys):
     assert main(["compress", str(tiny_llama_dir), "--bits", "4", "--scheme", "w8a8", "--out", str(tmp_path / "x")]) == 2
     assert main(["compress", str(tiny_llama_dir), "--bits", "4", "--group-size", "100", "--out", str(tmp_path / "x")]) == 2
     assert "group_size=100" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_sparsity_alone_does_not_quantize(tiny_llama_dir, tmp_path, capsys):
+    """Issue 14, defect 3: `compress --sparsity 0.5` prunes only; quantization needs --bits or --scheme."""
+    out = tmp_path / "sparse"
+    code = main(["compress", str(tiny_llama_dir), "--sparsity", "0.5", "--sparsity-method", "magnitude",
+                 "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "not quantized" in text and "weights left unquantized" in text
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    assert [t["type"] for t in hub.applied_transforms(m)] == ["sparsity"]
+    w = m.model.layers[0].mlp.up_proj.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
+
+
+def test_scheme_alone_quantizes_and_tuning_options_need_bits(tiny_llama_dir, tmp_path, capsys):
+    assert main(["compress", str(tiny_llama_dir), "--scheme", "w8", "--out", str(tmp_path / "w8")]) == 0
+    capsys.readouterr()
+    assert hub.applied_transforms(AutoModelForCausalLM.from_pretrained(tmp_path / "w8"))[0]["config"]["scheme"] == "w8"
+    assert main(["compress", str(tiny_llama_dir), "--sparsity", "0.5", "--group-size", "64",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--group-size only tune quantization" in capsys.readouterr().err
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "nothing to do" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

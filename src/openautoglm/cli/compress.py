@@ -1,7 +1,7 @@
-"""``openautoglm compress MODEL --bits 8|4 [--scheme ...] --out DIR``: quantize and save a reloadable model.
+"""``openautoglm compress MODEL [--bits 8|4 [--scheme ...]] [pruning options] --out DIR``: save a reloadable model.
 
-The command runs a list of *steps* over the loaded model, then saves it once. Quantization is the last
-step; other capabilities add theirs in front (pruning: ``--prune-heads``, ``--sparsity``, ``--low-rank``)
+The command runs a list of *steps* over the loaded model, then saves it once. Each step runs only when its
+options are given: ``--sparsity 0.5`` alone prunes and does not quantize. Quantization is the last step; other capabilities add theirs in front (pruning: ``--prune-heads``, ``--sparsity``, ``--low-rank``)
 by declaring their options on :func:`compress` and appending to ``steps`` in the marked place -- each step
 is ``(title, fn)`` with ``fn(model) -> dict`` of figures to print, and runs under the same progress display.
 """
@@ -22,16 +22,30 @@ from .prune import HELP as PRUNE_HELP
 from .prune import pruning_step
 
 
-def _scheme_for(bits: int, scheme: str | None) -> str | None:
+def _quant_request(bits: int | None, scheme: str | None, group_size: int | None, include: list[str] | None,
+                   exclude: list[str] | None, observer: str | None) -> tuple[int | None, str | None]:
+    """``(bits, scheme)`` to quantize with, or ``(None, None)`` when quantization was not asked for.
+
+    Quantization runs only when ``--bits`` or ``--scheme`` is given (``--scheme`` alone implies its bits);
+    the options that only tune it are refused without them, so nothing is quantized by surprise.
+    """
     from ..quant.config import QuantConfig
 
-    if bits not in (4, 8):
+    if bits is None and scheme is None:
+        tuning = [o for o, v in (("--group-size", group_size), ("--include", include), ("--exclude", exclude),
+                                 ("--observer", observer)) if v]
+        if tuning:
+            raise ValueError(f"{', '.join(tuning)} only tune quantization, which runs when --bits 8|4 "
+                             "(or --scheme) is given; add --bits, or drop them")
+        return None, None
+    if bits is not None and bits not in (4, 8):
         raise ValueError(f"--bits {bits} is not supported; accepted: 8 or 4")
     if scheme is None:
-        return None  # DynamicQuantizer picks: w8a8 (int8 or fp8, whichever is faster here) or w4
-    if QuantConfig(scheme=scheme).bits != bits:
+        return bits, None  # DynamicQuantizer picks: w8a8 (int8 or fp8, whichever is faster here) or w4
+    scheme_bits = QuantConfig(scheme=scheme).bits
+    if bits is not None and scheme_bits != bits:
         raise ValueError(f"--scheme {scheme} is not a {bits}-bit scheme; 8-bit: w8a8, w8a8-fp8, w8, static; 4-bit: w4")
-    return scheme
+    return scheme_bits, scheme
 
 
 def _dir_bytes(path: Path) -> int:
@@ -61,12 +75,17 @@ def quantize_step(bits: int, scheme: str | None, group_size: int | None, include
 def compress(
     model: str = typer.Argument(..., help="Shipped model name or local model folder."),
     out: Path = typer.Option(..., "--out", help="Folder to write the compressed model to."),
-    bits: int = typer.Option(8, "--bits", help="Weight bits: 8 (w8a8 by default) or 4 (w4, group 128)."),
-    scheme: str = typer.Option(None, "--scheme", help="w8a8, w8a8-fp8, w8, w4 or static (default: from --bits)."),
+    bits: int = typer.Option(None, "--bits", help="Quantize the weights: 8 (w8a8) or 4 (w4, group 128). "
+                             "Without --bits or --scheme nothing is quantized."),
+    scheme: str = typer.Option(None, "--scheme", help="w8a8, w8a8-fp8, w8, w4 or static (implies --bits; "
+                               "default: from --bits)."),
     group_size: int = typer.Option(None, "--group-size", help="Weight group for w8/w4: 32, 64, 128."),
-    include: list[str] = typer.Option(["*"], "--include", help="Quantize modules matching this wildcard (repeatable)."),
-    exclude: list[str] = typer.Option(["lm_head"], "--exclude", help="Skip modules matching this wildcard (repeatable)."),
-    observer: str = typer.Option("minmax", "--observer", help="static: activation range observer, minmax or percentile."),
+    include: list[str] = typer.Option(None, "--include", help="Quantize modules matching this wildcard "
+                                      "(repeatable; default: all)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Skip modules matching this wildcard "
+                                      "(repeatable; default: lm_head)."),
+    observer: str = typer.Option(None, "--observer", help="static: activation range observer, minmax (default) "
+                                 "or percentile."),
     calib_text: Path = typer.Option(None, "--calib-text", help="static: calibration text file (default: held-out text)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (where quantization runs)."),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
@@ -77,11 +96,15 @@ def compress(
     low_rank: float = typer.Option(None, "--low-rank", help=PRUNE_HELP["low_rank"]),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="pruning: " + PRUNE_HELP["calib_samples"]),
 ) -> None:
-    """Quantize MODEL's Linear layers and save a checkpoint that reloads without the recipe."""
-    scheme = _scheme_for(bits, scheme)
+    """Compress MODEL (prune, then quantize: each only when its options are given) and save a checkpoint that
+    reloads without the recipe. Quantization runs only with --bits or --scheme."""
+    bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
                            calib_samples=calib_samples)
+    if pruning is None and bits is None:
+        raise ValueError("nothing to do: give --bits 8|4 (or --scheme) to quantize, and/or --prune-heads, "
+                         "--sparsity, --sparsity-pattern 2:4 or --low-rank to prune")
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
     dev = pick_device(device)
@@ -96,8 +119,9 @@ def compress(
     #    steps.append(("pruning", lambda model, progress: pruning_steps(model, tok, ...)))
     if pruning is not None:  # heads -> low-rank -> sparsity, before quantization
         steps.append(("pruning", lambda model, progress: pruning(model, tok)))
-    steps.append(("quantizing", quantize_step(bits, scheme, group_size, list(include), list(exclude), observer,
-                                               calib_text, tok)))
+    if bits is not None:
+        steps.append(("quantizing", quantize_step(bits, scheme, group_size, list(include or ["*"]),
+                                                   list(exclude or ["lm_head"]), observer or "minmax", calib_text, tok)))
 
     results: dict[str, dict] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -112,19 +136,20 @@ def compress(
             bar.update(task, description=f"{title} done")
     after = model_bytes(m)
     path = m.save_pretrained(out, tokenizer=tok)
-    q = results["quantizing"]
+    q = results.get("quantizing")
+    what = q["scheme"] if q else "not quantized"
     rows = [
         ["weights in memory", fmt_bytes(before), fmt_bytes(after), f"{after / before:.3f}x"],
         ["Linear layers (float)", n_linear_before, sum(1 for _ in m.modules() if type(_).__name__ == "Linear"), ""],
         ["checkpoint on disk", "", fmt_bytes(_dir_bytes(Path(path))), ""],
     ]
-    console.print(table(f"{model} -> {path} ({q['scheme']}, {time.perf_counter() - t0:.1f} s)",
+    console.print(table(f"{model} -> {path} ({what}, {time.perf_counter() - t0:.1f} s)",
                         ["", "before", "after", "ratio"], rows))
     for title, res in results.items():
         if title != "quantizing":
             console.print(f"{title}: {res}")
-    if q["skipped"]:
+    if q and q["skipped"]:
         console.print(f"[yellow]not quantized ({len(q['skipped'])}):[/] " +
                       "; ".join(f"{k}: {v}" for k, v in list(q["skipped"].items())[:8]), highlight=False)
-    console.print(f"{q['quantized']} Linear layers quantized to {q['scheme']}; reload with "
-                  f"AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False)
+    done = f"{q['quantized']} Linear layers quantized to {q['scheme']}" if q else "weights left unquantized (no --bits)"
+    console.print(f"{done}; reload with AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False)
