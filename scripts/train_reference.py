@@ -109,7 +109,7 @@ def main() -> None:
     cfg = TrainConfig(
         steps=args.steps, warmup_steps=args.warmup, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
         seq_len=args.seq, lr=args.lr, min_lr_ratio=args.min_lr / args.lr, weight_decay=args.weight_decay,
-        betas=(0.9, 0.95), grad_clip=1.0, optimizer="adamw", amp="bf16" if device.type == "cuda" else "none",
+        betas=(0.9, 0.95), grad_clip=1.0, optimizer="adamw_fused", amp="bf16" if device.type == "cuda" else "none",
         grad_checkpointing=args.grad_checkpointing, eval_every=250, eval_batches=8, log_every=50, seed=args.seed,
     )
     import transformers

@@ -34,7 +34,7 @@ from . import _train_io as io
 log = logging.getLogger(__name__)
 
 AMP_MODES = ("bf16", "fp16", "none")
-OPTIMIZERS = ("adamw", "adamw_foreach", "sgd", "adafactor")
+OPTIMIZERS = ("adamw_fused", "adamw", "adamw_foreach", "adamw_forloop", "sgd", "adafactor")
 
 
 @dataclass
@@ -51,7 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.1        # not applied to 1-D parameters (norms, biases)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0           # 0 disables clipping
-    optimizer: str = "adamw"         # adamw (fused on CUDA), adamw_foreach, sgd (momentum 0.9), adafactor
+    optimizer: str = "adamw_fused"   # adamw_fused; adamw (torch's default: foreach on CUDA), adamw_foreach,
+                                     # adamw_forloop; sgd (momentum 0.9); adafactor
     amp: str = "bf16"                # bf16 | fp16 | none
     grad_checkpointing: bool = False
     eval_every: int = 0              # optimizer steps between evaluations (0: only at the end if eval data given)
@@ -141,7 +142,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), foreach AdamW, SGD with momentum 0.9, or Adafactor; no decay on 1-D tensors."""
+    """AdamW (fused; torch's default implementation; foreach; for-loop), SGD with momentum 0.9, or Adafactor;
+    no decay on 1-D tensors. The names are those of :func:`openautoglm.memory.estimate_memory`."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
@@ -149,11 +151,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    on_cuda = params[0].is_cuda
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=on_cuda or None)
-    if cfg.optimizer == "adamw_foreach":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    impl = {"adamw_fused": {"fused": True}, "adamw": {}, "adamw_foreach": {"foreach": True},
+            "adamw_forloop": {"foreach": False}}
+    if cfg.optimizer in impl:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **impl[cfg.optimizer])
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     return torch.optim.Adafactor(groups, lr=cfg.lr)

@@ -65,12 +65,13 @@ def test_param_grad_optimizer_bytes_exact_on_cpu(amp, opt):
     with autocast_ctx(torch.device("cpu"), amp):
         model(input_ids=x, labels=x).loss.backward()
     optim.step()
-    est = estimate_memory(model, mode="train", batch=2, seq_len=32, amp=amp, optimizer=opt)
-    s = est.settings
-    assert s["param_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
-    assert s["grad_bytes"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     states = sum(t.numel() * t.element_size() for st in optim.state.values() for t in st.values() if torch.is_tensor(t))
-    assert s["optimizer_state_bytes"] == states
+    for how in (opt, optim):  # by name on the CPU, and read from the live optimizer
+        est = estimate_memory(model, mode="train", batch=2, seq_len=32, amp=amp, optimizer=how, device="cpu")
+        s = est.settings
+        assert s["param_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+        assert s["grad_bytes"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        assert s["optimizer_state_bytes"] == states
 
 
 def _measure(amp, ckpt, accum):
@@ -92,7 +93,8 @@ def _measure(amp, ckpt, accum):
     step()  # allocates the optimizer states: the estimate is the steady state
     with MemoryProfiler("cpu", model=model, optimizer=opt) as prof:
         step()
-    est = estimate_memory(model, mode="train", batch=2, seq_len=128, amp=amp, grad_checkpointing=ckpt, grad_accum=accum)
+    est = estimate_memory(model, mode="train", batch=2, seq_len=128, amp=amp, grad_checkpointing=ckpt, grad_accum=accum,
+                          optimizer=opt)
     return est.total, prof.peak_bytes
 
 
@@ -138,7 +140,7 @@ def test_other_families_from_config_alone_match_cpu_trace(model_type, extra):
     step()
     with MemoryProfiler("cpu", model=real, optimizer=opt) as prof:
         step()
-    est = estimate_memory(cfg, mode="train", batch=2, seq_len=128, dtype="bf16", optimizer="sgd")
+    est = estimate_memory(cfg, mode="train", batch=2, seq_len=128, dtype="bf16", optimizer="sgd", device="cpu")
     assert abs(est.total / prof.peak_bytes - 1) < 0.05, (est.total, prof.peak_bytes)
     assert "total" in str(estimate_memory(cfg, mode="inference", seq_len=64))
 

@@ -34,7 +34,7 @@ def test_plan_never_over_budget(shape, mib):
 
 def test_big_budget_prefers_adamw_bf16_without_checkpointing(shape):
     p = plan_training(shape, budget="100GiB", global_batch=8, seq_len=256)
-    assert (p.amp, p.optimizer, p.grad_checkpointing, p.micro_batch) == ("bf16", "adamw", False, 8)
+    assert (p.amp, p.optimizer, p.grad_checkpointing, p.micro_batch) == ("bf16", "adamw_fused", False, 8)
 
 
 def test_nothing_fits_names_smallest_budget(shape):

@@ -33,7 +33,9 @@ def estimate(
     dtype: str = typer.Option(None, help="Parameter dtype: bf16, fp16, fp32 (default: the checkpoint's)."),
     kv_dtype: str = typer.Option(None, "--kv-dtype", help="KV cache: bf16, fp16, fp32, fp8, int8, int4, int2."),
     quant: str = typer.Option(None, "--quant", help="Weight quantization: w8, w4 (group 128)."),
-    optimizer: str = typer.Option("adamw", help="adamw, adamw_foreach, sgd, adafactor"),
+    optimizer: str = typer.Option("adamw", help="adamw (torch's default on --device: foreach on CUDA), adamw_fused, "
+                                  "adamw_foreach, adamw_forloop, sgd, adafactor"),
+    device: str = typer.Option("cuda", help="Where training runs (decides torch's default optimizer code)."),
     amp: str = typer.Option("none", help="bf16 or fp16 autocast with fp32 master weights, or none"),
     ckpt: bool = typer.Option(False, "--ckpt/--no-ckpt", help="Activation checkpointing."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
@@ -46,10 +48,10 @@ def estimate(
 
     est = estimate_memory(model, mode=mode, batch=batch, seq_len=seq, dtype=dtype, kv_dtype=kv_dtype, quantization=quant,
                           optimizer=optimizer, amp=amp, grad_checkpointing=ckpt, grad_accum=grad_accum, tp_degree=tp,
-                          kv_shared_layers=kv_shared)
+                          kv_shared_layers=kv_shared, device=device)
     s = est.settings
     title = (f"{model}: {mode}, batch {batch} x {seq} tokens, {s['dtype']}"
-             + (f", amp {s['amp']}, {optimizer}, ckpt {'on' if ckpt else 'off'}, accum {grad_accum}" if mode == "train" else
+             + (f", amp {s['amp']}, {s['optimizer']}, ckpt {'on' if ckpt else 'off'}, accum {grad_accum}" if mode == "train" else
                 f", KV {s['kv_dtype']}" + (f", weights {quant}" if quant else "")))
     console.print(est.table(title))
     for n in est.notes:

@@ -7,7 +7,8 @@ Each term is one formula (bytes), with its source:
   copies autocast caches for every Linear (2 B/param) are the *weights*.
 * gradients: one per trainable parameter, in the parameter dtype (PyTorch ``.grad``).
 * optimizer states: AdamW 2 tensors/param in the parameter dtype (so fp32 master + fp32 grads + Adam m, v =
-  16 B/param: Rajbhandari et al. 2020, ZeRO, sec. 3.1), SGD-momentum 1, Adafactor rows+cols (Shazeer & Stern 2018).
+  16 B/param: Rajbhandari et al. 2020, ZeRO, sec. 3.1), SGD-momentum 1, Adafactor rows+cols (Shazeer & Stern 2018);
+  ``step()`` temporaries by implementation (foreach: a copy of the parameters; fused: none): ``optimizers.py``.
 * activations: per-layer saved tensors (``formulas.py``, after Korthikanti et al. 2022 adjusted for SDPA/flash),
   or only each layer's input under activation checkpointing (Chen et al. 2016) plus one recomputed layer.
 * KV cache: ``2 x layers x kv_heads x head_dim x tokens x batch x bytes`` (+ scales for quantized caches).
@@ -32,12 +33,13 @@ from torch import nn
 from .. import _hf
 from ..units import format_bytes
 from . import formulas as F
+from . import optimizers as O
 from .formulas import LayerShape
 from .shapes import ModelShape, model_shape
 
 MODES = ("inference", "train")
 AMP = ("bf16", "fp16", "none")
-OPTIMIZERS = ("adamw", "adamw_foreach", "sgd", "adafactor")
+OPTIMIZERS = tuple(O.NAMES)
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 _KV_BITS = {"bf16": 16, "fp16": 16, "fp32": 32, "int8": 8, "int4": 4, "int2": 2, "fp8": 8}
@@ -199,7 +201,7 @@ def estimate_memory(
     dtype: str | torch.dtype | None = None,
     kv_dtype: str | None = None,
     quantization=None,
-    optimizer: str = "adamw",
+    optimizer="adamw",
     amp: str | None = None,
     grad_checkpointing: bool = False,
     grad_accum: int = 1,
@@ -208,6 +210,7 @@ def estimate_memory(
     kv_group_size: int = 64,
     kv_residual: int = 128,
     kv_shared_layers: int = 0,
+    device: str | torch.device | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of inference (prefill of ``seq_len`` tokens with a KV cache) or of one
     training step of :func:`openautoglm.train.train` (steady state, optimizer states allocated).
@@ -220,7 +223,10 @@ def estimate_memory(
     dtype : parameter dtype (default: the checkpoint's; ``train`` with ``amp`` uses fp32 master weights).
     kv_dtype : KV cache element type: bf16, fp16, fp32, fp8, int8, int4, int2 (default: ``dtype``).
     quantization : weight quantization, e.g. ``"w4"``, ``{"bits": 4, "group_size": 128}`` (inference only).
-    optimizer : adamw (fused), adamw_foreach, sgd (momentum), adafactor.
+    optimizer : ``"adamw"`` = what ``torch.optim.AdamW(params)`` runs by default on ``device`` (foreach on CUDA,
+        for-loop on CPU); ``"adamw_fused"``, ``"adamw_foreach"``, ``"adamw_forloop"`` pin the implementation;
+        ``"sgd"`` (momentum), ``"adafactor"``; or a live ``torch.optim`` optimizer, whose settings
+        (fused/foreach/capturable/amsgrad), parameter groups and state tensors are read (:mod:`.optimizers`).
     amp : ``"bf16"``/``"fp16"`` autocast with fp32 master weights, ``None``/``"none"`` (train in ``dtype``).
     grad_checkpointing : activation checkpointing of every decoder layer (non-reentrant).
     grad_accum : micro-batches per optimizer step (grads of earlier micro-batches stay allocated).
@@ -228,6 +234,8 @@ def estimate_memory(
     logits : ``"all"`` positions or ``"last"`` (default: last for inference, as ``generate`` does; all for train).
     kv_group_size, kv_residual : quantized KV cache groups and full-precision recent window (KIVI-style).
     kv_shared_layers : layers whose K/V blocks are freed by cross-layer KV sharing (they reuse a neighbour's).
+    device : where training runs (default ``"cuda"``, or the optimizer's parameters' device): decides torch's
+        default optimizer implementation.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; accepted: {', '.join(MODES)}")
@@ -239,8 +247,8 @@ def estimate_memory(
     amp = "none" if amp in (None, False, "none", "fp32") else amp
     if amp not in AMP:
         raise ValueError(f"amp={amp!r}; accepted: bf16, fp16, none")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+    O.check_device(device)
+    opt_spec = O.resolve(optimizer, device)
     s = model_or_config_or_path if isinstance(model_or_config_or_path, ModelShape) else model_shape(model_or_config_or_path)
     held = None if tp_degree == 1 or isinstance(model_or_config_or_path, ModelShape) else \
         _tp_held(model_or_config_or_path, tp_degree)
@@ -275,7 +283,7 @@ def estimate_memory(
     lin = shard(sum(s.layer_linear_params)) + shard(s.head_params or (s.embed_params if s.tied else 0))
     float_params = s.float_params - sum(s.layer_linear_params) + shard(sum(s.layer_linear_params))
     settings = dict(model=s.name, mode=mode, batch=batch, seq_len=seq_len, dtype=str(dtype).replace("torch.", ""),
-                    kv_dtype=kv_dtype, quantization=spec, optimizer=optimizer, amp=amp,
+                    kv_dtype=kv_dtype, quantization=spec, optimizer=opt_spec.name, amp=amp,
                     grad_checkpointing=grad_checkpointing, grad_accum=grad_accum, tp_degree=tp, params=s.n_params)
     fm: dict[str, str] = {}
     notes: list[str] = []
@@ -285,7 +293,7 @@ def estimate_memory(
         kv_layers = layers[: len(layers) - kv_shared_layers]
         return _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, kv_group_size, kv_residual,
                           logits or "last", float_params, settings, fm, notes, held)
-    return _train(s, layers, pb, cb, h, V, T, autocast, optimizer, grad_checkpointing, grad_accum, lin,
+    return _train(s, layers, pb, cb, h, V, T, autocast, opt_spec, grad_checkpointing, grad_accum, lin,
                   float_params, settings, fm, notes)
 
 
@@ -335,12 +343,10 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
 def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, float_params, settings, fm, notes):
     rb = int(pb)
     P = int(float_params * pb)
-    state_mult = {"adamw": 2, "adamw_foreach": 2, "sgd": 1, "adafactor": 0}[optimizer]
-    S = int(float_params * pb * state_mult) if optimizer != "adafactor" else int(s.adafactor_elems * 4)
-    S += 4 * s.n_tensors if optimizer in ("adamw", "adamw_foreach", "adafactor") else 0  # fp32 'step' per tensor
-    fm["optimizer_states"] = {"adamw": "2 x params x param bytes (Adam m, v)", "adamw_foreach": "2 x params x param bytes (Adam m, v)",
-                              "sgd": "params x param bytes (momentum)", "adafactor": "(rows + cols) of each matrix x 4 B"}[optimizer]
-    opt_temp = {"adamw": 0, "adamw_foreach": P, "sgd": P, "adafactor": 2 * 4 * s.largest_matrix}[optimizer]
+    S = optimizer.states(P, s.n_tensors, s.adafactor_elems)
+    opt_temp = optimizer.step_temporaries(P, int(s.largest_matrix * pb), s.largest_matrix)
+    fm["optimizer_states"], temp_formula = optimizer.formula()
+    fm["optimizer_states"] = f"{optimizer.name}: {fm['optimizer_states']}"
     G = P
     Gl = [int(n * pb) for n in s.layer_params]
     G_emb, G_head = int(s.embed_params * pb), int(s.head_params * pb)
@@ -402,7 +408,8 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     fm["activations"] = ("checkpointed layer inputs (rb h) x layers x tokens + one recomputed layer" if ckpt else
                          "sum over layers of formulas.layer_saved x tokens") + " + final norm"
     fm["logits"] = "tokens x vocab x (cb + 4 + 4) fwd; 12 x tokens x vocab at loss backward"
-    fm["workspace"] = "ids/labels 24 B/token + backward transients / optimizer temporaries"
+    fm["workspace"] = ("ids/labels 24 B/token + backward transients" if phase != "optimizer step" else
+                       f"optimizer step temporaries: {temp_formula}")
     if autocast and ckpt:
         notes.append("autocast caches the weight casts until the autocast region ends: all copies live at forward end")
     return MemoryEstimate("train", settings, terms, phase, totals, fm, notes)

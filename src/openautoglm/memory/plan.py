@@ -19,9 +19,12 @@ from typing import Any
 
 from ..units import format_bytes, parse_bytes
 from .estimate import MemoryEstimate, estimate_memory
+from .optimizers import NAMES
 from .shapes import ModelShape, model_shape
 
 # (amp, optimizer) in order of preference: training quality and stability first
+# (amp, optimizer kind) in order of preference: training quality and stability first. Each tier tries the
+# allowed optimizer names of its kind (the default, adamw_fused, is what openautoglm.train builds).
 TIERS = [("bf16", "adamw"), ("none", "adamw"), ("fp16", "adamw"), ("bf16", "adafactor"), ("none", "adafactor"),
          ("bf16", "sgd"), ("none", "sgd")]
 
@@ -80,7 +83,7 @@ def _budget_bytes(budget) -> int:
 
 def plan_training(model_or_config_or_path, budget="40GiB", global_batch: int = 32, seq_len: int = 2048,
                   amp_modes: tuple[str, ...] = ("bf16", "none", "fp16"),
-                  optimizers: tuple[str, ...] = ("adamw", "adafactor", "sgd"),
+                  optimizers: tuple[str, ...] = ("adamw_fused", "adafactor", "sgd"),
                   allow_checkpointing: bool = True) -> TrainingPlan:
     """Choose micro-batch, accumulation, checkpointing, AMP mode and optimizer that fit ``budget``.
 
@@ -105,11 +108,16 @@ def plan_training(model_or_config_or_path, budget="40GiB", global_batch: int = 3
     best: TrainingPlan | None = None
     smallest: tuple[int, MemoryEstimate] | None = None
     considered = 0
-    for amp, opt in TIERS:
-        if amp not in amp_modes or opt not in optimizers:
+    optimizers = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
+    for name in optimizers:
+        if name not in NAMES:
+            raise ValueError(f"optimizers: {name!r} is not one of {', '.join(NAMES)}")
+    for amp, kind in TIERS:
+        if amp not in amp_modes:
             continue
         tier_best: TrainingPlan | None = None
-        for ckpt in ((False, True) if allow_checkpointing else (False,)):
+        for opt, ckpt in ((o, c) for o in optimizers if NAMES[o][0] == kind
+                          for c in ((False, True) if allow_checkpointing else (False,))):
             for mb in micro_batches:
                 est = estimate_memory(shape, mode="train", batch=mb, seq_len=seq_len, amp=amp, optimizer=opt,
                                       grad_checkpointing=ckpt, grad_accum=global_batch // mb,
@@ -149,7 +157,7 @@ def _explain(p: TrainingPlan, shape) -> list[str]:
         f"{'on' if p.grad_checkpointing else 'off'}, amp {p.amp}, optimizer {p.optimizer}",
         f"estimated peak {format_bytes(e.total)} ({100 * e.total / p.budget:.0f}% of the budget) at {e.phase}",
     ]
-    if p.amp == "bf16" and p.optimizer == "adamw":
+    if p.amp == "bf16" and p.optimizer.startswith("adamw"):
         lines.append("AdamW with bf16 autocast and fp32 master weights (16 B/param + activations) fits: the preferred setup")
     else:
         lines.append(f"AdamW with bf16 autocast does not fit in the budget at any micro-batch; fell back to amp "
