@@ -60,6 +60,17 @@ def check_logits(scheme: str, tp: int) -> dict:
     return out
 
 
+def check_functional_path() -> dict:
+    """With grad enabled the hooks take PyTorch's functional collectives (the path torch.compile traces)."""
+    ref = _model("float")
+    m = parallel.shard(copy.deepcopy(ref), tp_size=4)
+    with torch.enable_grad():
+        got = m(IDS).logits.detach()
+    with torch.no_grad():
+        want = ref(IDS).logits
+    return {"max_abs": (got - want).abs().max().item(), "ref_max": want.abs().max().item()}
+
+
 def check_bytes(scheme: str) -> dict:
     ref = _model(scheme)
     m = parallel.shard(copy.deepcopy(ref), tp_size=4)
@@ -167,7 +178,7 @@ def main() -> None:
         "bytes_float": lambda: check_bytes("float"), "bytes_w4": lambda: check_bytes("w4"),
         "kv_cache": check_kv_cache, "load_float": lambda: check_loading(args.tiny),
         "load_w4": lambda: check_loading(args.tiny_w4), "pruned_uneven": check_pruned_uneven,
-        "low_rank": check_low_rank, "error": check_error, "cli_eval": lambda: check_cli(args.tiny, out),
+        "low_rank": check_low_rank, "functional": check_functional_path, "error": check_error, "cli_eval": lambda: check_cli(args.tiny, out),
     })
     results = {}
     for name, fn in checks.items():

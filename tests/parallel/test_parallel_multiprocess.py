@@ -86,8 +86,8 @@ def test_sharded_loading_reads_only_its_slices(results, kind):
         assert r["bytes_read"] < 0.26 * r["checkpoint_bytes"] and r["measured"] < 0.26 * r["full"], r
 
 
-def test_pruned_uneven_and_low_rank_models(results):
-    for name in ("pruned_uneven", "low_rank"):
+def test_pruned_uneven_low_rank_and_functional_collectives(results):
+    for name in ("pruned_uneven", "low_rank", "functional"):
         for r in _get(results, name):
             assert r["max_abs"] <= FP32_TOL * max(1.0, r["ref_max"]), (name, r)
     assert [r["q_heads"][0] for r in _get(results, "pruned_uneven")] == [2, 2, 1, 2]  # 7 heads: cuts 2, 4, 5
