@@ -1,12 +1,13 @@
 """Weight quantization on the GPU: bf16 vs ours (w8a8, w8, w4) vs torchao, in ONE harness.
 
-Every variant runs through the same loop: a static KV cache, the whole decode step (embedding ->
-layers -> lm_head -> argmax -> next position) captured in one CUDA graph and replayed, prompt 128,
-256 new tokens, batch 1 and 8; prefill at 2048 tokens (eager, one forward); weight bytes and peak
-GPU memory; achieved weight-read bandwidth at batch 1 vs a device-to-device copy measured in the same
-run. Models: random-weight Llama-2-7B-shaped and TinyLlama-1.1B-shaped ``LlamaConfig`` s built
-directly in bf16 on the GPU. Also: kernel-level timings on 7B layer shapes and ``model.generate``
-(static cache, transformers' own compile) of our quantized model.
+Every variant runs through the same helper, ``openautoglm.generate.Generator``: a static KV cache, the
+decoder layer compiled once (``torch.compile(fullgraph=True)``) and the whole decode step captured in one
+CUDA graph, prompt 128, 256 new tokens, batch 1 and 8; prefill of 2048 tokens through the same compiled
+layers; weight bytes and peak GPU memory; achieved weight-read bandwidth at batch 1 vs a device-to-device
+copy measured in the same run. Models: random-weight Llama-2-7B-shaped and TinyLlama-1.1B-shaped
+``LlamaConfig`` s built directly in bf16 on the GPU. Also: kernel-level timings on 7B layer shapes and
+``model.generate(..., cache_implementation="static")`` (transformers' own compile, fullgraph) of bf16 and
+our quantized models.
 
     python benchmarks/quant_bench.py                 # GPU, writes benchmarks/results/quant_bench.json
     python benchmarks/quant_bench.py --smoke         # CPU, tiny shapes, checks the script runs
@@ -32,7 +33,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from openautoglm.memory.estimate import model_bytes  # noqa: E402
 from openautoglm.quant import QuantConfig, quantize  # noqa: E402
-from quant_bench_lib import T0, Decoder, build, copy_bandwidth, log, plot, summarize, sync, timed  # noqa: E402
+from openautoglm.generate import Generator  # noqa: E402
+from quant_bench_lib import T0, build, copy_bandwidth, log, plot, summarize, sync, timed  # noqa: E402
 
 OURS = {"w8a8": "auto", "w8": "w8", "w4": "w4"}
 
@@ -63,24 +65,20 @@ def apply_variant(model: nn.Module, variant: str) -> str:
     return variant
 
 
-def decode_tps(model, batch, prompt_len, new, dev, vocab) -> dict:
+def decode_tps(gen: Generator, batch, prompt_len, new, dev, vocab) -> dict:
     g = torch.Generator(device=dev).manual_seed(batch)
     prompt = torch.randint(0, vocab, (batch, prompt_len), device=dev, generator=g)
-    d = Decoder(model, batch, prompt, new)
-    ok = d.check()
-    t = timed(d.run, 2, 1 if d.graph is None else 0)
-    res = {"tokens_per_s": batch * new / t, "ms_per_step": 1e3 * t / new, "cuda_graph": d.graph is not None,
-           "graph_tokens_match_eager": ok}
-    if d.graph_error:
-        res["graph_error"] = d.graph_error
-    del d
-    return res
+    first = gen.generate(prompt, new)
+    runs = [gen.generate(prompt, new) for _ in range(2)]
+    tps = sorted(r.tokens_per_s for r in runs)[-1]
+    return {"tokens_per_s": tps, "ms_per_step": 1e3 * batch / tps, "first_call_compile_s": first.compile_s,
+            "prefill_ms": 1e3 * runs[-1].prefill_s, "same_tokens_every_run": all(torch.equal(r.tokens, first.tokens) for r in runs)}
 
 
-def prefill_ms(model, tokens, dev, vocab) -> float:
+def prefill_ms(gen: Generator, tokens, dev, vocab) -> float:
     ids = torch.randint(0, vocab, (1, tokens), device=dev)
-    with torch.no_grad():
-        return 1e3 * timed(lambda: model(ids, use_cache=False, logits_to_keep=1), 5 if dev.type == "cuda" else 1, 2)
+    gen.generate(ids, 1)  # compiles the prefill graph for this length
+    return 1e3 * sorted(gen.generate(ids, 1).prefill_s for _ in range(3))[1]
 
 
 def op_us(fn, dev, reps: int) -> float:
@@ -130,8 +128,9 @@ def kernel_bench(dev) -> dict:
 
                 q = unpack_int4(m4.qweight).to(torch.int32)
                 packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-                zc = unpack_zero(m4.zero).to(torch.bfloat16)
-                sz = torch.stack([m4.scale.t(), ((8 - zc) * m4.scale).t()], -1).contiguous().to(torch.bfloat16)
+                zc = unpack_zero(m4.zero_rows()).to(torch.bfloat16)
+                sr = m4.scale_rows()
+                sz = torch.stack([sr.t(), ((8 - zc) * sr).t()], -1).contiguous().to(torch.bfloat16)
                 yt = torch._weight_int4pack_mm(x, packed, 128, sz).float()
                 row["tinygemm_us"] = op_us(lambda: torch._weight_int4pack_mm(x, packed, 128, sz), dev, reps)
                 row["tinygemm_relerr"] = float((yt - ref).norm() / ref.norm())
@@ -168,29 +167,34 @@ def compile_check(dev) -> dict:
 
 def run_variant(shape, variant, dev, args, res_model) -> dict:
     r = {"variant": variant}
+    torch._dynamo.reset()
     model = build(shape, dev)
     vocab = model.config.vocab_size
     r["scheme"] = apply_variant(model, variant)
     sync()
     r["weight_bytes"] = model_bytes(model)
+    r["read_bytes_per_token"] = r["weight_bytes"] - model.get_input_embeddings().weight.numel() * 2
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    gen = Generator(model)
     for b in args.batches:
         if b > 1 and variant.startswith("ao-") and args.skip_ao_batch8:
             continue
         try:
-            r[f"decode_b{b}"] = decode_tps(model, b, args.prompt, args.new, dev, vocab)
+            r[f"decode_b{b}"] = decode_tps(gen, b, args.prompt, args.new, dev, vocab)
             log(shape, variant, f"batch {b}", r[f"decode_b{b}"])
         except Exception as e:  # noqa: BLE001 - record and go on with the other figures
             r[f"decode_b{b}"] = {"error": repr(e)[:300]}
             log(shape, variant, "decode failed", traceback.format_exc()[-800:])
     try:
-        r["prefill_ms"] = prefill_ms(model, args.prefill, dev, vocab)
+        r["prefill_ms"] = prefill_ms(gen, args.prefill, dev, vocab)
     except Exception as e:  # noqa: BLE001
         r["prefill_ms"] = None
         r["prefill_error"] = repr(e)[:300]
+        log(shape, variant, "prefill failed", traceback.format_exc()[-800:])
+    del gen
     # logits of the first decode position vs bf16 (same seed -> same float weights and prompt)
     g = torch.Generator(device=dev).manual_seed(7)
     ids = torch.randint(0, vocab, (1, 64), device=dev, generator=g)
@@ -210,20 +214,32 @@ def run_variant(shape, variant, dev, args, res_model) -> dict:
 
 
 def generate_bench(shape, variant, dev, args) -> dict:
-    """``model.generate(..., cache_implementation="static")`` of our quantized model (transformers compiles)."""
+    """``model.generate(..., cache_implementation="static")`` (transformers compiles the forward; fullgraph=True
+    so a graph break would fail the row instead of hiding in the figure)."""
+    from transformers import CompileConfig
+
     r = {"variant": variant}
+    torch._dynamo.reset()
     model = build(shape, dev)
     apply_variant(model, variant)
     vocab = model.config.vocab_size
     try:
         prompt = torch.randint(0, vocab, (1, args.prompt), device=dev)
         kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                  cache_implementation="static", pad_token_id=0)
+                  cache_implementation="static", pad_token_id=0, compile_config=CompileConfig(fullgraph=True))
         t0 = time.perf_counter()
-        model.generate(prompt, **kw)
+        try:
+            model.generate(prompt, **kw)
+            r["fullgraph"] = True
+        except Exception as e:  # noqa: BLE001 - a graph break somewhere: record it, time the default compile
+            r["fullgraph"], r["fullgraph_error"] = False, repr(e)[:300]
+            log(shape, variant, "fullgraph generate failed", repr(e)[:300])
+            torch._dynamo.reset()
+            kw.pop("compile_config")
+            model.generate(prompt, **kw)
         sync()
         r["first_call_s"] = time.perf_counter() - t0
-        t = timed(lambda: model.generate(prompt, **kw), 2, 0)
+        t = timed(lambda: model.generate(prompt, **kw), 3, 0)
         r["tokens_per_s"] = args.new / t
         log(shape, variant, "generate", r)
     except Exception as e:  # noqa: BLE001
@@ -279,17 +295,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes")
     ap.add_argument("--models", default="7b,1b")
-    ap.add_argument("--variants", default="bf16,w8,w8a8,ao-int8wo,ao-fp8dq,ao-int4wo,w4,w4:tinygemm")
+    ap.add_argument("--variants", default="bf16,w4,w8,w8a8,ao-int4wo,ao-int8wo,ao-fp8dq")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--generate", default="w4", help="variants also timed through model.generate")
+    ap.add_argument("--generate", default="bf16,w4,w8", help="variants also timed through model.generate")
     ap.add_argument("--generate-models", default="7b")
     ap.add_argument("--skip-ao-batch8", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quant_bench.json"))
+    ap.add_argument("--tuned", default=None, help="quant_kernels_gpu.json whose best launch configs to use")
     ap.add_argument("--quality", action="store_true", help="CPU: perplexity of the bundled model per scheme")
     ap.add_argument("--quality-tokens", type=int, default=32768)
     args = ap.parse_args()
@@ -299,6 +316,12 @@ def main() -> None:
     if args.smoke:
         args.models, args.prompt, args.new, args.prefill = "smoke", 8, 8, 64
         args.variants = ",".join(v for v in args.variants.split(",") if not v.startswith("ao-"))
+    if args.tuned and Path(args.tuned).exists():
+        from openautoglm.quant import ops
+
+        tuned = json.loads(Path(args.tuned).read_text())["tuned"]
+        ops.GEMV_TUNED.update({tuple(int(v) for v in k.split(",")): c for k, c in tuned.items()})
+        log("tuned GEMV configs loaded:", len(tuned))
     args.batches = [int(b) for b in args.batches.split(",")]
     args.generate = [v for v in args.generate.split(",") if v]
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -315,14 +338,14 @@ def main() -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "torchao": ao_version,
            "git_commit": commit or os.environ.get("GIT_COMMIT", "?"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "harness": "static KV cache; whole decode step (forward+argmax+position) in one CUDA graph; eager prefill",
+           "harness": "openautoglm.generate.Generator: static KV cache, decoder layer compiled once (fullgraph), "
+                      "whole decode step in one CUDA graph; prefill through the same compiled layers",
            "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "models": {}}
     res["copy_GBps"] = copy_bandwidth(dev)
     log("copy bandwidth GB/s", res["copy_GBps"])
     if not args.no_kernels:
         res["kernels_7b_mlp_up"] = kernel_bench(dev)
-    if not args.no_kernels:
-        res["compile_check"] = compile_check(dev)
+    res["compile_check"] = compile_check(dev)
     out_path = Path(os.environ.get("OUT", "")) / "quant_bench.json" if os.environ.get("OUT") else Path(args.out)
     for shape in args.models.split(","):
         res_model: dict = {}
@@ -367,6 +390,13 @@ def _write(res, shape, rows, path):
         if "tokens_per_s" in r.get("decode_b1", {}):
             r["decode_b1"]["achieved_GBps"] = r["weight_bytes"] * r["decode_b1"]["tokens_per_s"] / 1e9
             r["decode_b1"]["fraction_of_copy"] = r["decode_b1"]["achieved_GBps"] / res["copy_GBps"]
+            r["decode_b1"]["read_fraction_of_copy"] = (r["read_bytes_per_token"] * r["decode_b1"]["tokens_per_s"]
+                                                       / 1e9 / res["copy_GBps"])
+    gens = res.get("generate", {})
+    for k, g in gens.items():
+        b = gens.get(k.split("/")[0] + "/bf16", {})
+        if "tokens_per_s" in g and "tokens_per_s" in b:
+            g["speedup_vs_bf16_generate"] = g["tokens_per_s"] / b["tokens_per_s"]
     res["models"][shape] = rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=str))

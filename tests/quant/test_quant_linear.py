@@ -46,7 +46,13 @@ def test_storage_shapes_and_dtypes():
     lin = _linear(k=256, n=64, bias=False)
     w4 = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4"))
     assert w4.qweight.shape == (64, 128) and w4.qweight.dtype == torch.uint8
-    assert w4.scale.shape == (64, 2) and w4.zero.shape == (32, 2) and w4.zero.dtype == torch.uint8
+    assert w4.scale.shape == (2, 64) and w4.zero.shape == (2, 32) and w4.zero.dtype == torch.uint8  # groups-major
+    old = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4", layout="rows"))
+    assert old.scale.shape == (64, 2) and old.zero.shape == (32, 2)
+    assert torch.equal(old.qweight, w4.qweight) and torch.equal(old.scale, w4.scale.t())
+    assert torch.equal(old.zero, w4.zero.t())  # same codes and values, only the layout differs
+    x = torch.randn(3, 256)
+    assert torch.equal(old(x), w4(x))
     w4s = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4", symmetric=True))
     assert w4s.zero is None
     w8 = LINEAR_CLASSES["w8a8"].from_linear(lin, QuantConfig())
@@ -103,3 +109,41 @@ def test_patterns():
     assert not cfg.matches("model.layers.3.mlp.down_proj")
     assert not cfg.matches("model.layers.3.self_attn.q_proj")
     assert QuantConfig(scheme="w4").group_size == 128 and QuantConfig(scheme="w4").symmetric is False
+
+
+def test_old_checkpoint_config_reads_row_layout():
+    d = QuantConfig(scheme="w4").to_dict()
+    del d["layout"]  # what checkpoints written before the layout field recorded
+    assert QuantConfig.from_dict(d).layout == "rows"
+    assert QuantConfig(scheme="w4").layout == "groups"
+    with pytest.raises(ValueError, match="layout"):
+        QuantConfig(scheme="w4", layout="cols")
+
+
+@pytest.mark.slow
+def test_layouts_give_identical_perplexity_on_bundled_model():
+    """The group-major layout stores the same codes and scales: held-out perplexity is identical to "rows"."""
+    from openautoglm import AutoModelForCausalLM, AutoTokenizer
+    from openautoglm.evaluate import perplexity
+    from openautoglm.quant import quantize
+
+    import copy
+
+    tok = AutoTokenizer.from_pretrained("open-autoglm-base")
+    base = AutoModelForCausalLM.from_pretrained("open-autoglm-base", dtype="float32")
+    ppl = {}
+    for layout in ("rows", "groups"):
+        m = copy.deepcopy(base)
+        quantize(m, QuantConfig(scheme="w4", layout=layout, include=("*mlp*",)))
+        ppl[layout] = perplexity(m, tok, max_tokens=128, seq_len=128, batch_size=1).perplexity
+    assert ppl["rows"] == ppl["groups"]
+
+
+def test_tuned_gemv_configs_are_used():
+    from openautoglm.quant import ops
+
+    assert ops.GEMV_TUNED, "gemv_tuned.json is shipped with the package"
+    key = next(iter(ops.GEMV_TUNED))
+    fmt, bucket, n, k = key
+    cfg = ops.gemv_config(bucket, n, k, fmt, 128, torch.device("cpu"))
+    assert cfg == ops.GEMV_TUNED[key]

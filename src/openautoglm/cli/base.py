@@ -206,7 +206,15 @@ def generate(
         torch.manual_seed(seed)  # the same seed on every rank: sampled tokens agree
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-        if kv is None:
+        if kv is None and dev.type == "cuda" and tp == 1 and _fast_generate_ok(m):
+            from ..generate import Generator
+
+            res = Generator(m).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+                                        eos_token_id=tok.eos_token_id)
+            out = res.tokens
+            console.print(f"[dim]compile {res.compile_s:.1f}s, prefill {res.prefill_s * 1e3:.0f} ms, "
+                          f"decode {res.tokens_per_s:.1f} tokens/s[/dim]")
+        elif kv is None:
             out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
         else:
             cache = kv.build(m.config)
@@ -218,6 +226,18 @@ def generate(
     if not lead:
         return
     console.print(tok.decode(out[0], skip_special_tokens=True), highlight=False, markup=False)
+
+
+def _fast_generate_ok(model) -> bool:
+    """Whether the compiled static-cache helper (openautoglm.generate) can run this model."""
+    from ..generate import Generator
+
+    try:
+        Generator(model, compile=False, cuda_graph=False)
+    except ValueError as e:
+        logging.getLogger(__name__).info("using model.generate: %s", e)
+        return False
+    return True
 
 
 @contextlib.contextmanager

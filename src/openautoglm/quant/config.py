@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 SCHEMES = ("w8a8", "w8a8-fp8", "w8", "w4", "static")
 OBSERVERS = ("minmax", "percentile")
 KERNELS = ("auto", "triton", "torch", "tinygemm")
+LAYOUTS = ("groups", "rows")
 CONFIG_VERSION = 1
 _DEFAULT_GROUP = {"w4": 128}
 
@@ -34,6 +35,11 @@ class QuantConfig:
     kernel : ``"auto"`` (Triton on CUDA when available, else torch ops), ``"triton"``, ``"torch"``, or
         ``"tinygemm"`` (w4 only: decode through ``torch._weight_int4pack_mm``; keeps a second, tinygemm-packed
         copy of the int4 codes on the GPU, +0.25 bytes per weight).
+    layout : storage of the w8/w4 scales and zero points. ``"groups"`` (the default for new quantizations):
+        group-major ``scale (K/group, N)``, ``zero (K/group, N/2)``, so the kernels read one contiguous row of
+        scales per group; ``"rows"``: ``scale (N, K/group)``, ``zero (N/2, K/group)``, the layout of
+        checkpoints written before it existed (a recorded config without ``layout`` reads as ``"rows"``).
+        Same codes and values either way; both run on the same kernels, no repacking at load.
     """
 
     scheme: str = "w8a8"
@@ -44,6 +50,7 @@ class QuantConfig:
     observer: str = "minmax"
     percentile: float = 99.99
     kernel: str = "auto"
+    layout: str = "groups"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -76,6 +83,8 @@ class QuantConfig:
             raise ValueError(f"unknown kernel {self.kernel!r}; accepted: {', '.join(KERNELS)}")
         if self.kernel == "tinygemm" and s != "w4":
             raise ValueError(f"kernel 'tinygemm' is for scheme w4 only, got scheme {s!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; accepted: {', '.join(LAYOUTS)}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"QuantConfig version {self.version} is not supported (this build reads {CONFIG_VERSION})")
 
@@ -102,6 +111,7 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {unknown}; accepted: {sorted(known)}")
         d = dict(d)
+        d.setdefault("layout", "rows")  # recorded before the layout existed: the row-major scales of then
         for k in ("include", "exclude"):
             if k in d and isinstance(d[k], list):
                 d[k] = tuple(d[k])

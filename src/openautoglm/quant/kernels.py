@@ -1,7 +1,7 @@
 """Device dispatch of the quantized matmuls: Triton/cuBLAS on CUDA, plain torch ops elsewhere.
 
 Every function here is traceable by ``torch.compile`` without graph breaks: the Triton kernels are
-wrapped as ``torch.library`` custom ops (opaque to dynamo, with fake implementations), and the only
+``torch.library`` custom ops (:mod:`.ops`, opaque to dynamo, with fake implementations), and the only
 Python branches are on the device and on the static number of rows ``M``.
 
 Dispatch (``x: (..., K)`` flattened to ``(M, K)``):
@@ -9,15 +9,17 @@ Dispatch (``x: (..., K)`` flattened to ``(M, K)``):
 =============  ==========================================  ==========================================
 scheme         M <= DECODE_MAX_M (decode)                  larger M (prefill) / CPU
 =============  ==========================================  ==========================================
-w4             Triton ``wo_gemv`` (see DECODE_KERNEL)      Triton dequant + cuBLAS bf16 GEMM / torch
-w8             Triton ``wo_matmul`` (codes in the dot)     Triton dequant + cuBLAS bf16 GEMM / torch
-w8a8 (int8)    Triton ``wo_matmul`` (weight-only)          per-token int8 + ``torch._int_mm``
-w8a8-fp8       Triton ``wo_matmul`` on the e4m3 weights    per-token e4m3 + ``torch._scaled_mm`` rowwise
-static         Triton ``wo_matmul`` (weight-only)          static-scale int8 + ``torch._int_mm``
+w4, w8         ``wq_gemv`` (Triton, split-K)               ``wq_gemm`` fused dequant-GEMM (or dequant +
+                                                           cuBLAS, see PREFILL_PATH) / torch
+w8a8 (int8)    ``wq_gemv`` on the int8 weights             per-token int8 + ``torch._int_mm``
+w8a8-fp8       ``wq_gemv`` on the e4m3 weights             per-token e4m3 + ``torch._scaled_mm`` rowwise
+static         ``wq_gemv`` on the int8 weights             static-scale int8 + ``torch._int_mm``
 =============  ==========================================  ==========================================
 
 At decode the activations are not quantized: the step is bound by reading the weights, and the
-16-bit activations are more accurate.
+16-bit activations are more accurate. Under ``torch.compile`` the per-token activation quantization of
+the prefill is written in torch ops, so inductor fuses it into the op that produced ``x`` (RMSNorm);
+eagerly it is one Triton kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .math import quantize_per_token, unpack_int4
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ def _probe_triton() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from . import triton_kernels  # noqa: F401
+        from . import triton_gemm, triton_gemv, triton_kernels  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "no Triton here"
         log.info("Triton kernels unavailable (%s); using torch ops", e)
         return False
@@ -64,108 +67,11 @@ def fp8_supported(device: torch.device | str | None = None) -> bool:
     return FP8_OK
 
 
-# ----------------------------------------------------------------------------- Triton custom ops
-
-@torch.library.custom_op("openautoglm::wo_matmul", mutates_args=())
-def wo_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
-              group: int) -> torch.Tensor:
-    """``x (M, K) @ dequant(w)^T -> (M, N)`` in x's dtype (Triton, small M)."""
-    from . import triton_kernels as tk
-
-    M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    tk.wo_matmul_tuned[grid](x, w, s, z if z is not None else s, y, M, N, K, x.stride(0), w.stride(0),
-                             s.stride(0), z.stride(0) if z is not None else 0, y.stride(0), GROUP=group, BITS=bits,
-                             HAS_Z=z is not None, BLOCK_M=16)
-    return y
-
-
-@wo_matmul.register_fake
-def _(x, w, s, z, bits, group):
-    return x.new_empty((x.shape[0], w.shape[0]))
-
-
-def gemv_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """The codes as ``wo_gemv`` reads them: packed int4 ``(N, K/2)`` uint8 viewed as int32 ``(N, K/8)``."""
-    return w.view(torch.int32) if bits == 4 else w
-
-
-@torch.library.custom_op("openautoglm::wo_gemv", mutates_args=())
-def wo_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
-            group: int) -> torch.Tensor:
-    """``x (M, K) @ dequant(w)^T -> (M, N)``, decode GEMV (Triton v2: wide code loads, fp32 FMA at M=1)."""
-    from . import triton_kernels as tk
-
-    M, K = x.shape
-    N = w.shape[0]
-    wq = gemv_weight(w, bits)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    tk.wo_gemv_tuned[grid](x, wq, s, z if z is not None else s, y, M, N, K, x.stride(0), wq.stride(0), s.stride(0),
-                           z.stride(0) if z is not None else 0, y.stride(0), GROUP=group, BITS=bits,
-                           HAS_Z=z is not None, BLOCK_M=1 if M == 1 else 16)
-    return y
-
-
-@wo_gemv.register_fake
-def _(x, w, s, z, bits, group):
-    return x.new_empty((x.shape[0], w.shape[0]))
-
-
-# Decode kernel of the weight-only paths on CUDA: "v2" (wo_gemv) or "v1" (wo_matmul, codes in the dot), by
-# bit width. Measured per layer on the H100 (K=4096, N=11008, CUDA graph, benchmarks/quant_kernels_gpu.py):
-# w4 v2 25 / 44 / 44 us at M=1/8/16 vs v1 50 / 66 / 82 us; w8 v1 19 / 20 / 20 us vs v2 21 / 25 / 25 us.
-DECODE_KERNEL = {4: "v2", 8: "v1"}
-
-
-def _decode_op(bits: int):
-    return wo_gemv if DECODE_KERNEL.get(bits, "v1") == "v2" else wo_matmul
-
-
-@torch.library.custom_op("openautoglm::dequant", mutates_args=())
-def dequant_triton(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group: int,
-                   in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``(N, K)`` weight of the given 16-bit dtype (Triton)."""
-    from . import triton_kernels as tk
-
-    N, K = w.shape[0], in_features
-    out = torch.empty((N, K), device=w.device, dtype=dtype)
-    grid = (triton_cdiv(N, 32), triton_cdiv(K, 256))
-    tk.dequant_kernel[grid](w, s, z if z is not None else s, out, N, K, w.stride(0), s.stride(0),
-                            z.stride(0) if z is not None else 0, out.stride(0), GROUP=group, BITS=bits, HAS_Z=z is not None, BLOCK_N=32, BLOCK_K=256, num_warps=4)
-    return out
-
-
-@dequant_triton.register_fake
-def _(w, s, z, bits, group, in_features, dtype):
-    return w.new_empty((w.shape[0], in_features), dtype=dtype)
-
-
-@torch.library.custom_op("openautoglm::quant_rows", mutates_args=())
-def quant_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric quantization of ``x (M, K)``: codes (int8 or e4m3) and float32 scales (M, 1)."""
-    from . import triton_kernels as tk
-
-    M, K = x.shape
-    q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
-    qmax = torch.finfo(torch.float8_e4m3fn).max if fp8 else 127.0
-    block = max(16, 1 << (K - 1).bit_length())
-    tk.quant_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=qmax, FP8=fp8, BLOCK=block,
-                               num_warps=8 if block >= 4096 else 4)
-    return q, s
-
-
-@quant_rows.register_fake
-def _(x, fp8):
-    dt = torch.float8_e4m3fn if fp8 else torch.int8
-    return x.new_empty(x.shape, dtype=dt), x.new_empty((x.shape[0], 1), dtype=torch.float32)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+# Prefill (M > DECODE_MAX_M) of the weight-only formats on CUDA: "fused" (ops.wq_gemm, dequantization inside
+# the GEMM tiles) or "dequant" (Triton dequantize to 16 bits, then cuBLAS), by bit width. Measured per layer on
+# the H100 (M=2048, K=4096, N=11008; benchmarks/quant_kernels_gpu.py): bf16 245 us; dequant + cuBLAS 296 us (w4)
+# and 294 us (w8); the fused Triton GEMM 572 / 509 us (best of six tile shapes). So: dequant.
+PREFILL_PATH = {4: "dequant", 8: "dequant"}
 
 
 # ----------------------------------------------------------------------------- torch-op references
@@ -176,8 +82,11 @@ def unpack_zero(z: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_torch(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``(N, K)`` weight from codes ``w``, scales ``s (N, K // group)`` and packed zero codes, torch ops."""
+                  dtype: torch.dtype, groups_major: bool = False) -> torch.Tensor:
+    """Dense ``(N, K)`` weight from codes ``w``, scales ``s (N, K // group)`` and packed zero codes ``(N/2, G)``
+    (``groups_major``: ``s (G, N)``, ``z (G, N/2)``), torch ops: ``(q - z) * s`` in ``dtype``."""
+    if groups_major:
+        s, z = s.t(), (z.t() if z is not None else None)
     q = unpack_int4(w) if bits == 4 else w
     N, K = q.shape
     qf = q.to(dtype if dtype != torch.float8_e4m3fn else torch.float32).reshape(N, K // group, group)
@@ -192,26 +101,33 @@ def dequant_torch(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits
 
 
 def _use_triton(x: torch.Tensor, kernel: str) -> bool:
-    return x.is_cuda and kernel != "torch" and TRITON_OK
+    return x.is_cuda and kernel != "torch" and TRITON_OK and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # ----------------------------------------------------------------------------- public dispatch
 
 def weight_only_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
-                       group: int, bias: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
-    """``x (..., K) -> (..., N)`` through quantized weights (int8, packed int4 or e4m3 codes)."""
+                       group: int, bias: torch.Tensor | None = None, kernel: str = "auto",
+                       groups_major: bool = False) -> torch.Tensor:
+    """``x (..., K) -> (..., N)`` through grouped int8 / packed int4 codes (layouts as in :mod:`.ops`)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    if _use_triton(x2, kernel) and x.dtype in (torch.bfloat16, torch.float16):
+    if _use_triton(x2, kernel):
         if x2.shape[0] <= DECODE_MAX_M:
-            y = _decode_op(bits)(x2.contiguous(), w, s, z, bits, group)
+            y = ops.wq_gemv(x2, w, s, z, bits, group, groups_major)
+        elif PREFILL_PATH.get(bits) == "fused":
+            y = ops.wq_gemm(x2, w, s, z, bits, group, groups_major)
         else:
-            y = F.linear(x2, dequant_triton(w, s, z, bits, group, K, x.dtype))
+            y = F.linear(x2, ops.dequant(w, s, z, bits, group, groups_major, K, x.dtype))
     else:
-        y = F.linear(x2, dequant_torch(w, s, z, bits, group, x.dtype))
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = F.linear(x2, dequant_torch(w, s, z, bits, group, x.dtype, groups_major))
+    return _finish(y, x, bias)
 
 
 def _int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -234,21 +150,18 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if _use_triton(x2, kernel) and M <= DECODE_MAX_M and x.dtype in (torch.bfloat16, torch.float16):
-        y = wo_matmul(x2.contiguous(), w, ws, None, 8, K)
-    else:
-        if act_scale is not None:
-            xs = act_scale.float().reshape(1, 1)
-            xq = torch.clamp(torch.round(x2.float() / xs), -127, 127).to(torch.int8)
-        elif _use_triton(x2, kernel) and x.dtype in (torch.bfloat16, torch.float16):
-            xq, xs = quant_rows(x2.contiguous(), False)
-        else:
-            xq, xs = quantize_per_token(x2)
-        acc = _int8_gemm(xq, w)
-        y = (acc.float() * xs * ws.float().reshape(1, -1)).to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    fast = _use_triton(x2, kernel)
+    if fast and M <= DECODE_MAX_M:
+        return _finish(ops.wq_gemv(x2, w, ws, None, 8, K, False), x, bias)
+    if act_scale is not None:
+        xs = act_scale.float().reshape(1, 1)
+        xq = torch.clamp(torch.round(x2.float() / xs), -127, 127).to(torch.int8)
+    elif fast and not torch.compiler.is_compiling():
+        xq, xs = ops.quant_rows(x2.contiguous(), False)
+    else:  # torch ops: under torch.compile inductor fuses this into the producer of x
+        xq, xs = quantize_per_token(x2)
+    acc = _int8_gemm(xq, w)
+    return _finish((acc.float() * xs * ws.float().reshape(1, -1)).to(x.dtype), x, bias)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
@@ -258,11 +171,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.T
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    fast = _use_triton(x2, kernel) and x.dtype in (torch.bfloat16, torch.float16)
+    fast = _use_triton(x2, kernel)
     if fast and M <= DECODE_MAX_M:
-        y = wo_matmul(x2.contiguous(), w, ws, None, 8, K)
+        y = ops.wq_gemv(x2, w, ws, None, 9, K, False)
     elif fast and FP8_OK:
-        xq, xs = quant_rows(x2.contiguous(), True)
+        if torch.compiler.is_compiling():  # torch ops: fused by inductor into the producer of x (RMSNorm)
+            from .math import to_fp8
+
+            xq, xs = to_fp8(x2)
+        else:
+            xq, xs = ops.quant_rows(x2.contiguous(), True)
         pad = (-M) % 16
         if pad:
             xq, xs = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn), F.pad(xs, (0, 0, 0, pad), value=1.0)
@@ -272,9 +190,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.T
 
         xq, xs = to_fp8(x2)
         y = ((xq.float() * xs) @ (w.float() * ws.float().reshape(-1, 1)).t()).to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _finish(y, x, bias)
 
 
 @functools.lru_cache(maxsize=8)

@@ -75,7 +75,13 @@ class QuantLinear(nn.Module):
         return mod
 
     def _prepare_device(self) -> None:
-        """Hook for derived, device-specific layouts (re-run after every ``.to()``)."""
+        """Hook for derived, device-specific state (re-run after every ``.to()``): on a GPU, the split-K
+        tickets of the decode kernels are allocated here, outside any CUDA graph."""
+        w = getattr(self, "qweight", None)
+        if w is not None and w.is_cuda:
+            from . import ops
+
+            ops.tickets(w.device)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -184,10 +190,11 @@ class WeightOnlyLinear(QuantLinear):
     """w8 / w4: grouped weight-only codes, dequantized inside the matmul.
 
     Storage: ``qweight`` int8 ``(N, K)`` (w8) or uint8 ``(N, K/2)`` two int4 codes a byte (w4, even k in the
-    high nibble; symmetric codes offset by 8); ``scale`` ``(N, K/group)`` in the model dtype; ``zero``
-    (asymmetric w4 only) the integer zero-point codes packed two rows a byte, uint8 ``(N/2, K/group)`` (row
-    2i in the high nibble): ``w = (q - zero) * scale``. Half a byte per group instead of a 16-bit float
-    keeps w4 g128 at 0.53 bytes per weight.
+    high nibble; symmetric codes offset by 8); ``scale`` in the model dtype and ``zero`` (asymmetric w4 only)
+    the integer zero-point codes packed two rows a byte (row 2i in the high nibble): ``w = (q - zero) * scale``.
+    ``config.layout == "groups"``: ``scale (K/group, N)``, ``zero (K/group, N/2)`` (one contiguous row per
+    group, what the kernels read); ``"rows"`` (older checkpoints): ``scale (N, K/group)``, ``zero (N/2, K/group)``.
+    Half a byte per group instead of a 16-bit float keeps w4 g128 at 0.53 bytes per weight.
     """
 
     scheme = "w4"
@@ -200,15 +207,30 @@ class WeightOnlyLinear(QuantLinear):
     def group(self) -> int:
         return self.config.group_size or self.in_features
 
+    @property
+    def groups_major(self) -> bool:
+        return self.config.layout == "groups"
+
+    def scale_rows(self) -> torch.Tensor:
+        """The scales as ``(N, K/group)`` whatever the layout (a view)."""
+        return self.scale.t() if self.groups_major else self.scale
+
+    def zero_rows(self) -> torch.Tensor | None:
+        """The packed zero points as ``(N/2, K/group)`` whatever the layout (a view), or ``None``."""
+        if self.zero is None:
+            return None
+        return self.zero.t() if self.groups_major else self.zero
+
     def _alloc(self, dtype, device):
         n, k = self.out_features, self.in_features
         if self.bits == 4:
             self.qweight = _frozen(torch.empty(n, k // 2, dtype=torch.uint8, device=device))
         else:
             self.qweight = _frozen(torch.empty(n, k, dtype=torch.int8, device=device))
-        self.scale = _frozen(torch.empty(n, k // self.group, dtype=dtype, device=device))
-        self.zero = None if self.config.symmetric else _frozen(
-            torch.empty(n // 2, k // self.group, dtype=torch.uint8, device=device))
+        g = k // self.group
+        sshape, zshape = ((g, n), (g, n // 2)) if self.groups_major else ((n, g), (n // 2, g))
+        self.scale = _frozen(torch.empty(sshape, dtype=dtype, device=device))
+        self.zero = None if self.config.symmetric else _frozen(torch.empty(zshape, dtype=torch.uint8, device=device))
 
     def _fill(self, weight):
         gran = "group" if self.config.group_size else "channel"
@@ -218,10 +240,10 @@ class WeightOnlyLinear(QuantLinear):
         if self.bits == 4:
             q = pack_int4(q.to(torch.int16) + 8 if self.config.symmetric else q)
         self.qweight.data.copy_(q)
-        self.scale.data.copy_(qt.scale.reshape(self.scale.shape))
+        self.scale_rows().copy_(qt.scale.reshape(self.out_features, -1))
         if self.zero is not None:
             z = qt.zero.reshape(self.out_features, -1)
-            self.zero.data.copy_(pack_int4(z.t().contiguous()).t())
+            self.zero_rows().copy_(pack_int4(z.t().contiguous()).t())
 
     def tp_granularity(self, dim: str) -> int:
         if dim == "out":
@@ -250,15 +272,17 @@ class WeightOnlyLinear(QuantLinear):
         return out
 
     def _prepare_device(self) -> None:
+        super()._prepare_device()
         # kernel="tinygemm": a tinygemm-packed copy of the codes for decode, as non-persistent buffers (never
         # saved, but counted by model_bytes); rebuilt from the canonical codes whenever the module moves.
         tg_w = tg_sz = None
         if self.config.kernel == "tinygemm" and not self.qweight.is_meta and self.qweight.is_cuda:
             k = self.in_features
             tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
-            zc = kernels.unpack_zero(self.zero).to(self.scale.dtype) if self.zero is not None else 8
+            s = self.scale_rows()
+            zc = kernels.unpack_zero(self.zero_rows()).to(s.dtype) if self.zero is not None else 8
             tg_w = torch._convert_weight_to_int4pack(self.qweight.data, tiles)
-            tg_sz = torch.stack([self.scale.t(), ((8 - zc) * self.scale).t()], -1).to(torch.bfloat16).contiguous()
+            tg_sz = torch.stack([s.t(), ((8 - zc) * s).t()], -1).to(torch.bfloat16).contiguous()
         for name, t in (("_tg_w", tg_w), ("_tg_sz", tg_sz)):
             if name in self._buffers:
                 self._buffers[name] = t
@@ -272,7 +296,7 @@ class WeightOnlyLinear(QuantLinear):
             y = y if self.bias is None else y + self.bias
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return kernels.weight_only_linear(x, self.qweight, self.scale, self.zero, self.bits, self.group, self.bias,
-                                          kernel=self.config.kernel)
+                                          kernel=self.config.kernel, groups_major=self.groups_major)
 
 
 class _W8Linear(WeightOnlyLinear):

@@ -1,0 +1,220 @@
+"""``torch.library`` custom ops over the weight-only Triton kernels, with their launch configurations.
+
+The ops are opaque to ``torch.compile`` (fake implementations give the output shapes), so a compiled
+model calls them without graph breaks and CUDA graphs capture them as plain kernel launches.
+
+* ``openautoglm::wq_gemv``: decode GEMV, M <= 16 (:mod:`.triton_gemv`).
+* ``openautoglm::wq_gemm``: prefill GEMM with dequantization fused into the tiles (:mod:`.triton_gemm`).
+
+Both take the codes ``w`` (int4 two a byte ``(N, K/2)`` uint8, int8 ``(N, K)`` or e4m3 ``(N, K)``), the scales
+``s`` and the optional packed zero points ``z`` in either layout (``groups_major``: ``s (G, N)``,
+``z (G, N/2)``; else ``s (N, G)``, ``z (N/2, G)``). ``fmt`` is 4, 8 or 9 (e4m3).
+
+Launch configurations come from :data:`GEMV_TUNED` / :data:`GEMM_TUNED` (measured on the H100, keyed by
+format, row bucket and shape) or from a heuristic for shapes not in the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+def _load_tuned() -> dict[tuple[int, int, int, int], dict]:
+    """(fmt, rows bucket 1|16, N, K) -> launch config: the best of the per-layer sweep of
+    ``benchmarks/quant_kernels_gpu.py`` on the H100 (7B and 1B Llama shapes), shipped as ``gemv_tuned.json``."""
+    path = Path(__file__).with_name("gemv_tuned.json")
+    if not path.exists():
+        return {}
+    return {tuple(int(v) for v in k.split(",")): c for k, c in json.loads(path.read_text())["gemv"].items()}
+
+
+GEMV_TUNED: dict[tuple[int, int, int, int], dict] = _load_tuned()
+GEMM_TUNED: dict[tuple[int, int, int], dict] = {}
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+
+
+def _bucket(m: int) -> int:
+    return 1 if m == 1 else 16
+
+
+def _split(n_tiles: int, n_blocks: int, target: int) -> int:
+    split = max(1, min(n_tiles, cdiv(target, n_blocks)))
+    per = cdiv(n_tiles, split)
+    return cdiv(n_tiles, per)  # no empty splits
+
+
+def gemv_config(M: int, N: int, K: int, fmt: int, group: int, device: torch.device) -> dict:
+    """Block sizes, split and warps of :func:`wq_gemv` for this problem."""
+    cfg = GEMV_TUNED.get((fmt, _bucket(M), N, K))
+    if cfg is None:
+        dot = M > 1
+        bk = 256 if fmt == 4 else 128
+        if dot:
+            bk = min(bk, group)
+        while K % bk:
+            bk //= 2
+        cfg = dict(BLOCK_N=64 if dot else 16, BLOCK_K=bk, num_warps=4, num_stages=2, DOT=dot, waves=4)
+    cfg = dict(cfg)
+    n_blocks = cdiv(N, cfg["BLOCK_N"])
+    if "SPLIT_K" not in cfg:
+        cfg["SPLIT_K"] = _split(K // cfg["BLOCK_K"], n_blocks, cfg.pop("waves", 4) * sm_count(device))
+    cfg.pop("waves", None)
+    return cfg
+
+
+_TICKETS: dict[str, torch.Tensor] = {}
+
+
+def tickets(device: torch.device, n: int = 4096) -> torch.Tensor:
+    """Per-device int32 tickets of the split-K reduction; every launch leaves them at zero.
+
+    Allocated once, outside any CUDA graph (:class:`~.linear.QuantLinear` asks for them when it moves to a
+    GPU): a buffer first allocated inside a captured region would belong to that graph's memory pool.
+    Launches on one device share them, so GEMVs must not run concurrently on two streams of one device.
+    """
+    key = str(device)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[key] = t
+    return t
+
+
+def _meta_strides(s: torch.Tensor, z: torch.Tensor | None, groups_major: bool) -> tuple[int, int, int, int]:
+    """(stride over rows n, stride over groups g) of the scales, then of the packed zero bytes."""
+    sn, sg = (s.stride(1), s.stride(0)) if groups_major else (s.stride(0), s.stride(1))
+    if z is None:
+        return sn, sg, 0, 0
+    zn, zg = (z.stride(1), z.stride(0)) if groups_major else (z.stride(0), z.stride(1))
+    return sn, sg, zn, zg
+
+
+def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
+    from .triton_gemv import gemv_kernel
+
+    M, K = x.shape
+    N = w.shape[0]
+    wq = w
+    split = cfg["SPLIT_K"]
+    n_blocks = cdiv(N, cfg["BLOCK_N"])
+    part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
+    tk = tickets(x.device, n_blocks) if split > 1 else y
+    sn, sg, zn, zg = _meta_strides(s, z, groups_major)
+    gemv_kernel[(n_blocks, split)](
+        x, wq, s, z if z is not None else s, y, part, tk, M, N, K, split, x.stride(0), wq.stride(0), sn, sg, zn,
+        zg, y.stride(0), FMT=fmt, GROUP=0 if group >= K else group, HAS_Z=z is not None,
+        BLOCK_M=16 if cfg["DOT"] else 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT=split > 1, DOT=cfg["DOT"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+@torch.library.custom_op("openautoglm::wq_gemv", mutates_args=())
+def wq_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: int, group: int,
+            groups_major: bool) -> torch.Tensor:
+    """``x (M, K) @ dequant(w)^T -> (M, N)`` in x's dtype, M <= 16 (decode)."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return launch_gemv(x, w, s, z, fmt, group, groups_major, y, gemv_config(M, N, K, fmt, group, x.device))
+
+
+@wq_gemv.register_fake
+def _(x, w, s, z, fmt, group, groups_major):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def gemm_config(M: int, N: int, K: int, fmt: int, group: int) -> dict:
+    cfg = GEMM_TUNED.get((fmt, N, K))
+    if cfg is None:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    cfg = dict(cfg)
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group)
+    while K % cfg["BLOCK_K"]:
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
+def launch_gemm(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
+    from .triton_gemm import wq_gemm_kernel
+
+    M, K = x.shape
+    N = w.shape[0]
+    sn, sg, zn, zg = _meta_strides(s, z, groups_major)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    wq_gemm_kernel[grid](x, w, s, z if z is not None else s, y, M, N, K, x.stride(0), w.stride(0), sn, sg, zn, zg,
+                         y.stride(0), FMT=fmt, GROUP=group, HAS_Z=z is not None, BLOCK_M=cfg["BLOCK_M"],
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+@torch.library.custom_op("openautoglm::wq_gemm", mutates_args=())
+def wq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: int, group: int,
+            groups_major: bool) -> torch.Tensor:
+    """``x (M, K) @ dequant(w)^T -> (M, N)`` in x's dtype with the dequantization fused (prefill)."""
+    x = x.contiguous()
+    M, K = x.shape
+    y = torch.empty((M, w.shape[0]), device=x.device, dtype=x.dtype)
+    return launch_gemm(x, w, s, z, fmt, group, groups_major, y, gemm_config(M, w.shape[0], K, fmt, group))
+
+
+@wq_gemm.register_fake
+def _(x, w, s, z, fmt, group, groups_major):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("openautoglm::dequant", mutates_args=())
+def dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group: int, groups_major: bool,
+            in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``(N, K)`` weight of the given 16-bit dtype from int4/int8 codes (Triton)."""
+    from .triton_kernels import dequant_kernel
+
+    N, K = w.shape[0], in_features
+    out = torch.empty((N, K), device=w.device, dtype=dtype)
+    sn, sg, zn, zg = _meta_strides(s, z, groups_major)
+    dequant_kernel[(cdiv(N, 32), cdiv(K, 256))](w, s, z if z is not None else s, out, N, K, w.stride(0), sn, sg, zn, zg,
+                                                out.stride(0), GROUP=group, BITS=bits, HAS_Z=z is not None,
+                                                BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    return out
+
+
+@dequant.register_fake
+def _(w, s, z, bits, group, groups_major, in_features, dtype):
+    return w.new_empty((w.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.custom_op("openautoglm::quant_rows", mutates_args=())
+def quant_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric quantization of ``x (M, K)``: codes (int8 or e4m3) and float32 scales (M, 1)."""
+    from .triton_kernels import quant_rows_kernel
+
+    M, K = x.shape
+    q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    qmax = torch.finfo(torch.float8_e4m3fn).max if fp8 else 127.0
+    block = max(16, 1 << (K - 1).bit_length())
+    quant_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=qmax, FP8=fp8, BLOCK=block,
+                            num_warps=8 if block >= 4096 else 4)
+    return q, s
+
+
+@quant_rows.register_fake
+def _(x, fp8):
+    dt = torch.float8_e4m3fn if fp8 else torch.int8
+    return x.new_empty(x.shape, dtype=dt), x.new_empty((x.shape[0], 1), dtype=torch.float32)
