@@ -206,7 +206,7 @@ def generate(
         torch.manual_seed(seed)  # the same seed on every rank: sampled tokens agree
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-        if kv is None and dev.type == "cuda" and tp == 1 and _fast_generate_ok(m):
+        if kv is None and tp == 1 and torch.device(dev).type == "cuda" and _fast_generate_ok(m):
             from ..generate import Generator
 
             res = Generator(m).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,

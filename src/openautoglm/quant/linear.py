@@ -257,15 +257,16 @@ class WeightOnlyLinear(QuantLinear):
         return f" (quantization groups of {self.config.group_size})" if self.config.group_size else " (int4 codes two a byte)"
 
     def _layout_slices(self, dim, start, stop):
+        n_ax, g_ax = (1, 0) if self.groups_major else (0, 1)  # scale/zero axes of output rows and of groups
         if dim == "out":
-            out = {"qweight": (0, start, stop), "scale": (0, start, stop)}
+            out = {"qweight": (0, start, stop), "scale": (n_ax, start, stop)}
             if self.zero is not None:
-                out["zero"] = (0, start // 2, stop // 2)
+                out["zero"] = (n_ax, start // 2, stop // 2)
             return out
         per = 2 if self.bits == 4 else 1
         out = {"qweight": (1, start // per, stop // per)}
         g = self.config.group_size
-        grouped = None if not g else (1, start // g, stop // g)  # per-channel scales serve any input slice
+        grouped = None if not g else (g_ax, start // g, stop // g)  # per-channel scales serve any input slice
         out["scale"] = grouped
         if self.zero is not None:
             out["zero"] = grouped
