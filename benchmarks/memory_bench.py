@@ -10,6 +10,13 @@ model was built (cuBLAS/cuBLASLt workspaces are created by a warm-up first and r
     python benchmarks/memory_bench.py            # GPU: writes benchmarks/results/memory_bench.json
     python benchmarks/memory_bench.py --smoke    # CPU: tiny shapes, checks the script end to end
     python benchmarks/memory_bench.py --plot     # PNGs from the JSON (estimated vs measured, breakdown)
+    python benchmarks/memory_bench.py --group issue14 --explain --out ...   # only the issue-14 cases, and what
+                                                  # is alive at each inference peak (dispatch-level tensor trace)
+
+Issue 14 added a TinyLlama-shaped 1B (22 layers, 32 query / 4 KV heads, MLP 5632, vocab 32000) at batch 8 x 2048,
+a plain user forward without ``logits_to_keep`` (all logits), and a plain user training loop
+(``torch.optim.AdamW(model.parameters())`` with torch's defaults: foreach on CUDA) estimated with the default
+``optimizer="adamw"`` and with the live optimizer object.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ MODELS = {
                        num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "tinyllama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, head_dim=128, tie_word_embeddings=False),
 }
@@ -52,8 +61,14 @@ def cases(smoke: bool) -> list[dict]:
                 out.append(dict(mode="train", model=m, batch=b, seq_len=s, amp=amp, ckpt=ck, accum=1))
     out.append(dict(mode="train", model="llama-1b", batch=4, seq_len=1024, amp="fp16", ckpt=False, accum=2))
     out.append(dict(mode="train", model="llama-1b", batch=2, seq_len=2048, amp="bf16", ckpt=True, accum=2))
+    out = [dict(c, group="grid") for c in out]
+    out += [dict(group="issue14", mode="inference", model="llama-1b", batch=8, seq_len=2048),  # control
+            dict(group="issue14", mode="inference", model="tinyllama-1b", batch=8, seq_len=2048),
+            dict(group="issue14", mode="inference", model="tinyllama-1b", batch=8, seq_len=2048, logits="all"),
+            dict(group="issue14", mode="train", loop="plain", model="tinyllama-1b", batch=4, seq_len=1024, amp="bf16",
+                 ckpt=True, accum=1)]
     if smoke:
-        out = [dict(c, batch=2, seq_len=64) for c in out[:1] + out[4:6] + out[-2:]]
+        out = [dict(c, batch=2, seq_len=64) for c in out[:1] + out[4:6] + out[13:14] + out[-4:]]
     return out
 
 
@@ -94,14 +109,51 @@ def reset(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure_inference(model, c: dict, device: str) -> dict:
+def measure_inference(model, c: dict, device: str, explain: bool = False) -> tuple[dict, dict | None]:
+    """Prefill with a KV cache: last-token logits as ``generate`` does, or (``logits="all"``) a plain user forward
+    that returns every position's logits. ``explain`` repeats it under a dispatch-level tensor trace and returns
+    what was alive at its peak."""
     x = torch.randint(0, model.config.vocab_size, (c["batch"], c["seq_len"]), device=device)
+    kw = {} if c.get("logits") == "all" else {"logits_to_keep": 1}
     reset(device)
     with torch.inference_mode():
-        out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=x, use_cache=True, **kw)
     p = peak(device)
-    del out, x
-    return {"prefill": p}
+    del out
+    trace = None
+    if explain:
+        from openautoglm.memory import TensorTracker
+
+        weights = list(model.parameters()) + list(model.buffers())
+        with torch.inference_mode(), TensorTracker(ignore=weights, explain=True) as tr:
+            out = model(input_ids=x, use_cache=True, **kw)
+        del out
+        trace = {"tracked_peak_above_weights": tr.peak, "peak_op": tr.peak_op, "alive_at_peak": tr.peak_summary(16)}
+    del x
+    return {"prefill": p}, trace
+
+
+def measure_train_plain(model, c: dict, device: str) -> tuple[dict, torch.optim.Optimizer]:
+    """A plain user loop: ``torch.optim.AdamW(model.parameters())`` (torch's default implementation), bf16
+    autocast over fp32 parameters, transformers' activation checkpointing; the second step is reported."""
+    from openautoglm import _hf
+
+    if c["ckpt"]:
+        _hf.enable_activation_checkpointing(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    p = 0
+    for _ in range(2):
+        x = torch.randint(0, model.config.vocab_size, (c["batch"], c["seq_len"]), device=device)
+        reset(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=c["amp"] == "bf16"):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        p = peak(device)
+        del loss, x
+    return {"train step": p}, opt
 
 
 def measure_train(model, c: dict, device: str) -> dict:
@@ -178,20 +230,28 @@ def warm_up(device: str) -> dict:
     return info
 
 
-def run(smoke: bool, out_path: Path) -> dict:
+def _optimizer(c: dict) -> str:
+    """Our loop (openautoglm.train) builds the fused AdamW; the plain loop gets torch's default ("adamw")."""
+    return "adamw" if c.get("loop") == "plain" else "adamw_fused"
+
+
+def run(smoke: bool, out_path: Path, group: str | None = None, explain: bool = False) -> dict:
     from openautoglm.memory import estimate_memory
 
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    doc = {**env_info(device), **warm_up(device), "smoke": smoke, "cases": []}
+    doc = {**env_info(device), **warm_up(device), "smoke": smoke, "group": group, "cases": []}
     t_all = time.perf_counter()
     model, model_key = None, None
     for c in cases(smoke):
+        if group and c["group"] != group:
+            continue
         t0 = time.perf_counter()
         cfg = config_dict(c["model"], smoke)
         train = c["mode"] == "train"
         dtype = torch.float32 if train and c["amp"] != "none" else torch.bfloat16
         est = estimate_memory(cfg, mode=c["mode"], batch=c["batch"], seq_len=c["seq_len"], dtype=dtype,
-                              amp=c.get("amp"), grad_checkpointing=c.get("ckpt", False), grad_accum=c.get("accum", 1))
+                              amp=c.get("amp"), grad_checkpointing=c.get("ckpt", False), grad_accum=c.get("accum", 1),
+                              logits=c.get("logits"), device=device, optimizer=_optimizer(c))
         key = (c["model"], dtype, train)
         if model is None or key != model_key or train:
             model = None
@@ -201,19 +261,34 @@ def run(smoke: bool, out_path: Path) -> dict:
             start = torch.cuda.memory_allocated() if device == "cuda" else 0
             model = build(cfg, dtype, device)
             model_key = key
-        phases = measure_train(model, c, device) if train else measure_inference(model, c, device)
+        trace, extra = None, {}
+        if train and c.get("loop") == "plain":
+            phases, opt = measure_train_plain(model, c, device)
+            by_obj = estimate_memory(cfg, mode="train", batch=c["batch"], seq_len=c["seq_len"], dtype=dtype,
+                                     amp=c["amp"], grad_checkpointing=c["ckpt"], optimizer=opt)
+            extra = {"estimated_from_optimizer_object": by_obj.total, "optimizer": est.settings["optimizer"],
+                     "estimated_adamw_fused": estimate_memory(cfg, mode="train", batch=c["batch"], seq_len=c["seq_len"],
+                                                              dtype=dtype, amp=c["amp"], grad_checkpointing=c["ckpt"],
+                                                              optimizer="adamw_fused").total}
+            del opt
+        elif train:
+            phases = measure_train(model, c, device)
+        else:
+            phases, trace = measure_inference(model, c, device, explain)
         measured = max(phases.values()) - start
         row = {**c, "dtype": str(dtype).replace("torch.", ""), "estimated": est.total, "measured": measured,
                "error_pct": 100 * (est.total / measured - 1) if measured else None,
                "measured_phases": {k: v - start for k, v in phases.items()}, "estimate_phase": est.phase,
                "estimate_phases": est.phases, "terms": est.terms, "params": est.settings["params"],
                "accelerate_weights": accelerate_figure(cfg, 2 if dtype == torch.bfloat16 else 4),
-               "baseline_bytes": start, "seconds": round(time.perf_counter() - t0, 2)}
+               "baseline_bytes": start, "seconds": round(time.perf_counter() - t0, 2), **extra}
+        if trace is not None:
+            row["trace"] = trace
         if train:
             model = None  # training mutated it (fp32 cast, checkpointing); rebuild next time
         doc["cases"].append(row)
         err = f"{row['error_pct']:+6.2f}%" if row["error_pct"] is not None else "  n/a "
-        print(f"{c['mode']:9} {c['model']:10} b{c['batch']} s{c['seq_len']} amp={c.get('amp', '-'):4} "
+        print(f"{c['mode']:9} {c['model']:12} b{c['batch']} s{c['seq_len']} amp={c.get('amp', '-'):4} "
               f"ckpt={int(c.get('ckpt', False))} acc={c.get('accum', 1)}  est {est.total / 2**30:7.3f} GiB  "
               f"meas {measured / 2**30:7.3f} GiB  {err}  ({row['seconds']} s)", flush=True)
         summarize(doc)
@@ -239,7 +314,9 @@ def recompute(path: Path) -> dict:
     for c in doc["cases"]:
         est = estimate_memory(config_dict(c["model"], doc.get("smoke", False)), mode=c["mode"], batch=c["batch"],
                               seq_len=c["seq_len"], dtype=getattr(torch, c["dtype"]), amp=c.get("amp"),
-                              grad_checkpointing=c.get("ckpt", False), grad_accum=c.get("accum", 1))
+                              grad_checkpointing=c.get("ckpt", False), grad_accum=c.get("accum", 1),
+                              logits=c.get("logits"), optimizer=_optimizer(c),
+                              device="cpu" if doc["device"] == "cpu" else "cuda")
         c.update(estimated=est.total, terms=est.terms, estimate_phase=est.phase, estimate_phases=est.phases,
                  error_pct=100 * (est.total / c["measured"] - 1))
     doc["estimates_recomputed"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -302,6 +379,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", action="store_true", help="only draw the PNGs from the JSON")
     ap.add_argument("--recompute", action="store_true", help="re-estimate the cases of the JSON")
+    ap.add_argument("--group", choices=["grid", "issue14"], default=None, help="only this group of cases")
+    ap.add_argument("--explain", action="store_true", help="trace what is alive at each inference peak")
     a = ap.parse_args()
     out = a.out or RESULTS / ("memory_bench_smoke.json" if a.smoke else "memory_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +389,7 @@ def main() -> None:
     if a.plot or a.recompute:
         plot(out)
         return
-    doc = run(a.smoke, out)
+    doc = run(a.smoke, out, a.group, a.explain)
     print(json.dumps(doc.get("summary", {})))
 
 

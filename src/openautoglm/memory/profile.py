@@ -25,17 +25,26 @@ from torch.utils._pytree import tree_flatten
 
 
 class TensorTracker(TorchDispatchMode):
-    """Live tensor-storage bytes created by aten ops while active, and their peak (any device)."""
+    """Live tensor-storage bytes created by aten ops while active, and their peak (any device).
 
-    def __init__(self, ignore: list[torch.Tensor] = ()):
+    With ``explain=True`` it also keeps, at the peak, what was alive: ``at_peak`` lists
+    ``(bytes, shape, dtype, op that made it)`` and ``peak_op`` names the op that reached the peak.
+    """
+
+    def __init__(self, ignore: list[torch.Tensor] = (), explain: bool = False):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.explain = explain
+        self.at_peak: list[tuple[int, tuple[int, ...], str, str]] = []
+        self.peak_op = ""
+        self._info: dict[int, tuple[int, tuple[int, ...], str, str]] = {}
         self._refs: dict[int, object] = {t.untyped_storage().data_ptr(): None for t in ignore}
 
     def _free(self, key: int, n: int) -> None:
         self.live -= n
         self._refs.pop(key, None)
+        self._info.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -47,9 +56,24 @@ class TensorTracker(TorchDispatchMode):
             if n == 0 or key in self._refs:
                 continue
             self.live += n
-            self.peak = max(self.peak, self.live)
             self._refs[key] = weakref.ref(st, lambda _r, k=key, n=n: self._free(k, n))
+            if self.explain:
+                self._info[key] = (n, tuple(t.shape), str(t.dtype).replace("torch.", ""), str(func.overloadpacket))
+            if self.live > self.peak:
+                self.peak = self.live
+                if self.explain:
+                    self.at_peak, self.peak_op = list(self._info.values()), str(func.overloadpacket)
         return out
+
+    def peak_summary(self, top: int = 12) -> list[dict]:
+        """The tensors alive at the peak (``explain=True``), grouped by (shape, dtype, op), largest first."""
+        groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+        for n, shape, dtype, op in self.at_peak:
+            g = groups[(shape, dtype, op)]
+            g[0] += n
+            g[1] += 1
+        rows = [{"bytes": b, "count": c, "shape": list(k[0]), "dtype": k[1], "op": k[2]} for k, (b, c) in groups.items()]
+        return sorted(rows, key=lambda r: -r["bytes"])[:top]
 
 
 def _rss() -> int:
