@@ -193,10 +193,12 @@ def measure_train(model, c: dict, device: str) -> dict:
 def env_info(device: str) -> dict:
     import transformers
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001 - the device copy may have no .git
-        commit = os.environ.get("GIT_COMMIT", "unknown")
+    commit = os.environ.get("GIT_COMMIT")  # set when a copy of the tree runs inside another checkout
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        except Exception:  # noqa: BLE001 - the device copy may have no .git
+            commit = "unknown"
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "git_commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -317,6 +319,7 @@ def recompute(path: Path) -> dict:
                               grad_checkpointing=c.get("ckpt", False), grad_accum=c.get("accum", 1),
                               logits=c.get("logits"), optimizer=_optimizer(c),
                               device="cpu" if doc["device"] == "cpu" else "cuda")
+        c.setdefault("estimated_at_run", c["estimated"])
         c.update(estimated=est.total, terms=est.terms, estimate_phase=est.phase, estimate_phases=est.phases,
                  error_pct=100 * (est.total / c["measured"] - 1))
     doc["estimates_recomputed"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -335,7 +338,8 @@ def plot(path: Path) -> None:
     cs = doc["cases"]
     print(f"{'case':58} {'measured':>9} {'ours':>9} {'error':>7} {'accelerate (weights)':>21}")
     for c in cs:
-        name = f"{c['mode']} {c['model']} b{c['batch']}x{c['seq_len']}" + (
+        name = f"{c['mode']} {c['model']} b{c['batch']}x{c['seq_len']}" + (" plain" if c.get("loop") else "") + (
+            " all-logits" if c.get("logits") == "all" else "") + (
             f" amp={c['amp']} ckpt={int(c['ckpt'])} acc={c['accum']}" if c["mode"] == "train" else "")
         print(f"{name:58} {c['measured'] / 2**30:8.3f}G {c['estimated'] / 2**30:8.3f}G {c['error_pct']:+6.2f}% "
               f"{c['accelerate_weights'] / 2**30:20.3f}G")
@@ -355,7 +359,7 @@ def plot(path: Path) -> None:
     ax.set_title(f"{doc['device']}: max |err| {s.get('max_abs_error_pct', 0):.2f}%, median {s.get('median_abs_error_pct', 0):.2f}%")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_name("memory_bench_scatter.png"), dpi=120)
+    fig.savefig(path.with_name(f"{path.stem}_scatter.png"), dpi=120)
     terms = ["weights", "master_weights", "gradients", "optimizer_states", "activations", "kv_cache", "logits", "workspace"]
     fig, ax = plt.subplots(figsize=(11, 6))
     bottom = [0.0] * len(cs)
@@ -370,7 +374,7 @@ def plot(path: Path) -> None:
     ax.set_title("estimated breakdown at the peak vs measured peak")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path.with_name("memory_bench_breakdown.png"), dpi=120)
+    fig.savefig(path.with_name(f"{path.stem}_breakdown.png"), dpi=120)
 
 
 def main() -> None:

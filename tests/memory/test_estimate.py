@@ -41,7 +41,10 @@ def test_inference_terms_by_hand():
     buffers = e.terms["weights"] - n * 2  # the rotary inv_freq buffer (fp32)
     assert 0 < buffers <= 4 * 16
     assert e.terms["kv_cache"] == 2 * 4 * 2 * 16 * 200 * 2
-    assert e.terms["logits"] == 2 * 8192 * 2  # last position only, as generate does
+    # the logits (last position only, as generate does) come after the layers: not alive at the layer peak
+    assert e.phase == "prefill: decoder layers" and e.terms["logits"] == 0
+    w_kv = e.terms["weights"] + e.terms["kv_cache"]
+    assert e.phases["prefill: lm_head"] == w_kv + 200 * 128 * 2 + 8 * 200 + 2 * 8192 * 2  # final hidden + ids + logits
     full = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16").terms["kv_cache"]
     e8 = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_dtype="int8").terms["kv_cache"]
     # 128 recent tokens in bf16, 1000 in int8 with a 2-byte scale and zero point per 64 values

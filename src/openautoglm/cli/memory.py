@@ -41,6 +41,8 @@ def estimate(
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel degree (per-GPU figure)."),
     kv_shared: int = typer.Option(0, "--kv-shared", min=0, help="Layers whose KV is freed by cross-layer sharing."),
+    logits: str = typer.Option(None, "--logits", help="inference: last (generate's prefill, default) or all "
+                               "(a plain model(ids) forward returns every position's logits)"),
     json_out: Path = typer.Option(None, "--json", help="Also write the estimate to this JSON file."),
 ) -> None:
     """Analytic peak memory of inference or of one training step, from the config alone (no weights read)."""
@@ -48,7 +50,7 @@ def estimate(
 
     est = estimate_memory(model, mode=mode, batch=batch, seq_len=seq, dtype=dtype, kv_dtype=kv_dtype, quantization=quant,
                           optimizer=optimizer, amp=amp, grad_checkpointing=ckpt, grad_accum=grad_accum, tp_degree=tp,
-                          kv_shared_layers=kv_shared, device=device)
+                          kv_shared_layers=kv_shared, device=device, logits=logits)
     s = est.settings
     title = (f"{model}: {mode}, batch {batch} x {seq} tokens, {s['dtype']}"
              + (f", amp {s['amp']}, {s['optimizer']}, ckpt {'on' if ckpt else 'off'}, accum {grad_accum}" if mode == "train" else

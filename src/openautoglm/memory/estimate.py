@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from .. import _hf
 from ..units import format_bytes
@@ -36,58 +35,21 @@ from . import formulas as F
 from . import optimizers as O
 from .formulas import LayerShape
 from .shapes import ModelShape, model_shape
+from .sizes import (  # noqa: F401  (dtype_bytes, model_bytes, kv_cache_bytes: public here too)
+    _kv_bytes,
+    _quant_spec,
+    dtype_bytes,
+    kv_cache_bytes,
+    model_bytes,
+    quantized_weight_bytes,
+)
 
 MODES = ("inference", "train")
 AMP = ("bf16", "fp16", "none")
 OPTIMIZERS = tuple(O.NAMES)
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
-_KV_BITS = {"bf16": 16, "fp16": 16, "fp32": 32, "int8": 8, "int4": 4, "int2": 2, "fp8": 8}
 TERMS = ("weights", "master_weights", "gradients", "optimizer_states", "activations", "kv_cache", "logits", "workspace")
-
-
-def dtype_bytes(dtype: torch.dtype | str) -> float:
-    if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8,
-                 "fp8": torch.float8_e4m3fn}.get(dtype) or getattr(torch, dtype)
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters and persistent buffers (tied tensors counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
-        total += _tensor_bytes(t, seen)
-    return total
-
-
-def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
-    """Stored bytes of ``t``; wrapper tensor subclasses (e.g. torchao's quantized tensors) are counted
-    through their inner tensors (``__tensor_flatten__``), shared storages once."""
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
-    if t.is_meta:
-        key = id(t)
-    else:
-        try:
-            key = t.untyped_storage().data_ptr()
-        except RuntimeError:  # a subclass without flatten support: count its logical size
-            return t.numel() * t.element_size()
-    if key in seen:
-        return 0
-    seen.add(key)
-    return t.numel() * t.element_size()
-
-
-def kv_cache_bytes(config, tokens: int, batch: int = 1, dtype: torch.dtype | str = torch.bfloat16) -> int:
-    """Bytes of a full-precision KV cache holding ``tokens`` positions for ``batch`` sequences."""
-    if tokens < 0 or batch < 1:
-        raise ValueError(f"tokens={tokens} must be >= 0 and batch={batch} >= 1")
-    per_token = 2 * _hf.num_layers(config) * _hf.num_kv_heads(config) * _hf.head_dim(config) * dtype_bytes(dtype)
-    return int(per_token * tokens * batch)
 
 
 @dataclass
@@ -147,52 +109,6 @@ class MemoryEstimate:
         return "\n".join(" | ".join(r) for r in self.rows())
 
 
-def _quant_spec(quantization) -> dict | None:
-    """Normalize ``quantization`` (None, "w4"/"int4"/"w8"/"int8", {"bits", "group_size", "symmetric"},
-    a QuantConfig or a recorded transform) to {"bits", "group_size", "symmetric", "exclude_head"}."""
-    if quantization is None:
-        return None
-    if isinstance(quantization, str):
-        q = quantization.lower()
-        table = {"w4": 4, "int4": 4, "w8": 8, "int8": 8, "w8a8": 8, "w8a8-fp8": 8, "fp8": 8}
-        if q not in table:
-            raise ValueError(f"unknown quantization {quantization!r}; accepted: {', '.join(table)} or a dict with bits/group_size")
-        quantization = {"bits": table[q], "group_size": 128 if table[q] == 4 else None, "symmetric": table[q] != 4}
-    if not isinstance(quantization, dict):
-        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else dataclasses.asdict(quantization)
-    q = dict(quantization.get("config", quantization))
-    bits = q.get("bits") or {"w4": 4}.get(q.get("scheme"), 8 if q.get("scheme") else None)
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"quantization bits={bits!r}; accepted: 2, 3, 4, 8")
-    g = q.get("group_size")
-    if g is not None and (not isinstance(g, int) or g < 1):
-        raise ValueError(f"quantization group_size={g!r} must be a positive integer or None")
-    return {"bits": bits, "group_size": g, "symmetric": q.get("symmetric", bits != 4),
-            "exclude_head": "lm_head" in tuple(q.get("exclude", ("lm_head",)))}
-
-
-def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int, tp: int = 1) -> tuple[int, str]:
-    """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``
-    (``n / tp`` of them on each of ``tp`` tensor-parallel ranks)."""
-    n = (sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)) // tp
-    g = spec["group_size"] or s.hidden  # per output channel: one scale per row of ``hidden`` inputs
-    scale_b = 2 if spec["symmetric"] else 4
-    q = n * spec["bits"] / 8 + n / g * scale_b
-    return int(full - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
-
-
-def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
-    if kv_dtype not in _KV_BITS:
-        raise ValueError(f"kv_dtype={kv_dtype!r}; accepted: {', '.join(_KV_BITS)}")
-    bits = _KV_BITS[kv_dtype]
-    elems = sum(2 * L.kv_heads * L.head_dim for L in layers) * batch
-    if bits >= 16 or kv_dtype == "fp8":
-        return int(elems * tokens * bits / 8)
-    full = min(tokens, residual)           # recent tokens kept in full precision (KIVI residual window)
-    quant = tokens - full
-    return int(elems * (full * cb + quant * bits / 8 + quant * 2 * 2 / group))  # + fp16 scale and zero per group
-
-
 def estimate_memory(
     model_or_config_or_path,
     mode: str = "inference",
@@ -232,6 +148,8 @@ def estimate_memory(
     grad_accum : micro-batches per optimizer step (grads of earlier micro-batches stay allocated).
     tp_degree : tensor-parallel degree (Megatron column/row sharding of attention, MLP and vocabulary).
     logits : ``"all"`` positions or ``"last"`` (default: last for inference, as ``generate`` does; all for train).
+        Inference peaks either in the decoder layers or at ``lm_head`` (the logits come after the layers' transients
+        are freed): a plain ``model(ids)`` forward returns every position's logits, so estimate it with ``"all"``.
     kv_group_size, kv_residual : quantized KV cache groups and full-precision recent window (KIVI-style).
     kv_shared_layers : layers whose K/V blocks are freed by cross-layer KV sharing (they reuse a neighbour's).
     device : where training runs (default ``"cuda"``, or the optimizer's parameters' device): decides torch's
@@ -239,6 +157,8 @@ def estimate_memory(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; accepted: {', '.join(MODES)}")
+    if logits not in (None, "last", "all"):
+        raise ValueError(f"logits={logits!r}; accepted: 'last' (generate's prefill), 'all' (a plain forward)")
     if not isinstance(kv_shared_layers, int) or kv_shared_layers < 0:
         raise ValueError(f"kv_shared_layers={kv_shared_layers!r} must be an integer >= 0")
     for name, v in (("batch", batch), ("seq_len", seq_len), ("grad_accum", grad_accum), ("tp_degree", tp_degree)):
@@ -332,12 +252,32 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
     kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual)
     fm["kv_cache"] = f"2 x {len(kv_layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
     trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
-    act = T * (2 * cb * h + trans) + 8 * T
-    fm["activations"] = "tokens x (input embeddings + residual (2 cb h) + max layer transient (formulas.inference_layer_transient)) + ids"
-    lg = (T if logits == "all" else batch) * V * cb
+    ids = 8 * T
+    # Two moments of the forward; each holds the weights and the whole KV cache. In the decoder layers: the input
+    # embeddings (alive until the model body returns), the residual stream and the largest layer transient. At
+    # lm_head: the final normed hidden states and the logits -- every position's for a plain forward
+    # (transformers' default logits_to_keep=0), the last one's for generate. The logits are not alive during the
+    # layers, so the peak is the larger of the two, not their sum (issue 14: a plain forward of a 1B GQA model
+    # at 8 x 2048 measured 3.687 GB on the H100; layers + logits summed said 4.44, last-only said 3.39).
+    act = T * (2 * cb * h + trans) + ids
+    n_logits = T if logits == "all" else batch
+    lg = n_logits * V * cb
+    head_act = T * cb * h + ids
+    fm["activations"] = ("tokens x (input embeddings + residual (2 cb h) + max layer transient "
+                         "(formulas.inference_layer_transient)) + ids")
     fm["logits"] = f"{'tokens' if logits == 'all' else 'batch (last position)'} x vocab {V:,} x {cb} B"
-    terms = {"weights": w, "kv_cache": kv, "activations": act, "logits": lg}
-    return MemoryEstimate("inference", settings, terms, "last decoder layer of prefill", {"prefill": sum(terms.values())}, fm, notes)
+    body = {"weights": w, "kv_cache": kv, "activations": act, "logits": 0}
+    head = {"weights": w, "kv_cache": kv, "activations": head_act, "logits": lg}
+    phases = {"prefill: decoder layers": sum(body.values()), "prefill: lm_head": sum(head.values())}
+    phase = max(phases, key=phases.get)
+    terms = body if phase == "prefill: decoder layers" else head
+    if phase == "prefill: lm_head":
+        fm["activations"] = "tokens x final normed hidden state (cb h) + ids"
+    if logits != "all":
+        peak_all = max(phases["prefill: decoder layers"], phases["prefill: lm_head"] - lg + T * V * cb)
+        notes.append(f"logits of the last position only, as generate() computes them; a plain model(ids) forward "
+                     f"returns every position's: logits='all' peaks at {peak_all / 2**30:.2f} GiB")
+    return MemoryEstimate("inference", settings, terms, phase, phases, fm, notes)
 
 
 def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, float_params, settings, fm, notes):

@@ -208,7 +208,7 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     ada = sum((p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
     fl = [p for p in params if p.is_floating_point() and p.requires_grad]
     nq = sum(1 for m in model.modules() if type(m).__module__.startswith("openautoglm.quant"))
-    from .estimate import model_bytes
+    from .sizes import model_bytes
 
     return ModelShape(
         name=str(name), model_type=str(getattr(config, "model_type", "?")), vocab=int(tc.vocab_size), hidden=hidden,

@@ -1,0 +1,108 @@
+"""Byte counts the estimator is built from: dtypes, a model's stored tensors, KV caches, quantized weights.
+
+Exact where the bytes exist (``model_bytes`` reads the tensors, wrapper subclasses through their inner tensors),
+analytic where they do not (``kv_cache_bytes``, ``quantized_weight_bytes`` from a :class:`~.shapes.ModelShape`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import _hf
+from .formulas import LayerShape
+from .shapes import ModelShape
+
+_KV_BITS = {"bf16": 16, "fp16": 16, "fp32": 32, "int8": 8, "int4": 4, "int2": 2, "fp8": 8}
+
+
+def dtype_bytes(dtype: torch.dtype | str) -> float:
+    if isinstance(dtype, str):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8,
+                 "fp8": torch.float8_e4m3fn}.get(dtype) or getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and persistent buffers (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+        total += _tensor_bytes(t, seen)
+    return total
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    """Stored bytes of ``t``; wrapper tensor subclasses (e.g. torchao's quantized tensors) are counted
+    through their inner tensors (``__tensor_flatten__``), shared storages once."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
+    if t.is_meta:
+        key = id(t)
+    else:
+        try:
+            key = t.untyped_storage().data_ptr()
+        except RuntimeError:  # a subclass without flatten support: count its logical size
+            return t.numel() * t.element_size()
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.numel() * t.element_size()
+
+
+def kv_cache_bytes(config, tokens: int, batch: int = 1, dtype: torch.dtype | str = torch.bfloat16) -> int:
+    """Bytes of a full-precision KV cache holding ``tokens`` positions for ``batch`` sequences."""
+    if tokens < 0 or batch < 1:
+        raise ValueError(f"tokens={tokens} must be >= 0 and batch={batch} >= 1")
+    per_token = 2 * _hf.num_layers(config) * _hf.num_kv_heads(config) * _hf.head_dim(config) * dtype_bytes(dtype)
+    return int(per_token * tokens * batch)
+
+
+def _quant_spec(quantization) -> dict | None:
+    """Normalize ``quantization`` (None, "w4"/"int4"/"w8"/"int8", {"bits", "group_size", "symmetric"},
+    a QuantConfig or a recorded transform) to {"bits", "group_size", "symmetric", "exclude_head"}."""
+    if quantization is None:
+        return None
+    if isinstance(quantization, str):
+        q = quantization.lower()
+        table = {"w4": 4, "int4": 4, "w8": 8, "int8": 8, "w8a8": 8, "w8a8-fp8": 8, "fp8": 8}
+        if q not in table:
+            raise ValueError(f"unknown quantization {quantization!r}; accepted: {', '.join(table)} or a dict with bits/group_size")
+        quantization = {"bits": table[q], "group_size": 128 if table[q] == 4 else None, "symmetric": table[q] != 4}
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else dataclasses.asdict(quantization)
+    q = dict(quantization.get("config", quantization))
+    bits = q.get("bits") or {"w4": 4}.get(q.get("scheme"), 8 if q.get("scheme") else None)
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"quantization bits={bits!r}; accepted: 2, 3, 4, 8")
+    g = q.get("group_size")
+    if g is not None and (not isinstance(g, int) or g < 1):
+        raise ValueError(f"quantization group_size={g!r} must be a positive integer or None")
+    return {"bits": bits, "group_size": g, "symmetric": q.get("symmetric", bits != 4),
+            "exclude_head": "lm_head" in tuple(q.get("exclude", ("lm_head",)))}
+
+
+def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int, tp: int = 1) -> tuple[int, str]:
+    """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``
+    (``n / tp`` of them on each of ``tp`` tensor-parallel ranks)."""
+    n = (sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)) // tp
+    g = spec["group_size"] or s.hidden  # per output channel: one scale per row of ``hidden`` inputs
+    scale_b = 2 if spec["symmetric"] else 4
+    q = n * spec["bits"] / 8 + n / g * scale_b
+    return int(full - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
+
+
+def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
+    if kv_dtype not in _KV_BITS:
+        raise ValueError(f"kv_dtype={kv_dtype!r}; accepted: {', '.join(_KV_BITS)}")
+    bits = _KV_BITS[kv_dtype]
+    elems = sum(2 * L.kv_heads * L.head_dim for L in layers) * batch
+    if bits >= 16 or kv_dtype == "fp8":
+        return int(elems * tokens * bits / 8)
+    full = min(tokens, residual)           # recent tokens kept in full precision (KIVI residual window)
+    quant = tokens - full
+    return int(elems * (full * cb + quant * bits / 8 + quant * 2 * 2 / group))  # + fp16 scale and zero per group
