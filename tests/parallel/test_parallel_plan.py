@@ -58,6 +58,28 @@ def test_quantized_layouts_cut_consistently(scheme, group, sym):
     assert kept == model_bytes(mod) + replicated - (mod.bias.numel() * 4)  # only per-channel scales are whole twice
 
 
+def test_group_major_scales_are_cut_on_their_own_axes():
+    """A layout that stores scales / zero points groups-major (K/group, N) is cut on the matching axes."""
+    import copy
+    import dataclasses
+
+    mod = _quant_linear("w4", 32, False)
+    if "layout" in {f.name for f in dataclasses.fields(mod.config)}:  # the kernels' groups-major layout
+        torch.manual_seed(0)
+        lin = nn.Linear(128, 64, bias=True)
+        mod = LINEAR_CLASSES["w4"].from_linear(lin, dataclasses.replace(mod.config, layout="rows"))
+        gm = LINEAR_CLASSES["w4"].from_linear(lin, dataclasses.replace(mod.config, layout="groups"))
+    else:  # the same tensors stored transposed
+        gm = copy.deepcopy(mod)
+        gm.scale = nn.Parameter(mod.scale.t().contiguous(), requires_grad=False)
+        gm.zero = nn.Parameter(mod.zero.t().contiguous(), requires_grad=False)
+        gm.groups_major = True
+    for dim, a, b in (("out", 16, 48), ("in", 32, 96)):
+        want, got = _cut(mod, dim, a, b), _cut(gm, dim, a, b)
+        assert torch.equal(got.qweight, want.qweight)
+        assert torch.equal(got.scale.t(), want.scale) and torch.equal(got.zero.t(), want.zero)
+
+
 def test_grouped_cut_off_boundary_is_a_clear_error():
     mod = _quant_linear("w4", 64, False)
     with pytest.raises(ValueError, match="multiples of 64 in features"):
@@ -155,6 +177,13 @@ def test_one_rank_path_is_the_plain_model(tiny_llama_dir, input_ids):
     assert loaded.shard_load_stats["bytes_read"] == loaded.shard_load_stats["checkpoint_bytes"]
     with pytest.raises(ValueError, match="already sharded"):
         parallel.shard(m, tp_size=1)
+
+
+def test_cli_tp_without_torchrun_says_how_to_launch(tiny_llama_dir, capsys):
+    from openautoglm.cli import main
+
+    assert main(["generate", str(tiny_llama_dir), "Hello", "--tp", "2"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
 
 
 def test_read_slice_reads_the_rows_and_columns(tmp_path):

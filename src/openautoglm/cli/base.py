@@ -242,11 +242,11 @@ def _fast_generate_ok(model) -> bool:
 
 @contextlib.contextmanager
 def _loaded(model: str, dtype: str, device: str, tp: int):
-    """``(model, device, is rank 0)``: the whole model, or this rank's tensor-parallel part under torchrun."""
+    """``(model, torch.device, is rank 0)``: the whole model, or this rank's tensor-parallel part under torchrun."""
     from .. import parallel
 
     if tp == 1 and not parallel.launched_by_torchrun():
-        dev = pick_device(device)
+        dev = torch.device(pick_device(device))
         yield hub.from_pretrained(model, dtype=dtype, device=dev), dev, True
         return
     with parallel.distributed(None if device == "auto" else device) as dev:
