@@ -71,6 +71,20 @@ def check_functional_path() -> dict:
     return {"max_abs": (got - want).abs().max().item(), "ref_max": want.abs().max().item()}
 
 
+def check_biases_and_replicated_vocab() -> dict:
+    """q/k/v/o and MLP biases (a row-parallel bias is added once, on rank 0), and vocab="replicate"."""
+    ref = make_tiny_llama(attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    out = _compare(ref, parallel.shard(copy.deepcopy(ref), tp_size=4))
+    rep = parallel.shard(copy.deepcopy(ref), config=parallel.ShardConfig(tp_size=4, vocab="replicate"))
+    out["replicate"] = _compare(ref, rep)
+    out["replicate"]["embedding_rows"] = rep.get_input_embeddings().weight.shape[0]
+    return out
+
+
 def check_bytes(scheme: str) -> dict:
     ref = _model(scheme)
     m = parallel.shard(copy.deepcopy(ref), tp_size=4)
@@ -178,7 +192,7 @@ def main() -> None:
         "bytes_float": lambda: check_bytes("float"), "bytes_w4": lambda: check_bytes("w4"),
         "kv_cache": check_kv_cache, "load_float": lambda: check_loading(args.tiny),
         "load_w4": lambda: check_loading(args.tiny_w4), "pruned_uneven": check_pruned_uneven,
-        "low_rank": check_low_rank, "functional": check_functional_path, "error": check_error, "cli_eval": lambda: check_cli(args.tiny, out),
+        "low_rank": check_low_rank, "functional": check_functional_path, "bias": check_biases_and_replicated_vocab, "error": check_error, "cli_eval": lambda: check_cli(args.tiny, out),
     })
     results = {}
     for name, fn in checks.items():

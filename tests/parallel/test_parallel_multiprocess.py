@@ -93,6 +93,13 @@ def test_pruned_uneven_low_rank_and_functional_collectives(results):
     assert [r["q_heads"][0] for r in _get(results, "pruned_uneven")] == [2, 2, 1, 2]  # 7 heads: cuts 2, 4, 5
 
 
+def test_biases_and_replicated_vocabulary(results):
+    for r in _get(results, "bias"):
+        for c in (r, r["replicate"]):
+            assert c["max_abs"] <= FP32_TOL * max(1.0, c["ref_max"]), r
+        assert r["replicate"]["embedding_rows"] == 8192
+
+
 def test_world_size_not_dividing_heads_is_a_clear_error(results):
     for r in _get(results, "error"):
         assert r["error"] and "tp_size=4 does not divide its 6 query heads" in r["error"], r

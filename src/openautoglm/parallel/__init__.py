@@ -7,6 +7,13 @@
 
 Float, quantized (w8a8, fp8, static, w8, w4: packed codes, scales and zero points cut consistently), head-pruned
 and low-rank models split the same way; see :mod:`.plan` for the plan and its errors.
+
+Design: like gpt-fast's ``tp.py`` and the inference fast path of transformers' own tensor parallelism, each rank
+keeps plain local tensors and the row-parallel layers end in a ``torch.distributed`` all-reduce (a forward hook),
+rather than DTensor parameters: ``parallelize_module``'s Colwise/RowwiseParallel shard ``nn.Linear`` and
+``nn.Embedding`` only, while the packed quantized layouts and their kernels would each need DTensor sharding
+rules, and per-op DTensor dispatch would tax eager decode. A layout only describes how it is cut
+(``tp_granularity`` / ``tp_slices``).
 """
 
 from __future__ import annotations
