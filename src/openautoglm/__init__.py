@@ -38,6 +38,7 @@ _register_lazy({
     "StaticQuantizer": "openautoglm.quant.api",
     "QuantConfig": "openautoglm.quant.config",
     "quantize": "openautoglm.quant.api",
+    "quantize_pretrained": "openautoglm.quant.pretrained",
     "QuantizedKVCache": "openautoglm.kv.quantized",
     "CrossLayerKVCache": "openautoglm.kv.sharing",
     "KVCacheConfig": "openautoglm.kv.config",

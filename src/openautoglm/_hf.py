@@ -76,6 +76,50 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-family models")
 
 
+class _ReachedLayer(Exception):
+    """Raised by the pre-hook of :func:`decoder_layer_inputs` to stop the forward at the first layer."""
+
+
+def decoder_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tuple, dict]:
+    """Run ``model`` on ``input_ids: (batch, seq)`` only up to its first decoder layer and return the
+    ``(args, kwargs)`` that layer was called with (``args[0]``: hidden states ``(batch, seq, hidden)``; the
+    kwargs carry the mask, position ids and rotary embeddings). Used to run the layers one at a time,
+    without a KV cache; the layers themselves may still be on the meta device."""
+    first = decoder_layers(model)[0]
+    seen: dict = {}
+
+    def stop(_mod, args, kwargs):
+        seen["call"] = (args, kwargs)
+        raise _ReachedLayer
+
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(input_ids, use_cache=False)
+    except _ReachedLayer:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in seen:
+        raise TypeError(f"{type(model).__name__} did not call its first decoder layer")
+    return seen["call"]
+
+
+def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on ``hidden: (batch, seq, hidden)`` with the other inputs captured by
+    :func:`decoder_layer_inputs`; returns the new hidden states."""
+    out = layer(hidden, *args[1:], **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the LM head (Llama-family: ``model.model.norm``)."""
+    for name in ("norm", "final_layernorm", "ln_f"):
+        mod = getattr(model.base_model, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise TypeError(f"cannot find the final norm of {type(model).__name__}; supported: Llama-family models")
+
+
 def attention_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     """Yield ``(layer index, attention module)`` for Llama-family attention (q/k/v/o projections)."""
     for i, layer in enumerate(decoder_layers(model)):

@@ -1,7 +1,10 @@
 """``openautoglm compress MODEL [--bits 8|4 [--scheme ...]] [pruning options] --out DIR``: save a reloadable model.
 
-The command runs a list of *steps* over the loaded model, then saves it once. Each step runs only when its
-options are given: ``--sparsity 0.5`` alone prunes and does not quantize. Quantization is the last step; other capabilities add theirs in front (pruning: ``--prune-heads``, ``--sparsity``, ``--low-rank``)
+Quantization alone streams (``quantize_pretrained``: one layer in memory, output written as layers finish).
+With pruning options the command loads the model whole, runs a list of *steps* over it, then saves it once.
+Each step runs only when its options are given: ``--sparsity 0.5`` alone prunes and does not quantize.
+Quantization is the last step; other capabilities add theirs in front (pruning: ``--prune-heads``,
+``--sparsity``, ``--low-rank``)
 by declaring their options on :func:`compress` and appending to ``steps`` in the marked place -- each step
 is ``(title, fn)`` with ``fn(model) -> dict`` of figures to print, and runs under the same progress display.
 """
@@ -12,7 +15,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 
 from .. import hub
 from ..memory.estimate import model_bytes
@@ -97,7 +101,12 @@ def compress(
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="pruning: " + PRUNE_HELP["calib_samples"]),
 ) -> None:
     """Compress MODEL (prune, then quantize: each only when its options are given) and save a checkpoint that
-    reloads without the recipe. Quantization runs only with --bits or --scheme."""
+    reloads without the recipe. Quantization runs only with --bits or --scheme.
+
+    Quantization alone streams: shards are read tensor by tensor, each Linear is quantized on --device as it
+    arrives and each finished layer is written out, so a model larger than the machine's memory compresses in
+    about one layer of memory. Pruning needs the whole model in memory.
+    """
     bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
@@ -108,6 +117,12 @@ def compress(
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
     dev = pick_device(device)
+    if pruning is None:
+        return _compress_streaming(model, out, bits, scheme, group_size, list(include or ["*"]),
+                                   list(exclude or ["lm_head"]), observer or "minmax", calib_text, dev, dtype)
+    console.print("[yellow]pruning needs the whole model in memory[/] (its importance scores and calibration run the "
+                  "full model): loading it, then pruning" + (" and quantizing" if bits else "") + " in memory",
+                  highlight=False)
     t0 = time.perf_counter()
     m = hub.from_pretrained(model, dtype=dtype, device=dev)
     tok = hub.load_tokenizer(model)
@@ -117,8 +132,7 @@ def compress(
     steps: list[tuple[str, object]] = []
     # -- other capabilities insert their steps here (before quantization), e.g. pruning:
     #    steps.append(("pruning", lambda model, progress: pruning_steps(model, tok, ...)))
-    if pruning is not None:  # heads -> low-rank -> sparsity, before quantization
-        steps.append(("pruning", lambda model, progress: pruning(model, tok)))
+    steps.append(("pruning", lambda model, progress: pruning(model, tok)))  # heads -> low-rank -> sparsity
     if bits is not None:
         steps.append(("quantizing", quantize_step(bits, scheme, group_size, list(include or ["*"]),
                                                    list(exclude or ["lm_head"]), observer or "minmax", calib_text, tok)))
@@ -137,19 +151,60 @@ def compress(
     after = model_bytes(m)
     path = m.save_pretrained(out, tokenizer=tok)
     q = results.get("quantizing")
-    what = q["scheme"] if q else "not quantized"
-    rows = [
-        ["weights in memory", fmt_bytes(before), fmt_bytes(after), f"{after / before:.3f}x"],
-        ["Linear layers (float)", n_linear_before, sum(1 for _ in m.modules() if type(_).__name__ == "Linear"), ""],
-        ["checkpoint on disk", "", fmt_bytes(_dir_bytes(Path(path))), ""],
-    ]
-    console.print(table(f"{model} -> {path} ({what}, {time.perf_counter() - t0:.1f} s)",
-                        ["", "before", "after", "ratio"], rows))
+    n_linear_after = sum(1 for _ in m.modules() if type(_).__name__ == "Linear")
+    _report(model, Path(path), q["scheme"] if q else "not quantized", time.perf_counter() - t0, before, after,
+            n_linear_before, n_linear_after, q["quantized"] if q else 0, q["skipped"] if q else {})
     for title, res in results.items():
         if title != "quantizing":
             console.print(f"{title}: {res}")
-    if q and q["skipped"]:
-        console.print(f"[yellow]not quantized ({len(q['skipped'])}):[/] " +
-                      "; ".join(f"{k}: {v}" for k, v in list(q["skipped"].items())[:8]), highlight=False)
-    done = f"{q['quantized']} Linear layers quantized to {q['scheme']}" if q else "weights left unquantized (no --bits)"
+
+
+def _compress_streaming(model: str, out: Path, bits: int, scheme: str | None, group_size: int | None,
+                        include: list[str], exclude: list[str], observer: str, calib_text: Path | None, dev: str,
+                        dtype: str) -> None:
+    """Checkpoint -> quantized checkpoint, one layer in memory (``quantize_pretrained``), a bar per shard."""
+    from torch import nn
+
+    from ..quant import QuantConfig, quantize_pretrained
+
+    path = hub.resolve_model_path(model)
+    tok_note = "" if hub.has_tokenizer(path) else " (no tokenizer files in the source: none copied)"
+    if scheme is None:  # as DynamicQuantizer: w4, or the faster of int8 / fp8 w8a8 on this device
+        from ..quant.onload import resolve_config
+
+        scheme = resolve_config(None, bits, dev).scheme
+    config = QuantConfig(scheme=scheme, group_size=group_size, observer=observer, include=tuple(include),
+                         exclude=tuple(exclude))
+    empty = hub.empty_model(path)
+    n_linear = sum(1 for m in empty.modules() if type(m) is nn.Linear)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(shard: str, done: int, total: int) -> None:
+            if shard not in tasks:
+                tasks[shard] = bar.add_task(shard, total=total)
+            bar.update(tasks[shard], completed=done)
+
+        text = calib_text.read_text("utf-8") if calib_text is not None else None
+        r = quantize_pretrained(path, out, config, device=dev,
+                                dtype=None if dtype == "auto" else dtype, calib_text=text, progress=progress)
+    _report(model, r.path, r.config.scheme, r.seconds, r.bytes_before, r.bytes_after, n_linear,
+            n_linear - len(r.quantized), len(r.quantized), r.skipped)
+    if tok_note:
+        console.print(tok_note.strip(" ()"), highlight=False)
+
+
+def _report(model: str, path: Path, scheme: str, seconds: float, before: int, after: int, n_before: int,
+            n_after: int, n_quantized: int, skipped: dict[str, str]) -> None:
+    rows = [
+        ["weights in memory", fmt_bytes(before), fmt_bytes(after), f"{after / before:.3f}x"],
+        ["Linear layers (float)", n_before, n_after, ""],
+        ["checkpoint on disk", "", fmt_bytes(_dir_bytes(path)), ""],
+    ]
+    console.print(table(f"{model} -> {path} ({scheme}, {seconds:.1f} s)", ["", "before", "after", "ratio"], rows))
+    if skipped:
+        console.print(f"[yellow]not quantized ({len(skipped)}):[/] " +
+                      "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:8]), highlight=False)
+    done = f"{n_quantized} Linear layers quantized to {scheme}" if n_quantized else "weights left unquantized (no --bits)"
     console.print(f"{done}; reload with AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False)

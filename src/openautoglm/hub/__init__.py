@@ -21,12 +21,16 @@ from .load import (
     AutoModelForCausalLM,
     AutoTokenizer,
     _load_pickle,
-    _read_state_dict,
+    build_empty,
+    has_tokenizer,
+    open_checkpoint,
     empty_model,
     from_pretrained,
     load_tokenizer,
 )
-from .names import PACKAGE_DIR, SHIPPED_MODELS, resolve_model_path, shipped_models
+from .lazy import OUTER, LoadHook, stream_into
+from .names import PACKAGE_DIR, SHIPPED_MODELS, looks_like_hub_id, resolve_model_path, shipped_models
+from .reader import CheckpointReader
 from .registry import (
     _REBUILDERS,
     FORMAT_VERSION,

@@ -15,24 +15,14 @@ from ..errors import CheckpointError, ModelNotFoundError
 from .config import _load_config, _resolve_dtype
 from .names import resolve_model_path
 from .registry import _REBUILDERS, _import_plugins, applied_transforms
+from .lazy import check_coverage, stream_into
+from .reader import CheckpointReader
 from .save import _attach
-from .validate import validate_safetensors, weight_files
+from .validate import weight_files
 
 log = logging.getLogger("openautoglm.hub")
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
-
-
-def _read_state_dict(files: list[Path], device: str | torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(load_file(f, device=str(device)))
-        except Exception as e:  # safetensors raises its own error type
-            raise CheckpointError(f"cannot read safetensors file {f}: {e}") from None
-    return state
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -57,75 +47,144 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def build_empty(path: Path, config, torch_dtype: torch.dtype, trust_remote_code: bool, *,
+                include_buffers: bool = False) -> nn.Module:
+    """The model of ``config`` on the meta device (buffers too with ``include_buffers``), its recorded
+    transforms re-applied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM as _HFAuto
+
+    transforms = applied_transforms(config)
+    if transforms:
+        _import_plugins()
+        unknown = [t.get("type") for t in transforms if t.get("type") not in _REBUILDERS]
+        if unknown:
+            raise CheckpointError(
+                f"{path} records transforms {unknown} that this openautoglm does not know; known: {sorted(_REBUILDERS)}"
+            )
+    with init_empty_weights(include_buffers=include_buffers):
+        model = _HFAuto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        for t in transforms:
+            _REBUILDERS[t["type"]](model, t)
+    model.tie_weights()  # tied tensors are one object from here on: read (and counted) once
+    return model
+
+
+def open_checkpoint(path: Path, *, dtype=None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                    progress=None) -> tuple[nn.Module, CheckpointReader]:
+    """The empty (meta) model of folder ``path`` and a reader over its weights; nothing is read yet but the
+    safetensors headers (a truncated or corrupt shard is named here)."""
+    config = _load_config(path, trust_remote_code)
+    torch_dtype = _resolve_dtype(dtype, config)
+    files = weight_files(path)
+    if files:
+        reader = CheckpointReader(files)
+    else:
+        reader = CheckpointReader.from_state_dict(_load_pickle(path, allow_pickle))
+    reader.progress = default_progress(reader.total_bytes) if progress is None else (progress or None)
+    return build_empty(path, config, torch_dtype, trust_remote_code), reader
+
+
+def place_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rebuild the non-persistent rotary buffers and move the other real buffers to ``device``."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    _hf.rebuild_rotary_buffers(model, device)
+    for name, b in list(model.named_buffers()):
+        if not b.is_meta and b.device != device:
+            set_module_tensor_to_device(model, name, device, value=b, clear_cache=False)
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    quantization=None,
+    bits: int | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress=None,
 ) -> nn.Module:
-    """Load a causal LM (shipped name or local folder), rebuilding any openautoglm compression it records.
+    """Load a causal LM lazily, rebuilding any openautoglm compression it records, optionally quantizing on load.
+
+    The model is built on the meta device and each tensor is read from the memory-mapped safetensors shards
+    only when it is assigned, straight onto ``device`` in its final dtype: ``device="cuda"`` never holds the
+    model on the host. With ``quantization`` (or ``bits``) each selected Linear is quantized as soon as its
+    weight arrives and only the packed result is kept.
 
     Parameters
     ----------
-    name_or_path : a shipped model name (see :func:`shipped_models`) or a local folder.
+    name_or_path : a shipped model name (see :func:`shipped_models`), a local folder, or a Hub id ``org/name``
+        (from the Hugging Face cache, downloaded there when online and ``HF_HUB_OFFLINE`` is not set).
     dtype : floating dtype of the non-quantized weights; default: the checkpoint's own.
     device : where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``); default CPU.
+    quantization : a :class:`~openautoglm.quant.QuantConfig` to quantize with while loading (``scheme="static"``
+        calibrates layer by layer on the bundled held-out text, with the model's own tokenizer).
+    bits : short form of ``quantization``: 8 (w8a8; int8 or fp8, whichever is faster on ``device``) or 4 (w4 g128).
     trust_remote_code : allow custom modelling code shipped in the folder (off by default).
     allow_pickle : accept ``pytorch_model.bin`` (loaded with ``weights_only=True``) when no safetensors exist.
+    revision, cache_dir : Hub ids only: branch/tag/commit, and the Hugging Face cache folder.
+    progress : ``None`` (a tqdm bar for checkpoints of 1 GiB or more), ``False``, or ``fn(shard, done, total)``.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM as _HFAuto
-
-    path = resolve_model_path(name_or_path)
-    config = _load_config(path, trust_remote_code)
-    torch_dtype = _resolve_dtype(dtype, config)
+    path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    files = weight_files(path)
-    for f in files:
-        validate_safetensors(f)
-    state = _read_state_dict(files, "cpu") if files else _load_pickle(path, allow_pickle)
+    model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    allow_pickle=allow_pickle, progress=progress)
+    hook = None
+    if quantization is not None or bits is not None:
+        from ..quant.onload import QuantizeOnLoad
 
-    transforms = applied_transforms(config)
-    if transforms:
-        _import_plugins()
-        unknown = [t["type"] for t in transforms if t.get("type") not in _REBUILDERS]
-        if unknown:
-            raise CheckpointError(
-                f"{path} records transforms {unknown} that this openautoglm does not know; known: {sorted(_REBUILDERS)}"
-            )
-    with init_empty_weights(include_buffers=False):
-        model = _HFAuto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    for t in transforms:
-        _REBUILDERS[t["type"]](model, t)
-    # Float tensors follow the requested dtype; integer tensors (packed weights) keep theirs.
-    expected = model.state_dict()
-    for k, v in list(state.items()):
-        if k in expected and v.is_floating_point() and expected[k].is_floating_point():
-            state[k] = v.to(expected[k].dtype)
-    result = model.load_state_dict(state, strict=False, assign=True)
+        hook = QuantizeOnLoad.for_model(model, quantization, bits, device=device, source=path)
+    check_coverage(model, reader, hook, path)
+    place_buffers(model, device)
+    unused = stream_into(model, reader, device, hook=hook)
+    if unused:
+        log.warning("ignored %d tensors not used by the model: %s", len(unused), unused[:5])
     model.tie_weights()
     still_meta = sorted({n for n, p in model.named_parameters() if p.is_meta})
-    if still_meta:
-        raise CheckpointError(f"{path} lacks tensors the model needs: {', '.join(still_meta[:5])}"
-                              + (" ..." if len(still_meta) > 5 else ""))
-    if result.unexpected_keys:
-        log.warning("ignored %d tensors not used by the model: %s", len(result.unexpected_keys), result.unexpected_keys[:5])
-    _hf.rebuild_rotary_buffers(model, "cpu")
+    if still_meta:  # check_coverage makes this unreachable unless a rebuilder and its checkpoint disagree
+        raise CheckpointError(f"{path} lacks tensors the model needs: {', '.join(still_meta[:5])}")
     model.eval()
-    model = model.to(device)
+    model = model.to(device)  # no copies: everything is there already; re-runs device hooks of quantized modules
     model.name_or_path = str(path)
     _attach(model, path)
     return model
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-    """The tokenizer saved with a shipped model or in a local folder."""
+def default_progress(total: int, threshold: int = 2**30):
+    """A tqdm bar over the bytes read (shard name in its description) for checkpoints of ``threshold`` or more."""
+    if total < threshold:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", leave=False)
+    seen: dict[str, int] = {}
+
+    def update(shard: str, done: int, shard_total: int) -> None:
+        bar.set_description(shard, refresh=False)
+        bar.update(done - seen.get(shard, 0))
+        seen[shard] = done
+        if bar.n >= total:
+            bar.close()
+
+    return update
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                   cache_dir: str | os.PathLike | None = None):
+    """The tokenizer saved with a shipped model, in a local folder or with a Hub model."""
     from transformers import AutoTokenizer as _HFTok
 
-    path = resolve_model_path(name_or_path)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir)
+    if not has_tokenizer(path):
         raise ModelNotFoundError(f"folder {path} has no tokenizer files (tokenizer.json)")
     return _HFTok.from_pretrained(path)
 
@@ -154,17 +213,7 @@ def empty_model(name_or_path: str | os.PathLike, *, dtype=None, trust_remote_cod
     Parameter shapes and dtypes are exact (quantized and pruned layers included), so byte counts
     taken from it equal those of the loaded model.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM as _HFAuto
-
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, trust_remote_code=trust_remote_code)
     config = _load_config(path, trust_remote_code)
-    transforms = applied_transforms(config)
     _import_plugins()
-    with init_empty_weights(include_buffers=True):
-        model = _HFAuto.from_config(config, dtype=_resolve_dtype(dtype, config), trust_remote_code=trust_remote_code)
-        for t in transforms:
-            if t.get("type") not in _REBUILDERS:
-                raise CheckpointError(f"{path} records transform {t.get('type')!r} that this openautoglm does not know")
-            _REBUILDERS[t["type"]](model, t)
-    return model
+    return build_empty(path, config, _resolve_dtype(dtype, config), trust_remote_code, include_buffers=True)

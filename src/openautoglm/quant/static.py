@@ -81,17 +81,11 @@ class StaticQuantizer:
                           seq_len: int = 512) -> None:
         """Run ``model`` over ``text`` (default: the last ``max_tokens`` tokens of the bundled held-out text,
         away from the start that :func:`openautoglm.evaluate.perplexity` reads) under :meth:`calibrate`."""
-        from ..evaluate import heldout_token_ids
-
-        tokenizer = tokenizer or _default_tokenizer(model)
-        ids = heldout_token_ids(tokenizer, text)
-        ids = ids[-max_tokens:] if text is None else ids[:max_tokens]
-        if ids.numel() < 2:
-            raise ValueError("calibration text is empty after tokenization")
+        batches = calibration_batches(tokenizer or _default_tokenizer(model), text, max_tokens, seq_len)
         device = next(model.parameters()).device
         with self.calibrate(model):
-            for start in range(0, ids.numel(), seq_len):
-                model(ids[start:start + seq_len].unsqueeze(0).to(device))
+            for ids in batches:
+                model(ids.to(device))
 
     def quantize(self, model: nn.Module, *, tokenizer=None, text: str | None = None, max_tokens: int = 4096,
                  progress=None) -> nn.Module:
@@ -107,6 +101,18 @@ class StaticQuantizer:
         scales = {n: self.observers[n].scale() for n in names}
         _apply(model, self.config, progress=progress, act_scales=scales)
         return model
+
+
+def calibration_batches(tokenizer, text: str | None = None, max_tokens: int = 4096, seq_len: int = 512) -> list[torch.Tensor]:
+    """Token windows the static observers see: the last ``max_tokens`` tokens of the bundled held-out text
+    (or the first ``max_tokens`` of ``text``), cut into ``(1, seq_len)`` batches (the last may be shorter)."""
+    from ..evaluate import heldout_token_ids
+
+    ids = heldout_token_ids(tokenizer, text)
+    ids = ids[-max_tokens:] if text is None else ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError("calibration text is empty after tokenization")
+    return [ids[start:start + seq_len].unsqueeze(0) for start in range(0, ids.numel(), seq_len)]
 
 
 def _default_tokenizer(model: nn.Module):

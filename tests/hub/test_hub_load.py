@@ -1,4 +1,4 @@
-"""Loading, saving and the loader's error messages (hub.py)."""
+"""Loading, saving and the loader's error messages (hub/load.py, hub/save.py, hub/validate.py)."""
 
 from __future__ import annotations
 

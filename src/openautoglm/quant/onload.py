@@ -1,0 +1,229 @@
+"""Quantize-on-load: each Linear is quantized as soon as its weight has been read; only the packed result stays.
+
+:class:`QuantizeOnLoad` is the :class:`~openautoglm.hub.lazy.LoadHook` behind
+``from_pretrained(path, quantization=...)`` and :func:`quantize_pretrained` (``openautoglm compress``). It
+swaps the selected ``nn.Linear`` s of the meta-device model for empty quantized modules before anything is
+read (so the final layout is known up front), takes their float weights as they stream in, and packs them
+with the same ``from_linear`` as the in-memory path, on the target device: the packed tensors are identical
+to ``DynamicQuantizer.quantize(from_pretrained(path))``. Peak memory is the quantized model plus one weight
+(big weights are packed in row blocks, each output row depending on its own weights only).
+
+``scheme="static"`` calibrates sequentially, as llm-compressor's pipeline does: the inputs of the first
+decoder layer are captured on the calibration text, then layer ``i`` is read, run on them in full precision
+with observers on its Linears, quantized with the observed ranges, and its output feeds layer ``i + 1`` --
+the same activations the in-memory :class:`StaticQuantizer` sees, one layer in memory instead of all.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _hf
+from ..hub.lazy import OUTER, LoadHook, assign, layers_prefix, unit_of
+from ..memory.estimate import model_bytes
+from .api import TRANSFORM, QuantResult, _pick_w8a8, _set_module, select_linears
+from .config import QuantConfig
+from .linear import LINEAR_CLASSES, QuantLinear
+from .static import Observer, calibration_batches
+
+log = logging.getLogger(__name__)
+CHUNK_ELEMENTS = 1 << 24  # weights larger than this are packed in row blocks (bounds the float32 temporaries)
+
+
+def resolve_config(quantization: QuantConfig | None, bits: int | None, device: torch.device) -> QuantConfig:
+    """``quantization`` itself, or the config of the short form ``bits`` (8: w8a8 / w8a8-fp8, 4: w4 g128)."""
+    if quantization is not None and bits is not None:
+        raise ValueError("pass either quantization=QuantConfig(...) or bits=8|4, not both")
+    if quantization is not None:
+        if not isinstance(quantization, QuantConfig):
+            raise TypeError(f"quantization must be a QuantConfig, got {type(quantization).__name__}")
+        return quantization
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"bits={bits!r} is not supported; accepted: 8 (w8a8) or 4 (w4, group 128)")
+    return QuantConfig(scheme="w4" if bits == 4 else _pick_w8a8(torch.device(device)))
+
+
+@torch.no_grad()
+def quantize_linear(linear: nn.Linear, cls: type[QuantLinear], config: QuantConfig,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> QuantLinear:
+    """``cls.from_linear(linear, config)``, computed in blocks of output rows for big weights (same result)."""
+    n, k = linear.out_features, linear.in_features
+    rows = max(16, chunk_elements // max(k, 1) // 16 * 16)
+    if n <= rows:
+        return cls.from_linear(linear, config)
+    w, b = linear.weight, linear.bias
+    new = cls.empty(linear, config, device=w.device)
+    params = dict(new.named_parameters(recurse=False))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        part_lin = nn.Linear(k, r1 - r0, bias=b is not None, device="meta", dtype=w.dtype)
+        part_lin.weight = nn.Parameter(w[r0:r1], requires_grad=False)
+        if b is not None:
+            part_lin.bias = nn.Parameter(b[r0:r1], requires_grad=False)
+        part = cls.from_linear(part_lin, config)
+        for pname, p in params.items():
+            src = getattr(part, pname)
+            if p.dim() == 0:
+                p.data.copy_(src)
+                continue
+            lo, hi = r0 * p.shape[0] // n, r1 * p.shape[0] // n
+            if src.shape[0] != hi - lo:  # a layout that is not row-separable: pack it whole
+                return cls.from_linear(linear, config)
+            p.data[lo:hi].copy_(src)
+    new._prepare_device()
+    return new
+
+
+class QuantizeOnLoad(LoadHook):
+    """Quantize the selected Linears of a meta-device model while a checkpoint streams into it.
+
+    Parameters
+    ----------
+    model : the empty model (meta device), recorded transforms already rebuilt.
+    config : what to quantize and how.
+    device : where the weights are materialized and quantized.
+    batches : ``scheme="static"`` only: calibration token batches ``(1, seq)`` (see :func:`calibration_batches`).
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, device: torch.device,
+                 batches: list[torch.Tensor] | None = None) -> None:
+        self.config, self.device, self.cls = config, torch.device(device), LINEAR_CLASSES[config.scheme]
+        chosen, skipped = select_linears(model, config)
+        for name, why in skipped.items():
+            log.warning("not quantizing %s: %s", name, why)
+        if not chosen:
+            raise ValueError(f"no Linear layer can be quantized with {config.scheme} "
+                             f"(include={list(config.include)}, exclude={list(config.exclude)}); skipped: {skipped}")
+        self.result = QuantResult(config, chosen, skipped, bytes_before=model_bytes(model))
+        self.prefix = layers_prefix(model)
+        self.static = config.scheme == "static"
+        if self.static:
+            if batches is None:
+                raise ValueError("scheme 'static' needs calibration batches")
+            if self.prefix is None:
+                raise ValueError(f"static quantize-on-load runs decoder layers one by one; {type(model).__name__} has "
+                                 "no layer list known to openautoglm -- load it whole and use StaticQuantizer")
+            head = model.get_output_embeddings()
+            outer = [n for n in chosen if unit_of(n, self.prefix) == OUTER and model.get_submodule(n) is not head]
+            if outer:
+                raise ValueError(f"static quantize-on-load calibrates decoder layers and the LM head only; also selected: "
+                                 f"{outer[:3]} -- exclude them, or load the model whole and use StaticQuantizer")
+        self.batches = batches
+        self.floats: dict[str, nn.Linear] = {}  # module name -> its float Linear (meta until read)
+        self.claimed: dict[str, str] = {}  # checkpoint tensor name -> module name
+        self.done: set[str] = set()
+        for name in chosen:
+            lin = model.get_submodule(name)
+            self.floats[name] = lin
+            for p, _ in lin.named_parameters(recurse=False):
+                self.claimed[f"{name}.{p}"] = name
+            _set_module(model, name, self.cls.empty(lin, config, device="meta"))
+        self.inputs: list[tuple[tuple, dict]] = []
+        self.hidden: list[torch.Tensor] = []
+
+    @classmethod
+    def for_model(cls, model: nn.Module, quantization: QuantConfig | None, bits: int | None, *, device,
+                  source: Path | None = None, tokenizer=None, calib_text: str | None = None) -> "QuantizeOnLoad":
+        """The hook for ``quantization`` / ``bits``; static calibration uses ``tokenizer`` (default: the one in
+        ``source``) on ``calib_text`` (default: the bundled held-out text)."""
+        config = resolve_config(quantization, bits, device)
+        batches = None
+        if config.scheme == "static":
+            if tokenizer is None:
+                from ..hub import has_tokenizer, load_tokenizer
+
+                if source is None or not has_tokenizer(Path(source)):
+                    raise ValueError(f"static quantization calibrates on text and needs the model's tokenizer, but "
+                                     f"{source} has none; pass tokenizer=..., or use w8a8, w8a8-fp8, w8 or w4")
+                tokenizer = load_tokenizer(source)
+            batches = calibration_batches(tokenizer, calib_text)
+        return cls(model, config, device, batches)
+
+    # -- LoadHook
+    def claims(self, name: str) -> bool:
+        return name in self.claimed
+
+    def needs(self) -> list[str]:
+        return list(self.claimed)
+
+    def provides(self, name: str) -> bool:
+        return name.rpartition(".")[0] in self.floats
+
+    def take(self, model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        mod = self.claimed[name]
+        lin = self.floats[mod]
+        assign(lin, name.rpartition(".")[2], tensor, self.device)
+        if not self.static and not any(p.is_meta for p in lin.parameters()):
+            self._quantize(model, mod)
+
+    def unit_loaded(self, model: nn.Module, unit: int) -> None:
+        if not self.static:
+            return
+        if unit == OUTER:
+            self.inputs = [_hf.decoder_layer_inputs(model, ids.to(self.device)) for ids in self.batches]
+            self.hidden = [args[0] for args, _ in self.inputs]
+            return
+        layer = _hf.decoder_layers(model)[unit]
+        names = [n for n in self.floats if unit_of(n, self.prefix) == unit]
+        for n in names:
+            _set_module(model, n, self.floats[n])
+        with _observing(model, names, self.config) as observers:
+            self.hidden = [_hf.run_decoder_layer(layer, h, args, kw) for h, (args, kw) in zip(self.hidden, self.inputs)]
+        for n in names:
+            self._quantize(model, n, observers[n].scale())
+
+    def finish(self, model: nn.Module) -> None:
+        from .. import hub
+
+        if self.static:
+            left = [n for n in self.floats if n not in self.done]  # the LM head
+            if left:
+                norm = _hf.final_norm(model)
+                for n in left:
+                    _set_module(model, n, self.floats[n])
+                with _observing(model, left, self.config) as observers:
+                    for h in self.hidden:
+                        model.get_output_embeddings()(norm(h))
+                for n in left:
+                    self._quantize(model, n, observers[n].scale())
+            self.inputs, self.hidden = [], []
+        missing = [n for n in self.floats if n not in self.done]
+        if missing:
+            raise RuntimeError(f"quantize-on-load left {missing[:3]} unquantized (their weights never arrived)")
+        self.result.bytes_after = model_bytes(model)
+        hub.record_transform(model, TRANSFORM, {"config": self.config.to_dict(), "modules": self.result.quantized})
+        model.quant_result = self.result
+        log.info("quantized %d Linear layers to %s while loading (%d skipped): %.1f MiB -> %.1f MiB",
+                 len(self.done), self.config.scheme, len(self.result.skipped), self.result.bytes_before / 2**20,
+                 self.result.bytes_after / 2**20)
+
+    def _quantize(self, model: nn.Module, name: str, act_scale: float | None = None) -> None:
+        try:
+            new = quantize_linear(self.floats.pop(name), self.cls, self.config)
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {name}: {e}") from None
+        if act_scale is not None:
+            new.act_scale.data.fill_(act_scale)
+        _set_module(model, name, new)
+        self.done.add(name)
+
+
+class _observing:
+    """Observers on the inputs of Linears ``names`` of ``model`` while the block runs (hooks removed after)."""
+
+    def __init__(self, model: nn.Module, names: list[str], config: QuantConfig) -> None:
+        self.model, self.names, self.config = model, names, config
+
+    def __enter__(self) -> dict[str, Observer]:
+        self.observers = {n: Observer(self.config.observer, self.config.percentile) for n in self.names}
+        self.handles = [self.model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, obs=obs: obs.update(args[0])) for n, obs in self.observers.items()]
+        return self.observers
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,105 @@
+"""``quantize_pretrained(src, out, ...)``: checkpoint in, quantized checkpoint out, one layer in memory at a time.
+
+The streaming form of ``from_pretrained`` + ``quantize`` + ``save_pretrained`` (what ``openautoglm compress``
+runs): shards are read tensor by tensor, each Linear is quantized on ``device`` as its weight arrives
+(:class:`~openautoglm.quant.onload.QuantizeOnLoad`), and each finished decoder layer is written to the output
+shards and freed (:class:`~openautoglm.hub.writer.StreamingWriter`). The output goes into a temporary folder
+renamed into place at the end: an interrupted run leaves no partial output and any previous one intact. The
+packed tensors equal those of the in-memory path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .._atomic import atomic_directory
+from .config import QuantConfig
+from .onload import QuantizeOnLoad
+
+log = logging.getLogger(__name__)
+
+
+def _size(v: str | int) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        return parse_size_to_int(v)
+    except (ValueError, TypeError):
+        raise ValueError(f"max_shard_size={v!r}: write a positive number of bytes or a size such as '2GB', '500MB'") from None
+
+
+def quantize_pretrained(
+    name_or_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    quantization: QuantConfig | None = None,
+    *,
+    bits: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    tokenizer=None,
+    calib_text: str | None = None,
+    max_shard_size: str | int = "2GB",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress=None,
+):
+    """Quantize the checkpoint ``name_or_path`` into ``out_dir`` without holding the model in memory.
+
+    Parameters
+    ----------
+    name_or_path : shipped name, local folder or Hub id (see :func:`openautoglm.from_pretrained`).
+    out_dir : output folder (replaced atomically; an existing folder must be empty or a model folder).
+    quantization, bits : a :class:`QuantConfig`, or the short form ``bits=8`` / ``bits=4``.
+    device : where weights are quantized (``"cpu"``, ``"cuda"``, ...); default CPU.
+    dtype : dtype of the weights left in float (default: the checkpoint's).
+    tokenizer, calib_text : ``scheme="static"``: tokenizer (default: the source's) and calibration text
+        (default: the bundled held-out text). Tokenizer files of the source are copied when present.
+    max_shard_size : tensor bytes per output shard.
+    progress : ``fn(shard, bytes done, shard bytes)`` called as the source is read, or ``None``/``False``.
+
+    Returns
+    -------
+    QuantResult : what was quantized and skipped, bytes before/after; ``.path`` is the output folder and
+    ``.seconds`` the wall time.
+    """
+    from ..hub.lazy import check_coverage, stream_into
+    from ..hub.load import open_checkpoint, place_buffers
+    from ..hub.names import resolve_model_path
+    from ..hub.save import check_output_dir, copy_tokenizer, write_config
+    from ..hub.writer import StreamingWriter
+
+    t0 = time.perf_counter()
+    shard_bytes = _size(max_shard_size)
+    out = check_output_dir(out_dir)
+    path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir,
+                              trust_remote_code=trust_remote_code)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress or False)
+    hook = QuantizeOnLoad.for_model(model, quantization, bits, device=device, source=path, tokenizer=tokenizer,
+                                    calib_text=calib_text)
+    check_coverage(model, reader, hook, path)
+    place_buffers(model, device)
+    with atomic_directory(out) as tmp:
+        writer = StreamingWriter(tmp, model, shard_bytes)
+        try:
+            unused = stream_into(model, reader, device, hook=hook, sink=writer)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        if unused:
+            log.warning("ignored %d tensors not used by the model: %s", len(unused), unused[:5])
+        write_config(model, tmp)
+        copy_tokenizer(tmp, tokenizer=tokenizer, source=path)
+    result = model.quant_result
+    result.path, result.seconds = out, time.perf_counter() - t0
+    log.info("wrote %s (%s) in %.1f s", out, result.config.scheme, result.seconds)
+    return result
