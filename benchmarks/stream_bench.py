@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +79,15 @@ def write_checkpoint(folder: Path, shape: dict, device: str) -> dict:
     writer = StreamingWriter(folder, empty, _size(shape["shard"]))
     g = torch.Generator(device).manual_seed(0)
     state = empty.state_dict()
-    for name in sorted(writer.where):
-        t = torch.empty(state[name].shape, dtype=torch.bfloat16, device=device).uniform_(-0.03, 0.03, generator=g)
-        writer.write(name, t + 1 if name.endswith("norm.weight") else t)
+    pending = []
+    with ThreadPoolExecutor(4) as pool:  # generate on the device, copy out and pwrite in 4 threads
+        for name in sorted(writer.where):
+            t = torch.empty(state[name].shape, dtype=torch.bfloat16, device=device).uniform_(-0.03, 0.03, generator=g)
+            pending.append(pool.submit(writer.write, name, t + 1 if name.endswith("norm.weight") else t))
+            while len(pending) > 8:
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
     writer.close()
     files = sorted(folder.glob("*.safetensors"))
     return {"seconds": time.perf_counter() - t0, "bytes": sum(f.stat().st_size for f in files), "shards": len(files)}
@@ -206,19 +213,19 @@ def compare_packed(workdir: Path, a: str, b: str) -> dict | None:
     return {"tensors": sorted(ta), "identical": bool(same)}
 
 
-def environment(device: str) -> dict:
+def environment(device: str, peer_path: str = "") -> dict:
     import torch
     import transformers
 
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "host_cpus": os.cpu_count()}
-    try:
-        import torchao
-
-        env["torchao"] = torchao.__version__
-    except Exception:  # noqa: BLE001 - optional peer
-        env["torchao"] = None
+    env["torchao"] = None
+    for site in filter(None, [peer_path, *sys.path]):
+        found = sorted(Path(site).glob("torchao-*.dist-info")) if Path(site).is_dir() else []
+        if found:
+            env["torchao"] = found[0].name.split("-")[1]
+            break
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True, check=True).stdout.strip()
@@ -249,6 +256,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_bench.json")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    ap.add_argument("--peer-path", default="", help="site folder holding torchao, added for the c-* runs only")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = SHAPES[args.shape]
@@ -259,19 +267,23 @@ def main() -> None:
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    res = {"benchmark": "stream_bench", "shape": args.shape, **{"config": shape}, "env": environment(args.device),
+    res = {"benchmark": "stream_bench", "shape": args.shape, **{"config": shape}, "env": environment(args.device, args.peer_path),
            "runs": {}, "identity": {}}
     log(f"writing a random {args.shape} checkpoint to {ckpt}")
     res["checkpoint"] = write_checkpoint(ckpt, shape, args.device)
     log(f"checkpoint: {res['checkpoint']}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     for variant in args.variants.split(","):
-        if variant.startswith("c-") and res["env"]["torchao"] is None:
+        if variant.startswith("c-") and res["env"]["torchao"] is None and not args.peer_path:
             res["runs"][variant] = {"skipped": "torchao is not installed"}
             continue
         t0 = time.perf_counter()
+        child_env = dict(env)
+        if variant.startswith("c-") and args.peer_path:
+            child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), args.peer_path]))
         proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shape", args.shape, "--device",
-                               args.device, "--workdir", str(args.workdir)], capture_output=True, text=True, env=env)
+                               args.device, "--workdir", str(args.workdir)], capture_output=True, text=True,
+                              env=child_env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             res["runs"][variant] = {"error": (proc.stderr or proc.stdout)[-2000:]}
