@@ -37,13 +37,18 @@ def test_quantize_on_load_equals_in_memory(scheme, tiny_llama_dir, input_ids):
         assert torch.equal(lazy(input_ids).logits, eager(input_ids).logits)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_row_blocks_pack_like_the_whole_weight(scheme):
+@pytest.mark.parametrize("scheme,layout", [(s, "groups") for s in SCHEMES] + [("w4", "rows")])
+def test_row_blocks_pack_like_the_whole_weight(scheme, layout, monkeypatch):
     """Big weights are quantized in blocks of output rows; every scheme is row-separable, so nothing changes."""
-    config = QuantConfig(scheme=scheme, group_size=32 if scheme in ("w4", "w8") else None)
+    config = QuantConfig(scheme=scheme, group_size=32 if scheme in ("w4", "w8") else None, layout=layout)
+    cls = LINEAR_CLASSES[scheme]
     lin = nn.Linear(96, 80, bias=True)
-    whole = LINEAR_CLASSES[scheme].from_linear(lin, config)
-    blocks = quantize_linear(lin, LINEAR_CLASSES[scheme], config, chunk_elements=96 * 32)  # 3 blocks of 32 rows
+    whole = cls.from_linear(lin, config)
+    calls = []
+    real = cls.from_linear.__func__
+    monkeypatch.setattr(cls, "from_linear", classmethod(lambda c, *a, **k: calls.append(1) or real(c, *a, **k)))
+    blocks = quantize_linear(lin, cls, config, chunk_elements=96 * 32)
+    assert len(calls) == 3, "rows 0-32, 32-64, 64-80"
     assert_same_state(whole, blocks)
 
 

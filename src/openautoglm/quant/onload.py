@@ -17,6 +17,7 @@ the same activations the in-memory :class:`StaticQuantizer` sees, one layer in m
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -50,30 +51,32 @@ def resolve_config(quantization: QuantConfig | None, bits: int | None, device: t
 @torch.no_grad()
 def quantize_linear(linear: nn.Linear, cls: type[QuantLinear], config: QuantConfig,
                     chunk_elements: int = CHUNK_ELEMENTS) -> QuantLinear:
-    """``cls.from_linear(linear, config)``, computed in blocks of output rows for big weights (same result)."""
+    """``cls.from_linear(linear, config)``, computed in blocks of output rows for big weights (same result).
+
+    Each block is quantized on its own and copied where :meth:`QuantLinear.tp_slices` says output rows
+    ``[r0, r1)`` live in every stored tensor (the description tensor parallelism cuts by), so the float32
+    temporaries of the quantizer cover one block, not the whole weight.
+    """
     n, k = linear.out_features, linear.in_features
-    rows = max(16, chunk_elements // max(k, 1) // 16 * 16)
-    if n <= rows:
+    new = cls.empty(linear, config, device=linear.weight.device)
+    step = math.lcm(16, new.tp_granularity("out"))
+    rows = max(step, chunk_elements // max(k, 1) // step * step)
+    if n <= rows or n % step:
         return cls.from_linear(linear, config)
     w, b = linear.weight, linear.bias
-    new = cls.empty(linear, config, device=w.device)
-    params = dict(new.named_parameters(recurse=False))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         part_lin = nn.Linear(k, r1 - r0, bias=b is not None, device="meta", dtype=w.dtype)
         part_lin.weight = nn.Parameter(w[r0:r1], requires_grad=False)
         if b is not None:
             part_lin.bias = nn.Parameter(b[r0:r1], requires_grad=False)
-        part = cls.from_linear(part_lin, config)
-        for pname, p in params.items():
-            src = getattr(part, pname)
-            if p.dim() == 0:
-                p.data.copy_(src)
-                continue
-            lo, hi = r0 * p.shape[0] // n, r1 * p.shape[0] // n
-            if src.shape[0] != hi - lo:  # a layout that is not row-separable: pack it whole
-                return cls.from_linear(linear, config)
-            p.data[lo:hi].copy_(src)
+        part = dict(cls.from_linear(part_lin, config).named_parameters(recurse=False))
+        for name, where in new.tp_slices("out", r0, r1).items():
+            dst = getattr(new, name)
+            if where is not None:
+                axis, lo, hi = where
+                dst = dst.narrow(axis, lo, hi - lo)
+            dst.data.copy_(part[name])
     new._prepare_device()
     return new
 
