@@ -224,13 +224,15 @@ def environment(device: str, peer_path: str = "") -> dict:
     for site in filter(None, [peer_path, *sys.path]):
         found = sorted(Path(site).glob("torchao-*.dist-info")) if Path(site).is_dir() else []
         if found:
-            env["torchao"] = found[0].name.split("-")[1]
+            env["torchao"] = found[0].name.removesuffix(".dist-info").split("-")[1]
             break
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - a copy without .git
-        env["commit"] = os.environ.get("OAG_COMMIT", "unknown")
+    env["commit"] = os.environ.get("OAG_COMMIT")  # a shipped copy without .git says which commit it is
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True, check=True).stdout.strip()
+        except Exception:  # noqa: BLE001 - a copy without .git
+            env["commit"] = "unknown"
     env["device"] = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
     return env
 
@@ -297,12 +299,12 @@ def main() -> None:
                 res["identity"][f"a-{s} vs b-{s}"] = cmp
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
-    if not args.keep:
-        shutil.rmtree(args.workdir, ignore_errors=True)
     res["summary"] = summarize(res)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print("\n".join(res["summary"]))
     print(json.dumps(res["identity"], indent=1))
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _random_llama import write_random_llama
 
 HEADROOM = 180 * 2**20

@@ -16,19 +16,19 @@ One file per job: ``names`` (names -> folders), ``validate`` (safetensors header
 from __future__ import annotations
 
 from .config import _load_config, _resolve_dtype
+from .lazy import OUTER, LoadHook, stream_into
 from .load import (
     PICKLE_FILES,
     AutoModelForCausalLM,
     AutoTokenizer,
     _load_pickle,
     build_empty,
-    has_tokenizer,
-    open_checkpoint,
     empty_model,
     from_pretrained,
+    has_tokenizer,
     load_tokenizer,
+    open_checkpoint,
 )
-from .lazy import OUTER, LoadHook, stream_into
 from .names import PACKAGE_DIR, SHIPPED_MODELS, looks_like_hub_id, resolve_model_path, shipped_models
 from .reader import CheckpointReader
 from .registry import (
@@ -43,7 +43,13 @@ from .registry import (
     registered_transforms,
 )
 from .save import TOKENIZER_FILES, _attach, _looks_like_model_dir, save_pretrained
-from .validate import CheckpointTensors, check_against_model, checkpoint_tensors, validate_safetensors, weight_files
+from .validate import (
+    CheckpointTensors,
+    check_against_model,
+    checkpoint_tensors,
+    validate_safetensors,
+    weight_files,
+)
 
 __all__ = [
     "AutoModelForCausalLM", "AutoTokenizer", "FORMAT_VERSION", "META_KEY", "PACKAGE_DIR", "PICKLE_FILES",

@@ -13,10 +13,10 @@ from torch import nn
 from .. import _hf
 from ..errors import CheckpointError, ModelNotFoundError
 from .config import _load_config, _resolve_dtype
-from .names import resolve_model_path
-from .registry import _REBUILDERS, _import_plugins, applied_transforms
 from .lazy import check_coverage, stream_into
+from .names import resolve_model_path
 from .reader import CheckpointReader
+from .registry import _REBUILDERS, _import_plugins, applied_transforms
 from .save import _attach
 from .validate import weight_files
 

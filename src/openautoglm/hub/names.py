@@ -71,8 +71,12 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
 
 def _from_hub(repo_id: str, revision, cache_dir, allow_pickle: bool, trust_remote_code: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = HUB_PATTERNS + (["*.bin", "*.pt", "*.pth"] if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")

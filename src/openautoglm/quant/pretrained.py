@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,15 +24,18 @@ from .onload import QuantizeOnLoad
 log = logging.getLogger(__name__)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 def _size(v: str | int) -> int:
+    """Bytes of ``v``: a positive int, or a size string as transformers takes it (``"2GB"``, ``"500MiB"``)."""
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    try:
-        return parse_size_to_int(v)
-    except (ValueError, TypeError):
-        raise ValueError(f"max_shard_size={v!r}: write a positive number of bytes or a size such as '2GB', '500MB'") from None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", v) if isinstance(v, str) else None
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size={v!r}: write a positive number of bytes or a size such as '2GB', '500MB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def quantize_pretrained(
