@@ -70,3 +70,38 @@ def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
 def input_ids():
     g = torch.Generator().manual_seed(1234)
     return torch.randint(2, 8192, (2, 24), generator=g)
+
+
+# ----------------------------------------------------------------------------- one tiny model per family
+# kvpress-style: every capability's family tests run over this table (tests/test_families.py). Each model is
+# tiny (2 layers, hidden 128, 8 query heads; GQA with 2 KV heads where the family has it) and uses the bundled
+# tokenizer's vocabulary. Mistral without a sliding window (as Mistral v0.2+), so the compressed KV caches apply.
+_COMMON = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+               bos_token_id=0, eos_token_id=0, pad_token_id=1)
+FAMILIES = {
+    "llama": dict(model_type="llama", **_COMMON),
+    "mistral": dict(model_type="mistral", sliding_window=None, **_COMMON),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=False, **_COMMON),
+    "qwen3": dict(model_type="qwen3", use_sliding_window=False, **_COMMON),
+    "gemma": dict(model_type="gemma", **_COMMON),
+    "phi3": dict(model_type="phi3", **_COMMON),
+    "gpt2": dict(model_type="gpt2", vocab_size=8192, n_embd=128, n_layer=2, n_head=8, n_inner=256, n_positions=512,
+                 embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                 tie_word_embeddings=False),
+}
+
+
+def make_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised tiny causal LM of ``family`` (a key of :data:`FAMILIES`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(**{**FAMILIES[family], **overrides})
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    """Parametrizes a test over every supported family (use with :func:`make_tiny`)."""
+    return request.param

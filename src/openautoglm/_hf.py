@@ -1,4 +1,4 @@
-"""The one place that touches transformers internals.
+"""The one place that touches transformers internals (with its per-family attention table, ``_hf_attention``).
 
 Module names, the causal-LM registry, attention layout and the Cache keyword all move between
 transformers releases (5.24 renamed the forward keyword ``past_key_values`` to ``cache``); everything
@@ -14,6 +14,23 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from . import _hf_attention as _attn
+from ._hf_attention import (  # noqa: F401  (the adapter's public surface: callers use _hf.<name>)
+    as_linear,
+    attention_of,
+    cut_heads,
+    head_counts,
+    in_features,
+    is_conv1d,
+    is_linear_like,
+    out_features,
+    output_projection,
+    output_weight,
+    projection_modules,
+    query_weight,
+    resize_heads,
+)
 
 
 def causal_lm_model_types() -> set[str]:
@@ -121,28 +138,18 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def attention_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
-    """Yield ``(layer index, attention module)`` for Llama-family attention (q/k/v/o projections)."""
+    """Yield ``(layer index, attention module)`` for every decoder layer (the families of :mod:`._hf_attention`:
+    separate q/k/v/o projections, Phi-3's fused ``qkv_proj``, GPT-2's ``Conv1D`` ``c_attn``/``c_proj``)."""
     for i, layer in enumerate(decoder_layers(model)):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise TypeError(
-                f"layer {i} of {type(model).__name__} has no Llama-style self_attn (q/k/v/o_proj); "
-                "supported: Llama, Mistral, Qwen2/3 attention"
-            )
+        attn = _attn.attention_of(layer)
+        if attn is None:
+            raise TypeError(f"layer {i} of {type(model).__name__} has no attention module named "
+                            f"{' or '.join(_attn.ATTENTION_ATTRS)} (it has {[n for n, _ in layer.named_children()]})")
+        try:
+            _attn.family_of(attn)
+        except TypeError as e:
+            raise TypeError(f"layer {i} of {type(model).__name__}: {e}") from None
         yield i, attn
-
-
-def mlp_projections(model: nn.Module) -> Iterator[tuple[int, nn.Module, nn.Module, nn.Module]]:
-    """Yield ``(layer index, gate_proj, up_proj, down_proj)`` of Llama-family gated MLPs."""
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            kind = type(mlp).__name__ if mlp is not None else "no mlp"
-            raise TypeError(
-                f"layer {i} of {type(model).__name__} has no gated MLP with gate/up/down_proj ({kind}); "
-                "supported: Llama, Mistral, Qwen2/3 MLPs (not fused gate_up or mixture-of-experts)"
-            )
-        yield i, mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,15 +227,21 @@ INDEXED_GQA_ATTENTION = "openautoglm_indexed_gqa"
 
 
 class _AttnConfigView:
-    """A model config seen through one attention module: every attribute is the config's own, except that
-    ``_attn_implementation`` names the indexed-GQA function (the real one is read at call time)."""
+    """A model config seen through one attention module: every attribute is the config's own, except the
+    per-module ``overrides`` (head counts a family's forward reads from its config, e.g. Phi-3) and, when
+    ``indexed``, ``_attn_implementation``, which then names the indexed-GQA function (the real one is read at
+    call time)."""
 
-    def __init__(self, config):
+    def __init__(self, config, overrides: dict | None = None, indexed: bool = False):
         object.__setattr__(self, "_oag_base", config)
+        object.__setattr__(self, "_oag_overrides", dict(overrides or {}))
+        object.__setattr__(self, "_oag_indexed", indexed)
 
     def __getattr__(self, name):
-        if name.startswith("__") or name == "_oag_base":
+        if name.startswith("__") or name.startswith("_oag_"):
             raise AttributeError(name)
+        if name in self._oag_overrides:
+            return self._oag_overrides[name]
         return getattr(self._oag_base, name)
 
     def __setattr__(self, name, value):
@@ -236,7 +249,7 @@ class _AttnConfigView:
 
     @property
     def _attn_implementation(self):
-        return INDEXED_GQA_ATTENTION
+        return INDEXED_GQA_ATTENTION if self._oag_indexed else self._oag_base._attn_implementation
 
 
 def _base_attention_function(module: nn.Module):
@@ -269,21 +282,20 @@ def _register_indexed_gqa() -> None:
 
 
 def attention_layout(attn: nn.Module) -> list[int]:
-    """KV head read by each query head of a Llama-style attention module, e.g. ``[0, 0, 1, 1]``."""
+    """KV head read by each query head of an attention module, e.g. ``[0, 0, 1, 1]``."""
     idx = getattr(attn, "oag_kv_index", None)
     if idx is not None:
         return [int(i) for i in idx.tolist()]
-    hd = int(attn.head_dim)
-    n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+    n_q, n_kv = _attn.head_counts(attn)
     return [h // (n_q // n_kv) for h in range(n_q)]
 
 
 def set_attention_layout(attn: nn.Module, kv_index: list[int]) -> None:
     """Make ``attn`` run with ``len(kv_index)`` query heads, query head ``i`` reading KV head ``kv_index[i]``.
 
-    The q/k/v/o projections must already have the matching shapes. ``kv_index`` must be non-decreasing and
-    use every KV head ``0..n_kv-1``. Works in forward and in ``generate`` with any cache (the cache holds the
-    ``n_kv`` un-repeated heads).
+    The projections must already have the matching shapes. ``kv_index`` must be non-decreasing and use every
+    KV head ``0..n_kv-1``. Works in forward and in ``generate`` with any cache (the cache holds the ``n_kv``
+    un-repeated heads).
     """
     n_q = len(kv_index)
     n_kv = max(kv_index) + 1 if kv_index else 0
@@ -293,16 +305,20 @@ def set_attention_layout(attn: nn.Module, kv_index: list[int]) -> None:
     base_cfg = attn.config._oag_base if isinstance(attn.config, _AttnConfigView) else attn.config
     if "oag_kv_index" in attn._buffers:
         del attn._buffers["oag_kv_index"]
-    if len(set(counts)) == 1:  # uniform groups: the stock attention repeats K/V correctly
+    _attn.set_head_counts(attn, n_q, n_kv)
+    overrides = _attn.config_overrides(attn, n_q, n_kv)
+    uniform = len(set(counts)) == 1  # uniform groups: the stock attention repeats K/V correctly
+    attn.num_key_value_groups = counts[0] if uniform else 1
+    if uniform and not overrides:
         attn.config = base_cfg
-        attn.num_key_value_groups = counts[0]
         return
-    _register_indexed_gqa()
-    attn.config = _AttnConfigView(base_cfg)
-    attn.num_key_value_groups = 1
-    device = attn.q_proj.weight.device
-    idx = torch.tensor(kv_index, dtype=torch.long, device="cpu" if device.type == "meta" else device)
-    attn.register_buffer("oag_kv_index", idx, persistent=False)
+    if not uniform:
+        _register_indexed_gqa()
+    attn.config = _AttnConfigView(base_cfg, overrides, indexed=not uniform)
+    if not uniform:
+        device = _attn.projection_modules(attn)[0].weight.device
+        idx = torch.tensor(kv_index, dtype=torch.long, device="cpu" if device.type == "meta" else device)
+        attn.register_buffer("oag_kv_index", idx, persistent=False)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

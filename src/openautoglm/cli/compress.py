@@ -26,7 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .. import hub
+from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from . import app, console
 from ._common import fmt_bytes, pick_device, table
@@ -135,7 +135,7 @@ def compress(
     m = hub.from_pretrained(model, dtype=dtype, device=dev)
     tok = hub.load_tokenizer(model)
     before = model_bytes(m)
-    n_linear_before = sum(1 for _ in m.modules() if type(_).__name__ == "Linear")
+    n_linear_before = sum(1 for _ in m.modules() if _hf.is_linear_like(_))
 
     steps: list[tuple[str, object]] = []
     # -- other capabilities insert their steps here (before quantization), e.g. pruning:
@@ -159,7 +159,7 @@ def compress(
     after = model_bytes(m)
     path = m.save_pretrained(out, tokenizer=tok)
     q = results.get("quantizing")
-    n_linear_after = sum(1 for _ in m.modules() if type(_).__name__ == "Linear")
+    n_linear_after = sum(1 for _ in m.modules() if _hf.is_linear_like(_))
     _report(model, Path(path), q["scheme"] if q else "not quantized", time.perf_counter() - t0, before, after,
             n_linear_before, n_linear_after, q["quantized"] if q else 0, q["skipped"] if q else {})
     for title, res in results.items():

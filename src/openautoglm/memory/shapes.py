@@ -113,7 +113,7 @@ def _main_dtype(params: list) -> torch.dtype:
 
 
 def _is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+    return isinstance(mod, nn.Linear) or _hf.is_conv1d(mod)
 
 
 def _out_features(mod: nn.Module | None) -> int | None:
@@ -121,7 +121,7 @@ def _out_features(mod: nn.Module | None) -> int | None:
         return None
     if getattr(mod, "out_features", None):
         return int(mod.out_features)
-    if type(mod).__name__ == "Conv1D":  # GPT-2: weight is (in, out), ``nf`` outputs
+    if _hf.is_conv1d(mod):  # GPT-2: weight is (in, out), ``nf`` outputs
         return int(mod.nf)
     w = getattr(mod, "weight", None)
     return int(w.shape[0]) if w is not None and w.ndim == 2 else None
@@ -149,9 +149,11 @@ def _layer_shapes(model: nn.Module, config) -> tuple[list[LayerShape], bool]:
     hidden = _hf.text_config(config).hidden_size if hasattr(_hf.text_config(config), "hidden_size") else config.n_embd
     layers, gated = [], True
     for layer in _hf.decoder_layers(model):
-        attn = getattr(layer, "self_attn", None)
-        q = _out_features(getattr(attn, "q_proj", None)) if attn is not None else None
-        k = _out_features(getattr(attn, "k_proj", None)) if attn is not None else None
+        attn = _hf.attention_of(layer)
+        try:  # per layer, from the modules: pruned layers differ from the config
+            counts = _hf.head_counts(attn) if attn is not None else None
+        except (TypeError, AttributeError):
+            counts = None
         mlp = getattr(layer, "mlp", None)
         gate = _out_features(getattr(mlp, "gate_proj", None))
         gate_up = _out_features(getattr(mlp, "gate_up_proj", None))   # Phi-3 fuses gate and up
@@ -161,10 +163,7 @@ def _layer_shapes(model: nn.Module, config) -> tuple[list[LayerShape], bool]:
         else:
             gated = False
             inter = fc or inter_cfg or 4 * hidden
-        if q is None:  # fused qkv (Phi-3 qkv_proj, GPT-2 c_attn): take the config's heads
-            heads, kv = _hf.num_heads(config), _hf.num_kv_heads(config)
-        else:
-            heads, kv = q // hd, (k // hd if k else _hf.num_kv_heads(config))
+        heads, kv = counts or (_hf.num_heads(config), _hf.num_kv_heads(config))
         layers.append(LayerShape(heads, kv, hd, int(inter)))
     return layers, gated
 

@@ -3,8 +3,9 @@
 >>> pruner = HeadPruner(importance="taylor", ratio=0.25, scope="global")   # doctest: +SKIP
 >>> result = pruner.prune(model, tokenizer)                                  # doctest: +SKIP
 
-A query head is removed by cutting its rows of ``q_proj`` and its columns of ``o_proj``; a KV head (rows of
-``k_proj``/``v_proj``, and its slot in the KV cache) goes only when every query head that reads it is gone,
+A query head is removed by cutting its rows of ``q_proj`` and its columns of ``o_proj`` (or their slices of a fused
+``qkv_proj`` / GPT-2 ``c_attn``: ``_hf_attention``); a KV head (rows of ``k_proj``/``v_proj``, and its slot in the
+KV cache) goes only when every query head that reads it is gone,
 so the query-to-KV mapping is never broken. Layers may end with different head counts and uneven GQA groups
 (see ``_hf.set_attention_layout``); the layout is recorded in the config (``prune_heads`` transform) and
 rebuilt by the loader.
@@ -104,34 +105,10 @@ def _layout_stats(model: nn.Module) -> tuple[list[tuple[int, int]], int, int]:
     for _, attn in _hf.attention_modules(model):
         lay = _hf.attention_layout(attn)
         heads.append((len(lay), max(lay) + 1))
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            wbytes += sum(p.numel() * p.element_size() for p in getattr(attn, name).parameters())
-        kvb += 2 * (max(lay) + 1) * int(attn.head_dim) * attn.k_proj.weight.element_size()
+        projs = _hf.projection_modules(attn)
+        wbytes += sum(p.numel() * p.element_size() for m in projs for p in m.parameters())
+        kvb += 2 * (max(lay) + 1) * int(attn.head_dim) * next(projs[0].parameters()).element_size()
     return heads, wbytes, kvb
-
-
-def _linear_like(lin: nn.Linear, out_f: int, in_f: int) -> nn.Linear:
-    return nn.Linear(in_f, out_f, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
-
-
-def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
-    return torch.tensor([h * hd + j for h in heads for j in range(hd)], dtype=torch.long)
-
-
-def _slice_linear(lin: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    if type(lin) is not nn.Linear:
-        raise TypeError(f"head pruning needs plain nn.Linear projections, found {type(lin).__name__}; "
-                        "prune heads before quantization or low-rank factorization")
-    w = lin.weight.detach()
-    w = w[rows.to(w.device)] if rows is not None else w
-    w = w[:, cols.to(w.device)] if cols is not None else w
-    new = _linear_like(lin, w.shape[0], w.shape[1])
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias.detach()[rows.to(w.device)] if rows is not None else lin.bias.detach())
-    new.weight.requires_grad_(lin.weight.requires_grad)
-    return new
 
 
 def remove_heads(model: nn.Module, heads: dict[int, list[int]], *, info: dict | None = None) -> list[list[int]]:
@@ -154,14 +131,9 @@ def remove_heads(model: nn.Module, heads: dict[int, list[int]], *, info: dict | 
         lay = _hf.attention_layout(attn)
         drop = set(heads.get(layer, []))
         if drop:
-            hd = int(attn.head_dim)
             keep_q = [h for h in range(len(lay)) if h not in drop]
             keep_kv = sorted({lay[h] for h in keep_q})
-            q_rows, kv_rows = _head_rows(keep_q, hd), _head_rows(keep_kv, hd)
-            attn.q_proj = _slice_linear(attn.q_proj, rows=q_rows)
-            attn.k_proj = _slice_linear(attn.k_proj, rows=kv_rows)
-            attn.v_proj = _slice_linear(attn.v_proj, rows=kv_rows)
-            attn.o_proj = _slice_linear(attn.o_proj, cols=q_rows)
+            _hf.cut_heads(attn, keep_q, keep_kv)
             remap = {g: i for i, g in enumerate(keep_kv)}
             lay = [remap[lay[h]] for h in keep_q]
             _hf.set_attention_layout(attn, lay)
@@ -176,11 +148,7 @@ def apply_head_layout(model: nn.Module, layouts: list[list[int]]) -> None:
     if len(layouts) != len(attns):
         raise ValueError(f"head layout has {len(layouts)} layers, the model {len(attns)}")
     for (_, attn), lay in zip(attns, layouts):
-        hd, n_q, n_kv = int(attn.head_dim), len(lay), max(lay) + 1
-        attn.q_proj = _linear_like(attn.q_proj, n_q * hd, attn.q_proj.in_features)
-        attn.k_proj = _linear_like(attn.k_proj, n_kv * hd, attn.k_proj.in_features)
-        attn.v_proj = _linear_like(attn.v_proj, n_kv * hd, attn.v_proj.in_features)
-        attn.o_proj = _linear_like(attn.o_proj, attn.o_proj.out_features, n_q * hd)
+        _hf.resize_heads(attn, len(lay), max(lay) + 1)
         _hf.set_attention_layout(attn, lay)
 
 
@@ -192,7 +160,7 @@ def mask_heads(model: nn.Module, heads: dict[int, list[int]]):
         hs = heads.get(layer)
         if not hs:
             continue
-        hd, n_q = int(attn.head_dim), attn.o_proj.in_features // int(attn.head_dim)
+        hd, n_q = int(attn.head_dim), len(_hf.attention_layout(attn))
         m = torch.ones(n_q)
         m[list(hs)] = 0
 
@@ -200,7 +168,7 @@ def mask_heads(model: nn.Module, heads: dict[int, list[int]]):
             x = args[0]
             return ((x.reshape(*x.shape[:-1], -1, hd) * m.to(x)[:, None]).reshape(x.shape), *args[1:])
 
-        handles.append(attn.o_proj.register_forward_pre_hook(fn))
+        handles.append(_hf.output_projection(attn).register_forward_pre_hook(fn))
     try:
         yield model
     finally:
@@ -226,7 +194,8 @@ class HeadPruner:
             ids = calib_ids if calib_ids is not None else calibration_ids(
                 tokenizer, text, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed)
             if c.importance == "wanda":
-                norms = input_sq_norms(model, {str(i): a.o_proj for i, a in enumerate(attns)}, ids, progress=progress)
+                outs = {str(i): _hf.output_projection(a) for i, a in enumerate(attns)}
+                norms = input_sq_norms(model, outs, ids, progress=progress)
                 stats = [{"o_in_sq_norm": norms[str(i)]} for i in range(len(attns))]
             else:
                 g_abs, g_sq = head_mask_grads(model, ids, batch_size=c.batch_size, progress=progress)

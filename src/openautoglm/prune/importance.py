@@ -93,7 +93,7 @@ def input_sq_norms(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.T
                    batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
     """Sum over calibration tokens of each input feature squared, ``name -> (in_features,)`` float32."""
     device = next(model.parameters()).device
-    acc = {n: torch.zeros(m.in_features, dtype=torch.float32, device=device) for n, m in modules.items()}
+    acc = {n: torch.zeros(_hf.in_features(m), dtype=torch.float32, device=device) for n, m in modules.items()}
 
     def hook(name):
         def fn(mod, args):
@@ -121,7 +121,7 @@ def head_mask_grads(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1,
     """
     device = next(model.parameters()).device
     attns = list(_hf.attention_modules(model))
-    masks = [torch.ones(a.o_proj.in_features // a.head_dim, device=device, requires_grad=True) for _, a in attns]
+    masks = [torch.ones(len(_hf.attention_layout(a)), device=device, requires_grad=True) for _, a in attns]
 
     def hook(mask, hd):
         def fn(mod, args):
@@ -131,7 +131,8 @@ def head_mask_grads(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1,
             return (x, *args[1:])
         return fn
 
-    handles = [a.o_proj.register_forward_pre_hook(hook(m, a.head_dim)) for m, (_, a) in zip(masks, attns)]
+    outs = [_hf.output_projection(a) for _, a in attns]
+    handles = [o.register_forward_pre_hook(hook(m, a.head_dim)) for m, o, (_, a) in zip(masks, outs, attns)]
     req = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -213,10 +214,10 @@ def head_scores(attn: nn.Module, method: str, *, o_in_sq_norm: torch.Tensor | No
     """
     check_method(method)
     hd = int(attn.head_dim)
-    wo = attn.o_proj.weight.detach().float()
+    wo = _hf.output_weight(attn).detach().float()
     n = wo.shape[1] // hd
     if method == "magnitude":
-        wq = attn.q_proj.weight.detach().float()
+        wq = _hf.query_weight(attn).detach().float()
         return wq.abs().reshape(n, hd, -1).sum((1, 2)) + wo.abs().reshape(-1, n, hd).sum((0, 2))
     if method == "wanda":
         if o_in_sq_norm is None:

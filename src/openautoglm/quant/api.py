@@ -1,6 +1,7 @@
 """Module surgery: ``quantize(model, QuantConfig(...))`` and ``DynamicQuantizer.quantize(model, bits=8)``.
 
-Walks a model, replaces the selected ``nn.Linear`` layers by the quantized classes of :mod:`.linear`,
+Walks a model, replaces the selected ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's transposed Linear)
+by the quantized classes of :mod:`.linear`,
 reports the skipped ones, and records the recipe in the model config (``hub.record_transform``) so
 ``save_pretrained`` + ``AutoModelForCausalLM.from_pretrained`` rebuild the same modules without ever
 materializing full-precision weights (rebuilder ``"quantize"`` below).
@@ -9,13 +10,14 @@ materializing full-precision weights (rebuilder ``"quantize"`` below).
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .. import hub
+from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from .config import QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
@@ -82,9 +84,10 @@ def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], di
         )
     chosen, skipped = [], {}
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear or not config.matches(name):
+        if not _hf.is_linear_like(mod) or not config.matches(name):  # nn.Linear, or GPT-2's Conv1D
             continue
-        reason = "weight tied to the input embeddings" if name in tied else cls.supports(mod, config)
+        shape = SimpleNamespace(in_features=_hf.in_features(mod), out_features=_hf.out_features(mod))
+        reason = "weight tied to the input embeddings" if name in tied else cls.supports(shape, config)
         if reason:
             skipped[name] = reason
         else:
@@ -125,7 +128,7 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
         if not torch.isfinite(model.get_submodule(name).weight).all():
             raise ValueError(f"cannot quantize {name}: its weight holds NaN or Inf values")
     for i, name in enumerate(chosen):
-        new = cls.from_linear(model.get_submodule(name), config)
+        new = cls.from_linear(_hf.as_linear(model.get_submodule(name)), config)  # Conv1D: as its Linear
         if act_scales is not None:
             new.act_scale.data.fill_(act_scales[name])
         _set_module(model, name, new)
@@ -180,6 +183,7 @@ def rebuild(model: nn.Module, spec: dict) -> None:
     cls = LINEAR_CLASSES[config.scheme]
     for name in spec["modules"]:
         mod = model.get_submodule(name)
-        if not isinstance(mod, nn.Linear):
+        lin = _hf.as_linear(mod)
+        if lin is None:
             raise ValueError(f"checkpoint records quantized module {name!r} but the model has a {type(mod).__name__} there")
-        _set_module(model, name, cls.empty(mod, config, device="meta"))
+        _set_module(model, name, cls.empty(lin, config, device="meta"))
