@@ -152,6 +152,31 @@ def attention_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         yield i, attn
 
 
+def separate_qkv_attention_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+    """:func:`attention_modules`, refusing any layout but separate q/k/v/o projections (what tensor parallelism
+    splits) with a ``TypeError`` naming the layer."""
+    for i, attn in attention_modules(model):
+        if _attn.family_of(attn) is not _attn.FAMILIES[0]:
+            raise TypeError(
+                f"layer {i} of {type(model).__name__} has no Llama-style self_attn (q/k/v/o_proj) but "
+                f"{_attn.family_of(attn).name}; supported: Llama, Mistral, Qwen2/3 attention"
+            )
+        yield i, attn
+
+
+def mlp_projections(model: nn.Module) -> Iterator[tuple[int, nn.Module, nn.Module, nn.Module]]:
+    """Yield ``(layer index, gate_proj, up_proj, down_proj)`` of Llama-family gated MLPs."""
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            kind = type(mlp).__name__ if mlp is not None else "no mlp"
+            raise TypeError(
+                f"layer {i} of {type(model).__name__} has no gated MLP with gate/up/down_proj ({kind}); "
+                "supported: Llama, Mistral, Qwen2/3 MLPs (not fused gate_up or mixture-of-experts)"
+            )
+        yield i, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)

@@ -232,7 +232,7 @@ def make_plan(model: nn.Module, tp_size: int, rank: int = 0, config: ShardConfig
     row: list[str] = []
     layers: list[LayerSplit] = []
     notes: list[str] = []
-    for (i, attn), (_, gate, up, down) in zip(_hf.attention_modules(model), _hf.mlp_projections(model)):
+    for (i, attn), (_, gate, up, down) in zip(_hf.separate_qkv_attention_modules(model), _hf.mlp_projections(model)):
         q0, q1, kv0, kv1, local = _split_heads(i, attn, tp, config.allow_uneven)[rank]
         mb = _split_mlp(i, gate, up, down, tp, config.allow_uneven)
         m0, m1 = mb[rank], mb[rank + 1]

@@ -72,7 +72,7 @@ def apply_plan(model: nn.Module, plan: ShardPlan) -> None:
         head.weight = emb.weight
         if plan.lm_head in plan.cuts:
             head.out_features = emb.weight.shape[0]
-    for (i, attn), split in zip(_hf.attention_modules(model), plan.layers):
+    for (i, attn), split in zip(_hf.separate_qkv_attention_modules(model), plan.layers):
         _hf.set_attention_layout(attn, split.kv_index)
         for attr, n in (("num_heads", split.n_q), ("num_key_value_heads", split.n_kv)):  # where a model keeps them
             if isinstance(getattr(attn, attr, None), int):
