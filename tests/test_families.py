@@ -124,3 +124,17 @@ def test_unsupported_attention_layout_is_refused_by_name():
                                         r"qkv_proj/o_proj.*c_attn/c_proj.*it has \['dense', 'query_key_value'\]"):
         remove_heads(model, {0: [0]})
     assert len(quantize(model, QuantConfig(scheme="w8")).quantized) == 8
+
+
+def test_quantize_on_load_equals_quantize_after_load(family, tmp_path):
+    """Streaming quantize-on-load (GPT-2's Conv1D included) gives the modules of quantizing the loaded model."""
+    model = make_tiny(family)
+    model.save_pretrained(tmp_path / "f")
+    x = _ids()
+    cfg = QuantConfig(scheme="w8")
+    on_load = AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization=cfg)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "f")
+    quantize(after, cfg)
+    assert quantized_layers(on_load) == quantized_layers(after) and len(quantized_layers(after)) > 0
+    with torch.no_grad():
+        assert torch.equal(on_load(x).logits, after(x).logits)

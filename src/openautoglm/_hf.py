@@ -17,7 +17,10 @@ from torch import nn
 
 from . import _hf_attention as _attn
 from ._hf_attention import (  # noqa: F401  (the adapter's public surface: callers use _hf.<name>)
+    INDEXED_GQA_ATTENTION,
+    _AttnConfigView,
     as_linear,
+    attention_layout,
     attention_of,
     cut_heads,
     head_counts,
@@ -30,6 +33,7 @@ from ._hf_attention import (  # noqa: F401  (the adapter's public surface: calle
     projection_modules,
     query_weight,
     resize_heads,
+    set_attention_layout,
 )
 
 
@@ -237,113 +241,6 @@ def own_config(model: nn.Module) -> None:
             object.__setattr__(cfg, "_oag_base", copies.get(id(base), base))
         elif cfg is not None and id(cfg) in copies:
             module.config = copies[id(cfg)]
-
-
-# ----------------------------------------------------------------------------- per-layer head counts (pruning)
-#
-# Llama-family attention takes its head counts from the projection shapes (``view(..., -1, head_dim)``) except
-# for ``num_key_value_groups``, which the attention functions use to repeat K/V heads uniformly. A pruned layer
-# whose KV groups keep equal numbers of query heads only needs that attribute set. A layer with uneven groups
-# gets an index map (query head -> KV head) and a per-module config view that routes its attention call through
-# ``_indexed_gqa_attention``, which gathers K/V by that map and then calls the model's real attention function
-# (eager, sdpa, flash...). The model config, the attention masks and the cache layout stay untouched.
-
-INDEXED_GQA_ATTENTION = "openautoglm_indexed_gqa"
-
-
-class _AttnConfigView:
-    """A model config seen through one attention module: every attribute is the config's own, except the
-    per-module ``overrides`` (head counts a family's forward reads from its config, e.g. Phi-3) and, when
-    ``indexed``, ``_attn_implementation``, which then names the indexed-GQA function (the real one is read at
-    call time)."""
-
-    def __init__(self, config, overrides: dict | None = None, indexed: bool = False):
-        object.__setattr__(self, "_oag_base", config)
-        object.__setattr__(self, "_oag_overrides", dict(overrides or {}))
-        object.__setattr__(self, "_oag_indexed", indexed)
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name.startswith("_oag_"):
-            raise AttributeError(name)
-        if name in self._oag_overrides:
-            return self._oag_overrides[name]
-        return getattr(self._oag_base, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._oag_base, name, value)
-
-    @property
-    def _attn_implementation(self):
-        return INDEXED_GQA_ATTENTION if self._oag_indexed else self._oag_base._attn_implementation
-
-
-def _base_attention_function(module: nn.Module):
-    import sys
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    impl = module.config._oag_base._attn_implementation
-    if impl in (None, "eager"):
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[impl]
-
-
-def _indexed_gqa_attention(module, query, key, value, attention_mask, **kwargs):
-    """query: (batch, n_q, seq, head_dim); key/value: (batch, n_kv, kv_seq, head_dim) -> gathered to n_q heads."""
-    idx = module.oag_kv_index
-    key = key.index_select(1, idx)
-    value = value.index_select(1, idx)
-    return _base_attention_function(module)(module, query, key, value, attention_mask, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def _register_indexed_gqa() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(INDEXED_GQA_ATTENTION, _indexed_gqa_attention)
-
-
-def attention_layout(attn: nn.Module) -> list[int]:
-    """KV head read by each query head of an attention module, e.g. ``[0, 0, 1, 1]``."""
-    idx = getattr(attn, "oag_kv_index", None)
-    if idx is not None:
-        return [int(i) for i in idx.tolist()]
-    n_q, n_kv = _attn.head_counts(attn)
-    return [h // (n_q // n_kv) for h in range(n_q)]
-
-
-def set_attention_layout(attn: nn.Module, kv_index: list[int]) -> None:
-    """Make ``attn`` run with ``len(kv_index)`` query heads, query head ``i`` reading KV head ``kv_index[i]``.
-
-    The projections must already have the matching shapes. ``kv_index`` must be non-decreasing and use every
-    KV head ``0..n_kv-1``. Works in forward and in ``generate`` with any cache (the cache holds the ``n_kv``
-    un-repeated heads).
-    """
-    n_q = len(kv_index)
-    n_kv = max(kv_index) + 1 if kv_index else 0
-    if n_q == 0 or sorted(set(kv_index)) != list(range(n_kv)) or list(kv_index) != sorted(kv_index):
-        raise ValueError(f"kv_index {kv_index} must be non-empty, non-decreasing and use KV heads 0..n-1")
-    counts = [kv_index.count(g) for g in range(n_kv)]
-    base_cfg = attn.config._oag_base if isinstance(attn.config, _AttnConfigView) else attn.config
-    if "oag_kv_index" in attn._buffers:
-        del attn._buffers["oag_kv_index"]
-    _attn.set_head_counts(attn, n_q, n_kv)
-    overrides = _attn.config_overrides(attn, n_q, n_kv)
-    uniform = len(set(counts)) == 1  # uniform groups: the stock attention repeats K/V correctly
-    attn.num_key_value_groups = counts[0] if uniform else 1
-    if uniform and not overrides:
-        attn.config = base_cfg
-        return
-    if not uniform:
-        _register_indexed_gqa()
-    attn.config = _AttnConfigView(base_cfg, overrides, indexed=not uniform)
-    if not uniform:
-        device = _attn.projection_modules(attn)[0].weight.device
-        idx = torch.tensor(kv_index, dtype=torch.long, device="cpu" if device.type == "meta" else device)
-        attn.register_buffer("oag_kv_index", idx, persistent=False)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

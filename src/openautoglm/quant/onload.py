@@ -124,7 +124,7 @@ class QuantizeOnLoad(LoadHook):
             self.floats[name] = lin
             for p, _ in lin.named_parameters(recurse=False):
                 self.claimed[f"{name}.{p}"] = name
-            _set_module(model, name, self.cls.empty(lin, config, device="meta"))
+            _set_module(model, name, self.cls.empty(_hf.as_linear(lin), config, device="meta"))  # Conv1D too
         self.inputs: list[tuple[tuple, dict]] = []
         self.hidden: list[torch.Tensor] = []
 
@@ -206,7 +206,7 @@ class QuantizeOnLoad(LoadHook):
 
     def _quantize(self, model: nn.Module, name: str, act_scale: float | None = None) -> None:
         try:
-            new = quantize_linear(self.floats.pop(name), self.cls, self.config)
+            new = quantize_linear(_hf.as_linear(self.floats.pop(name)), self.cls, self.config)
         except ValueError as e:
             raise ValueError(f"cannot quantize {name}: {e}") from None
         if act_scale is not None:
