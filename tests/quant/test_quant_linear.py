@@ -113,16 +113,39 @@ def test_patterns():
 
 def test_old_checkpoint_config_reads_row_layout():
     d = QuantConfig(scheme="w4").to_dict()
-    del d["layout"]  # what checkpoints written before the layout field recorded
-    assert QuantConfig.from_dict(d).layout == "rows"
-    assert QuantConfig(scheme="w4").layout == "groups"
+    del d["layout"], d["pack"]  # what checkpoints written before the layout and pack fields recorded
+    assert QuantConfig.from_dict(d).layout == "rows" and QuantConfig.from_dict(d).pack == "pairs"
+    assert QuantConfig(scheme="w4").layout == "groups" and QuantConfig(scheme="w4").pack == "k32"
     with pytest.raises(ValueError, match="layout"):
         QuantConfig(scheme="w4", layout="cols")
+    with pytest.raises(ValueError, match="pack"):
+        QuantConfig(scheme="w4", pack="k64")
+
+
+def test_k32_order_stores_the_same_codes():
+    """k32 and pairs hold the same codes, so the same outputs."""
+    from openautoglm.quant.math import pack_int4, unpack_int4, unpack_int4_k32
+
+    lin = _linear(k=256, n=64, bias=False)
+    new = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4"))
+    old = LINEAR_CLASSES["w4"].from_linear(lin, QuantConfig(scheme="w4", pack="pairs"))
+    assert new.qweight.shape == old.qweight.shape and not torch.equal(new.qweight, old.qweight)
+    assert torch.equal(pack_int4(unpack_int4_k32(new.qweight)), old.qweight)
+    x = torch.randn(5, 256)
+    assert torch.equal(new(x), old(x))
+    # word w, nibble p of each 16-byte block holds code 4 p + w of the block
+    words = new.qweight.view(torch.int32)
+    codes = unpack_int4(old.qweight).int()
+    for w in range(4):
+        for p in range(8):
+            assert torch.equal((words[:, w::4] >> (4 * p)) & 15, codes[:, 4 * p + w::32])
+
 
 
 @pytest.mark.slow
 def test_layouts_give_identical_perplexity_on_bundled_model():
-    """The group-major layout stores the same codes and scales: held-out perplexity is identical to "rows"."""
+    """The group-major scale layout and the k32 code order store the same codes and scales: held-out perplexity
+    is identical to the "rows" / "pairs" storage of older checkpoints."""
     from openautoglm import AutoModelForCausalLM, AutoTokenizer
     from openautoglm.evaluate import perplexity
     from openautoglm.quant import quantize
@@ -132,11 +155,11 @@ def test_layouts_give_identical_perplexity_on_bundled_model():
     tok = AutoTokenizer.from_pretrained("open-autoglm-base")
     base = AutoModelForCausalLM.from_pretrained("open-autoglm-base", dtype="float32")
     ppl = {}
-    for layout in ("rows", "groups"):
+    for layout, pack in (("rows", "pairs"), ("groups", "pairs"), ("groups", "k32")):
         m = copy.deepcopy(base)
-        quantize(m, QuantConfig(scheme="w4", layout=layout, include=("*mlp*",)))
-        ppl[layout] = perplexity(m, tok, max_tokens=128, seq_len=128, batch_size=1).perplexity
-    assert ppl["rows"] == ppl["groups"]
+        quantize(m, QuantConfig(scheme="w4", layout=layout, pack=pack, include=("*mlp*",)))
+        ppl[layout, pack] = perplexity(m, tok, max_tokens=128, seq_len=128, batch_size=1).perplexity
+    assert len(set(ppl.values())) == 1, ppl
 
 
 def test_tuned_gemv_configs_are_used():
@@ -146,4 +169,4 @@ def test_tuned_gemv_configs_are_used():
     key = next(iter(ops.GEMV_TUNED))
     fmt, bucket, n, k = key
     cfg = ops.gemv_config(bucket, n, k, fmt, 128, torch.device("cpu"))
-    assert cfg == ops.GEMV_TUNED[key]
+    assert {name: cfg[name] for name in ops.GEMV_TUNED[key]} == ops.GEMV_TUNED[key]

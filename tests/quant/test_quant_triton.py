@@ -1,7 +1,8 @@
 """The Triton kernels, run by Triton's CPU interpreter (``TRITON_INTERPRET=1``) in a subprocess.
 
-Skipped where Triton is not installed; otherwise every kernel (decode GEMV on both of its paths, with and
-without split-K, in both scale layouts; fused prefill GEMM; dequantize; activation quantization) is checked
+Skipped where Triton is not installed; otherwise every kernel (the decode kernels of triton_decode, FMA and
+tensor-core, with and without split-K, in both scale layouts, int4 k32 / int8 / e4m3; the older int4 "pairs"
+GEMV and fused GEMM; dequantize of every code order; activation quantization) is checked
 against the float reference on fresh random inputs (the seed is printed), outputs poisoned with NaN first
 so an unwritten element fails. fp16 operands: the interpreter's bf16 dot is not exact.
 """
@@ -36,30 +37,37 @@ SCRIPT = textwrap.dedent("""
         e = rel(y, x.float() @ ref_w.t())
         assert e < 2e-3, (what, M, cfg, e)
 
-    gemv = lambda bk, bn, split, dot: dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=4, num_stages=1)
-    cases = [("w4", False, 128, True), ("w4", False, 128, False), ("w4", True, 64, True), ("w8", True, None, False),
-             ("w8", True, 128, True)]
-    for scheme, sym, g, groups in cases:
-        cfgq = QuantConfig(scheme=scheme, symmetric=sym, group_size=g, layout="groups" if groups else "rows")
+    old = lambda bk, bn, split, dot: dict(kernel="pairs", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=4,
+                                          num_stages=1)
+    fma = lambda r, t, split: dict(kernel="fma", R=r, T=t, SPLIT_K=split, num_warps=1)
+    dot = lambda bn, split: dict(kernel="dot", BLOCK_N=bn, TW=16, SPLIT_K=split, num_warps=1, num_stages=1)
+    cases = [("w4", False, 128, True, "k32"), ("w4", True, 32, False, "k32"), ("w4", False, 128, True, "pairs"),
+             ("w8", True, None, True, "k32"), ("w8", True, 64, False, "k32")]
+    for scheme, sym, g, groups, pack in cases:
+        cfgq = QuantConfig(scheme=scheme, symmetric=sym, group_size=g, layout="groups" if groups else "rows", pack=pack)
         mod = LINEAR_CLASSES[scheme].from_linear(lin, cfgq)
         w, s, z, gs = mod.qweight, mod.scale, mod.zero, mod.group
-        dense = kernels.dequant_torch(w, s, z, mod.bits, gs, torch.float32, groups)
-        assert torch.equal(dense, kernels.dequant_torch(w, mod.scale_rows(), mod.zero_rows(), mod.bits, gs, torch.float32))
-        tag = (scheme, sym, g, groups)
-        gv = lambda x, y, c: ops.launch_gemv(x, w, s, z, mod.bits, gs, groups, y, c)
-        check(gv, 1, dense, gemv(256 if mod.bits == 4 else 128, 16, 1, False), tag)
-        check(gv, 1, dense, gemv(64, 32, 3, False), tag)
-        check(gv, 3, dense, gemv(min(64, gs), 16, 2, True), tag)
-        check(gv, 16, dense, gemv(min(128, gs), 32, 1, True), tag)
-        gm = lambda x, y, c: ops.launch_gemm(x, w, s, z, mod.bits, gs, groups, y, c)
-        gcfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(64, gs), GROUP_M=2, num_warps=4, num_stages=1)
-        check(gm, 40, dense.half().float(), gcfg, tag + ("gemm",))
-        out = ops.dequant(w, s, z, mod.bits, gs, groups, K, torch.float16)
-        assert torch.equal(out, kernels.dequant_torch(w, s, z, mod.bits, gs, torch.float16, groups)), tag
+        fmt = (5 if mod.k32 else 4) if mod.bits == 4 else 8
+        dense = kernels.dequant_torch(w, s, z, mod.bits, gs, torch.float32, groups, mod.k32)
+        tag = (scheme, sym, g, groups, pack)
+        gv = lambda x, y, c: ops.launch_gemv(x, w, s, z, fmt, gs, groups, y, c)
+        if fmt == 4:  # the kernels of checkpoints written with two codes a byte
+            check(gv, 1, dense, old(256, 16, 3, False), tag)
+            check(gv, 3, dense, old(min(64, gs), 16, 2, True), tag)
+            gm = lambda x, y, c: ops.launch_gemm(x, w, s, z, mod.bits, gs, groups, y, c)
+            gcfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(64, gs), GROUP_M=2, num_warps=4, num_stages=1)
+            check(gm, 40, dense.half().float(), gcfg, tag + ("gemm",))
+        else:
+            check(gv, 1, dense, fma(2, 4, 2), tag)
+            check(gv, 3, dense, fma(1, 2, 1), tag)
+            if ops.dot_ok(K, fmt, gs):
+                check(gv, 5, dense, dot(16, 2), tag)
+        out = ops.dequant(w, s, z, fmt, gs, groups, K, torch.float16)
+        assert torch.equal(out, kernels.dequant_torch(w, s, z, mod.bits, gs, torch.float16, groups, mod.k32)), tag
     wq, ws = to_fp8(lin.weight.float())
     f8 = lambda x, y, c: ops.launch_gemv(x, wq, ws, None, 9, K, False, y, c)
-    check(f8, 1, wq.float() * ws, gemv(128, 16, 2, False), "fp8")
-    check(f8, 4, wq.float() * ws, gemv(64, 16, 1, True), "fp8")
+    check(f8, 1, wq.float() * ws, fma(2, 4, 2), "fp8")
+    check(f8, 4, wq.float() * ws, dot(16, 1), "fp8")
     x = torch.randn(3, K, dtype=torch.float16)
     q, sc = ops.quant_rows(x, False)
     qr, sr = quantize_per_token(x)

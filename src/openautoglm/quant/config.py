@@ -10,6 +10,7 @@ SCHEMES = ("w8a8", "w8a8-fp8", "w8", "w4", "static")
 OBSERVERS = ("minmax", "percentile")
 KERNELS = ("auto", "triton", "torch", "tinygemm")
 LAYOUTS = ("groups", "rows")
+PACKS = ("k32", "pairs")
 CONFIG_VERSION = 1
 _DEFAULT_GROUP = {"w4": 128}
 
@@ -40,6 +41,12 @@ class QuantConfig:
         scales per group; ``"rows"``: ``scale (N, K/group)``, ``zero (N/2, K/group)``, the layout of
         checkpoints written before it existed (a recorded config without ``layout`` reads as ``"rows"``).
         Same codes and values either way; both run on the same kernels, no repacking at load.
+    pack : order of the w4 codes in their bytes. ``"k32"`` (the default for new quantizations): the order the
+        decode kernels read with one shift and one ``lop3`` per code (:func:`~.math.pack_int4_k32`; needs
+        in_features % 32 == 0); ``"pairs"``: two consecutive codes a byte (even k in the high nibble), the
+        order of checkpoints written before it existed (a recorded config without ``pack`` reads as
+        ``"pairs"``). Same codes and values, so the same outputs; chosen at quantization time and recorded
+        in the checkpoint, so loading never repacks. Ignored by the other schemes.
     """
 
     scheme: str = "w8a8"
@@ -51,6 +58,7 @@ class QuantConfig:
     percentile: float = 99.99
     kernel: str = "auto"
     layout: str = "groups"
+    pack: str = "k32"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -85,6 +93,8 @@ class QuantConfig:
             raise ValueError(f"kernel 'tinygemm' is for scheme w4 only, got scheme {s!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; accepted: {', '.join(LAYOUTS)}")
+        if self.pack not in PACKS:
+            raise ValueError(f"unknown pack {self.pack!r}; accepted: {', '.join(PACKS)}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"QuantConfig version {self.version} is not supported (this build reads {CONFIG_VERSION})")
 
@@ -112,6 +122,7 @@ class QuantConfig:
             raise ValueError(f"unknown QuantConfig fields {unknown}; accepted: {sorted(known)}")
         d = dict(d)
         d.setdefault("layout", "rows")  # recorded before the layout existed: the row-major scales of then
+        d.setdefault("pack", "pairs")   # recorded before the k32 order existed: two codes a byte
         for k in ("include", "exclude"):
             if k in d and isinstance(d[k], list):
                 d[k] = tuple(d[k])

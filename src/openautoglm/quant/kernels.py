@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .math import quantize_per_token, unpack_int4
+from .math import quantize_per_token, unpack_int4, unpack_int4_k32
 
 log = logging.getLogger(__name__)
 DECODE_MAX_M = 16
@@ -82,12 +82,13 @@ def unpack_zero(z: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_torch(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group: int,
-                  dtype: torch.dtype, groups_major: bool = False) -> torch.Tensor:
+                  dtype: torch.dtype, groups_major: bool = False, k32: bool = False) -> torch.Tensor:
     """Dense ``(N, K)`` weight from codes ``w``, scales ``s (N, K // group)`` and packed zero codes ``(N/2, G)``
-    (``groups_major``: ``s (G, N)``, ``z (G, N/2)``), torch ops: ``(q - z) * s`` in ``dtype``."""
+    (``groups_major``: ``s (G, N)``, ``z (G, N/2)``; ``k32``: int4 codes in the k32 order), torch ops:
+    ``(q - z) * s`` in ``dtype``."""
     if groups_major:
         s, z = s.t(), (z.t() if z is not None else None)
-    q = unpack_int4(w) if bits == 4 else w
+    q = (unpack_int4_k32(w) if k32 else unpack_int4(w)) if bits == 4 else w
     N, K = q.shape
     qf = q.to(dtype if dtype != torch.float8_e4m3fn else torch.float32).reshape(N, K // group, group)
     sf = s.to(qf.dtype).unsqueeze(-1)
@@ -114,19 +115,20 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 def weight_only_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
                        group: int, bias: torch.Tensor | None = None, kernel: str = "auto",
-                       groups_major: bool = False) -> torch.Tensor:
+                       groups_major: bool = False, k32: bool = False) -> torch.Tensor:
     """``x (..., K) -> (..., N)`` through grouped int8 / packed int4 codes (layouts as in :mod:`.ops`)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
+    fmt = ops.FMT_INT4_K32 if (bits == 4 and k32) else bits
     if _use_triton(x2, kernel):
         if x2.shape[0] <= DECODE_MAX_M:
-            y = ops.wq_gemv(x2, w, s, z, bits, group, groups_major)
-        elif PREFILL_PATH.get(bits) == "fused":
+            y = ops.wq_gemv(x2, w, s, z, fmt, group, groups_major)
+        elif PREFILL_PATH.get(bits) == "fused" and fmt != ops.FMT_INT4_K32:
             y = ops.wq_gemm(x2, w, s, z, bits, group, groups_major)
         else:
-            y = F.linear(x2, ops.dequant(w, s, z, bits, group, groups_major, K, x.dtype))
+            y = F.linear(x2, ops.dequant(w, s, z, fmt, group, groups_major, K, x.dtype))
     else:
-        y = F.linear(x2, dequant_torch(w, s, z, bits, group, x.dtype, groups_major))
+        y = F.linear(x2, dequant_torch(w, s, z, bits, group, x.dtype, groups_major, k32))
     return _finish(y, x, bias)
 
 

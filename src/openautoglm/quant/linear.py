@@ -21,7 +21,7 @@ from torch import nn
 
 from . import kernels
 from .config import QuantConfig
-from .math import pack_int4, quantize, to_fp8
+from .math import pack_int4, pack_int4_k32, quantize, to_fp8, unpack_int4_k32
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -192,6 +192,8 @@ class WeightOnlyLinear(QuantLinear):
     Storage: ``qweight`` int8 ``(N, K)`` (w8) or uint8 ``(N, K/2)`` two int4 codes a byte (w4, even k in the
     high nibble; symmetric codes offset by 8); ``scale`` in the model dtype and ``zero`` (asymmetric w4 only)
     the integer zero-point codes packed two rows a byte (row 2i in the high nibble): ``w = (q - zero) * scale``.
+    ``config.pack == "k32"`` (w4): the codes of each 32-column block are stored in the decode kernels' order
+    (:func:`~.math.pack_int4_k32`), same bytes per row.
     ``config.layout == "groups"``: ``scale (K/group, N)``, ``zero (K/group, N/2)`` (one contiguous row per
     group, what the kernels read); ``"rows"`` (older checkpoints): ``scale (N, K/group)``, ``zero (N/2, K/group)``.
     Half a byte per group instead of a 16-bit float keeps w4 g128 at 0.53 bytes per weight.
@@ -210,6 +212,18 @@ class WeightOnlyLinear(QuantLinear):
     @property
     def groups_major(self) -> bool:
         return self.config.layout == "groups"
+
+    @property
+    def k32(self) -> bool:
+        """int4 codes in the k32 order (else two consecutive codes a byte)."""
+        return self.bits == 4 and self.config.pack == "k32"
+
+    @classmethod
+    def supports(cls, linear: nn.Linear, config: QuantConfig) -> str | None:
+        why = super().supports(linear, config)
+        if why is None and config.bits == 4 and config.pack == "k32" and linear.in_features % 32:
+            return f"in_features {linear.in_features} is not a multiple of 32 (int4 k32 packing; pack='pairs' takes it)"
+        return why
 
     def scale_rows(self) -> torch.Tensor:
         """The scales as ``(N, K/group)`` whatever the layout (a view)."""
@@ -238,7 +252,8 @@ class WeightOnlyLinear(QuantLinear):
                       group_size=self.config.group_size, zero_point="int")
         q = qt.q
         if self.bits == 4:
-            q = pack_int4(q.to(torch.int16) + 8 if self.config.symmetric else q)
+            q = q.to(torch.int16) + 8 if self.config.symmetric else q
+            q = pack_int4_k32(q) if self.k32 else pack_int4(q)
         self.qweight.data.copy_(q)
         self.scale_rows().copy_(qt.scale.reshape(self.out_features, -1))
         if self.zero is not None:
@@ -248,13 +263,15 @@ class WeightOnlyLinear(QuantLinear):
     def tp_granularity(self, dim: str) -> int:
         if dim == "out":
             return 2 if self.zero is not None else 1       # zero points: two rows a byte
-        pack = 2 if self.bits == 4 else 1                   # codes: two input features a byte
+        pack = (32 if self.k32 else 2) if self.bits == 4 else 1  # codes: 32-code blocks (k32) or two a byte
         return math.lcm(pack, self.config.group_size) if self.config.group_size else pack
 
     def _granularity_reason(self, dim: str) -> str:
         if dim == "out":
             return " (zero points are packed two rows a byte)"
-        return f" (quantization groups of {self.config.group_size})" if self.config.group_size else " (int4 codes two a byte)"
+        if self.config.group_size:
+            return f" (quantization groups of {self.config.group_size})"
+        return " (int4 codes in blocks of 32)" if self.k32 else " (int4 codes two a byte)"
 
     def _layout_slices(self, dim, start, stop):
         n_ax, g_ax = (1, 0) if self.groups_major else (0, 1)  # scale/zero axes of output rows and of groups
@@ -282,7 +299,8 @@ class WeightOnlyLinear(QuantLinear):
             tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
             s = self.scale_rows()
             zc = kernels.unpack_zero(self.zero_rows()).to(s.dtype) if self.zero is not None else 8
-            tg_w = torch._convert_weight_to_int4pack(self.qweight.data, tiles)
+            codes = pack_int4(unpack_int4_k32(self.qweight.data)) if self.k32 else self.qweight.data
+            tg_w = torch._convert_weight_to_int4pack(codes, tiles)
             tg_sz = torch.stack([s.t(), ((8 - zc) * s).t()], -1).to(torch.bfloat16).contiguous()
         for name, t in (("_tg_w", tg_w), ("_tg_sz", tg_sz)):
             if name in self._buffers:
@@ -297,7 +315,7 @@ class WeightOnlyLinear(QuantLinear):
             y = y if self.bias is None else y + self.bias
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return kernels.weight_only_linear(x, self.qweight, self.scale, self.zero, self.bits, self.group, self.bias,
-                                          kernel=self.config.kernel, groups_major=self.groups_major)
+                                          kernel=self.config.kernel, groups_major=self.groups_major, k32=self.k32)
 
 
 class _W8Linear(WeightOnlyLinear):

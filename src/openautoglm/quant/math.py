@@ -179,6 +179,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((hi, lo), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def pack_int4_k32(q: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit codes in the decode kernels' ``"k32"`` order: ``(..., K) -> (..., K/2) uint8``.
+
+    Each block of 32 codes fills 16 bytes read as four little-endian int32 words ``w = 0..3``; nibble ``p``
+    (bits ``4p..4p+3``) of word ``w`` holds code ``4 p + w`` of the block. So one nibble position of the four
+    words covers 4 consecutive codes, which the kernels turn into floats with one shift and one ``lop3``
+    (see :mod:`.triton_decode`). Needs ``K % 32 == 0``; a byte-aligned cut at a multiple of 32 codes stays a
+    valid k32 matrix (tensor parallelism slices it like the pair order).
+    """
+    if q.shape[-1] % 32:
+        raise ValueError(f"k32 int4 packing needs a multiple of 32 codes per row, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError("int4 codes must lie in 0..15")
+    c = q.reshape(*q.shape[:-1], q.shape[-1] // 32, 4, 2, 4)   # (block, nibble pair j, low/high, word w)
+    byte = c[..., 0, :] | (c[..., 1, :] << 4)                  # (block, j, w): byte j of word w
+    return byte.transpose(-1, -2).reshape(*q.shape[:-1], q.shape[-1] // 2)
+
+
+def unpack_int4_k32(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_k32`: ``(..., K/2) uint8 -> (..., K) uint8`` codes in natural order."""
+    if packed.shape[-1] % 16:
+        raise ValueError(f"k32 int4 codes come in 16-byte blocks, got {packed.shape[-1]} bytes per row")
+    b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 16, 4, 4).transpose(-1, -2)  # (block, j, w)
+    c = torch.stack((b & 15, b >> 4), dim=-2)                  # (block, j, low/high, w)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
 def to_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale rows of ``x`` into float8 e4m3 range: codes ``float8_e4m3fn`` and float32 scales (keepdim)."""
     fmax = torch.finfo(torch.float8_e4m3fn).max

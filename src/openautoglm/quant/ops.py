@@ -48,6 +48,10 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
 
 
+FMT_INT4_PAIRS, FMT_INT4_K32, FMT_INT8, FMT_E4M3 = 4, 5, 8, 9
+_MASK16, _XOR15 = 0x000F0000, 0x4B400000  # constants of triton_decode's code conversions
+
+
 def _bucket(m: int) -> int:
     return 1 if m == 1 else 16
 
@@ -58,21 +62,55 @@ def _split(n_tiles: int, n_blocks: int, target: int) -> int:
     return cdiv(n_tiles, per)  # no empty splits
 
 
+def _fma_t(K: int, fmt: int, t: int) -> int:
+    """Largest thread count along K (<= t) whose iteration (32 int4 / 8 int8 codes a thread) divides K."""
+    kt = 32 if fmt == FMT_INT4_K32 else 8
+    while t > 1 and K % (kt * t):
+        t //= 2
+    return t
+
+
+def dot_ok(K: int, fmt: int, group: int, tw: int = 16) -> bool:
+    """The tensor-core decode kernel takes one scale group per iteration of ``8 tw`` (int4) / ``4 tw`` codes."""
+    kb = (8 if fmt == FMT_INT4_K32 else 4) * tw
+    return K % kb == 0 and (group >= K or group % kb == 0)
+
+
 def gemv_config(M: int, N: int, K: int, fmt: int, group: int, device: torch.device) -> dict:
-    """Block sizes, split and warps of :func:`wq_gemv` for this problem."""
+    """Kernel, block sizes, split and warps of :func:`wq_gemv` for this problem: the tuned table of the H100
+    (``gemv_tuned.json``), else a heuristic. ``kernel``: ``"fma"`` (:func:`.triton_decode.decode_kernel`),
+    ``"dot"`` (:func:`.triton_decode.decode_dot_kernel`) or ``"pairs"`` (:mod:`.triton_gemv`, int4 codes two a
+    byte: checkpoints written before the k32 order)."""
     cfg = GEMV_TUNED.get((fmt, _bucket(M), N, K))
+    if cfg is not None and cfg.get("kernel", "pairs") == "dot" and not dot_ok(K, fmt, group, cfg["TW"]):
+        cfg = None
     if cfg is None:
-        dot = M > 1
-        bk = 256 if fmt == 4 else 128
-        if dot:
-            bk = min(bk, group)
-        while K % bk:
-            bk //= 2
-        cfg = dict(BLOCK_N=64 if dot else 16, BLOCK_K=bk, num_warps=4, num_stages=2, DOT=dot, waves=4)
+        if fmt == FMT_INT4_PAIRS:
+            dot = M > 1
+            bk = 256
+            if dot:
+                bk = min(bk, group)
+            while K % bk:
+                bk //= 2
+            cfg = dict(kernel="pairs", BLOCK_N=64 if dot else 16, BLOCK_K=bk, num_warps=4, num_stages=2, DOT=dot)
+        elif M == 1 or not dot_ok(K, fmt, group):
+            cfg = dict(kernel="fma", R=4, T=8, num_warps=4)
+        else:
+            cfg = dict(kernel="dot", BLOCK_N=64, TW=16, num_warps=4, num_stages=2)
     cfg = dict(cfg)
-    n_blocks = cdiv(N, cfg["BLOCK_N"])
+    kind = cfg.setdefault("kernel", "pairs")
+    if kind == "fma":
+        cfg["T"] = _fma_t(K, fmt, cfg["T"])
+        n_blocks = cdiv(N, cfg["R"] * cfg["num_warps"] * 32 // cfg["T"])
+        n_tiles = K // ((32 if fmt == FMT_INT4_K32 else 8) * cfg["T"])
+    elif kind == "dot":
+        n_blocks = cdiv(N, cfg["BLOCK_N"])
+        n_tiles = K // ((8 if fmt == FMT_INT4_K32 else 4) * cfg["TW"])
+    else:
+        n_blocks, n_tiles = cdiv(N, cfg["BLOCK_N"]), K // cfg["BLOCK_K"]
     if "SPLIT_K" not in cfg:
-        cfg["SPLIT_K"] = _split(K // cfg["BLOCK_K"], n_blocks, cfg.pop("waves", 4) * sm_count(device))
+        cfg["SPLIT_K"] = _split(n_tiles, n_blocks, cfg.pop("waves", 4) * sm_count(device))
+    cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], n_tiles))
     cfg.pop("waves", None)
     return cfg
 
@@ -105,21 +143,58 @@ def _meta_strides(s: torch.Tensor, z: torch.Tensor | None, groups_major: bool) -
 
 
 def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
-    from .triton_gemv import gemv_kernel
-
+    """Run the decode kernel ``cfg`` names on ``x (M, K)`` into ``y (M, N)`` (``M <= 16``)."""
     M, K = x.shape
     N = w.shape[0]
-    wq = w
+    kind = cfg.get("kernel", "pairs")
+    if kind == "fma" and M > 8:  # the FMA kernel takes up to 8 activation rows a launch
+        for m0 in range(0, M, 8):
+            launch_gemv(x[m0:m0 + 8], w, s, z, fmt, group, groups_major, y[m0:m0 + 8], cfg)
+        return y
     split = cfg["SPLIT_K"]
-    n_blocks = cdiv(N, cfg["BLOCK_N"])
+    sn, sg, zn, zg = _meta_strides(s, z, groups_major)
+    g = 0 if group >= K else group
+    zz = z if z is not None else s
+    if kind == "pairs":
+        from .triton_gemv import gemv_kernel
+
+        n_blocks = cdiv(N, cfg["BLOCK_N"])
+        part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
+        tk = tickets(x.device, n_blocks) if split > 1 else y
+        gemv_kernel[(n_blocks, split)](
+            x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), w.stride(0), sn, sg, zn, zg, y.stride(0),
+            FMT=4 if fmt == FMT_INT4_PAIRS else fmt, GROUP=g, HAS_Z=z is not None, BLOCK_M=16 if cfg["DOT"] else 1,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT=split > 1, DOT=cfg["DOT"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y
+    from .triton_decode import decode_dot_kernel, decode_kernel
+
+    vec = 16 if fmt == FMT_INT4_K32 else 8
+    if w.stride(-1) != 1 or (w.stride(0) * w.element_size()) % vec or w.data_ptr() % 16:
+        raise ValueError(f"decode kernels need rows of codes aligned to {vec} bytes, got strides {w.stride()}")
+    stride_wv = w.stride(0) * w.element_size() // vec
+    stride16 = w.stride(0) * w.element_size() // 16  # the tensor-core kernel reads int32 words, 16-byte rows
+    if kind == "dot" and (w.stride(0) * w.element_size()) % 16:
+        raise ValueError(f"the tensor-core decode kernel needs 16-byte aligned rows, got strides {w.stride()}")
+    if kind == "fma":
+        rb = cfg["num_warps"] * 32 // cfg["T"]
+        n_blocks = cdiv(N, cfg["R"] * rb)
+    else:
+        n_blocks = cdiv(N, cfg["BLOCK_N"])
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
     tk = tickets(x.device, n_blocks) if split > 1 else y
-    sn, sg, zn, zg = _meta_strides(s, z, groups_major)
-    gemv_kernel[(n_blocks, split)](
-        x, wq, s, z if z is not None else s, y, part, tk, M, N, K, split, x.stride(0), wq.stride(0), sn, sg, zn,
-        zg, y.stride(0), FMT=fmt, GROUP=0 if group >= K else group, HAS_Z=z is not None,
-        BLOCK_M=16 if cfg["DOT"] else 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT=split > 1, DOT=cfg["DOT"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kfmt = 4 if fmt == FMT_INT4_K32 else fmt
+    if kind == "fma":
+        bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+        decode_kernel[(n_blocks, split)](
+            x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride_wv, sn, sg, zn, zg, y.stride(0),
+            _MASK16, _XOR15, FMT=kfmt, GROUP=g, HAS_Z=z is not None, BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"],
+            SPLIT=split > 1, num_warps=cfg["num_warps"], num_stages=1)
+    else:
+        decode_dot_kernel[(n_blocks, split)](
+            x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride16, sn, sg, zn, zg, y.stride(0), FMT=kfmt, GROUP=g, HAS_Z=z is not None,
+            BLOCK_N=cfg["BLOCK_N"], TW=cfg["TW"], SPLIT=split > 1, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return y
 
 
@@ -180,17 +255,27 @@ def _(x, w, s, z, fmt, group, groups_major):
 
 
 @torch.library.custom_op("openautoglm::dequant", mutates_args=())
-def dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group: int, groups_major: bool,
+def dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: int, group: int, groups_major: bool,
             in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``(N, K)`` weight of the given 16-bit dtype from int4/int8 codes (Triton)."""
+    """Dense ``(N, K)`` weight of the given 16-bit dtype from int4 (``fmt`` 4: two a byte, 5: k32 order) or
+    int8 (``fmt`` 8) codes (Triton)."""
     from .triton_kernels import dequant_kernel
 
     N, K = w.shape[0], in_features
     out = torch.empty((N, K), device=w.device, dtype=dtype)
     sn, sg, zn, zg = _meta_strides(s, z, groups_major)
-    dequant_kernel[(cdiv(N, 32), cdiv(K, 256))](w, s, z if z is not None else s, out, N, K, w.stride(0), sn, sg, zn, zg,
-                                                out.stride(0), GROUP=group, BITS=bits, HAS_Z=z is not None,
-                                                BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    row_bytes = w.stride(0) * w.element_size()
+    if w.stride(-1) != 1 or row_bytes % 16 or w.data_ptr() % 16 or N % 16:
+        raise ValueError(f"dequant needs 16-byte aligned rows of codes and N % 16 == 0, got {tuple(w.shape)} "
+                         f"strides {w.stride()}")
+    cpt = 16 if fmt == FMT_INT8 else 32
+    tb = 8
+    while (K // cpt) % tb:
+        tb //= 2
+    bn = 32 if N % 32 == 0 else 16
+    dequant_kernel[(N // bn, K // (cpt * tb))](
+        w, s, z if z is not None else s, out, N, K, row_bytes // 16, sn, sg, zn, zg, out.stride(0),
+        FMT=fmt, GROUP=0 if group >= K else group, HAS_Z=z is not None, BLOCK_N=bn, TB=tb, num_warps=4)
     return out
 
 
