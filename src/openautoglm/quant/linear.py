@@ -81,7 +81,7 @@ class QuantLinear(nn.Module):
         if w is not None and w.is_cuda:
             from . import ops
 
-            ops.tickets(w.device)
+            ops.tickets(w.device, -(-self.out_features // 8))  # one ticket per row block of the smallest tile
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

@@ -49,6 +49,15 @@ def sm_count(device: torch.device) -> int:
 
 
 FMT_INT4_PAIRS, FMT_INT4_K32, FMT_INT8, FMT_E4M3 = 4, 5, 8, 9
+
+
+@functools.lru_cache(maxsize=1)
+def _ascending() -> bool:
+    """Triton < 3.7 spreads threads over tied load axes in ascending order (see ``decode_kernel``)."""
+    import triton
+
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return (major, minor) < (3, 7)
 _MASK16, _XOR15 = 0x000F0000, 0x4B400000  # constants of triton_decode's code conversions
 
 
@@ -189,7 +198,7 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
         decode_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride_wv, sn, sg, zn, zg, y.stride(0),
             _MASK16, _XOR15, FMT=kfmt, GROUP=g, HAS_Z=z is not None, BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"],
-            SPLIT=split > 1, num_warps=cfg["num_warps"], num_stages=1)
+            SPLIT=split > 1, ASCENDING=_ascending(), num_warps=cfg["num_warps"], num_stages=1)
     else:
         decode_dot_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride16, sn, sg, zn, zg, y.stride(0), FMT=kfmt, GROUP=g, HAS_Z=z is not None,

@@ -94,8 +94,8 @@ def _finish_all(r0, r1, r2, r3, r4, r5, r6, r7, x0, x1, x2, x3, x4, x5, x6, x7, 
 
 @triton.jit
 def _store(acc, m, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k,
-           GROUP: tl.constexpr, SPLIT: tl.constexpr):
-    out = tl.sum(acc, 3)                                       # (1, R, RB): threads along K combined
+           GROUP: tl.constexpr, SPLIT: tl.constexpr, TAX: tl.constexpr):
+    out = tl.sum(acc, TAX)                                     # threads along K combined
     ok = (rows3 < N) & ((rows3 * 0 + m) < M)
     if SPLIT:
         tl.store(part_ptr + (pid_k * M + m) * N + rows3, out, mask=ok)
@@ -109,10 +109,15 @@ def _store(acc, m, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pi
 def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, SPLIT_K,
                   stride_xm, stride_wv, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym, mask16, xor15,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
-                  R: tl.constexpr, RB: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr):
+                  R: tl.constexpr, RB: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
+                  ASCENDING: tl.constexpr):
     """``stride_wv``: row stride of the codes in 16-byte vectors (int4) or 8-byte vectors (int8/e4m3).
     ``GROUP == 0``: one scale per output row. ``BLOCK_M`` in 1, 2, 4, 8: activation rows (``M <= BLOCK_M``);
-    the codes are converted once and used for every row. ``mask16 = 0x000F0000``, ``xor15 = 0x4B400000``."""
+    the codes are converted once and used for every row. ``mask16 = 0x000F0000``, ``xor15 = 0x4B400000``.
+    ``ASCENDING``: Triton before 3.7 orders tied (non-contiguous) axes of a load by ascending index when it
+    spreads threads over them, later versions by descending index; the tile axes are permuted to match, so
+    threads go along T, then RB, and R stays inside each thread for both the codes and the activations
+    (otherwise the compiler converts layouts through shared memory on every iteration)."""
     E: tl.constexpr = 4 if FMT == 4 else 8            # int32 words (int4) or bytes per thread per row
     KT: tl.constexpr = 32 if FMT == 4 else 8          # k per thread per row per iteration
     KB: tl.constexpr = KT * T                         # k per row per iteration
@@ -122,11 +127,20 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     BLOCK_N: tl.constexpr = R * RB
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    r5 = tl.arange(0, R)[None, :, None, None, None]
-    rb5 = tl.arange(0, RB)[None, None, :, None, None]
-    t5 = tl.arange(0, T)[None, None, None, :, None]
+    # Tile axes (see ASCENDING): (1, R, RB, T, E) or (T, RB, R, 1, E); E is always last (the vector)
+    if ASCENDING:
+        t5 = tl.arange(0, T)[:, None, None, None, None]
+        rb5 = tl.arange(0, RB)[None, :, None, None, None]
+        r5 = tl.arange(0, R)[None, None, :, None, None]
+        TAX: tl.constexpr = 0
+    else:
+        r5 = tl.arange(0, R)[None, :, None, None, None]
+        rb5 = tl.arange(0, RB)[None, None, :, None, None]
+        t5 = tl.arange(0, T)[None, None, None, :, None]
+        TAX: tl.constexpr = 3
     e5 = tl.arange(0, E)[None, None, None, None, :]
-    rows = pid_n * BLOCK_N + r5 * RB + rb5                     # (1, R, RB, 1, 1)
+    rows = pid_n * BLOCK_N + r5 * RB + rb5
+    orow = tl.max(tl.sum(rows + t5 * 0, 4), TAX)              # output rows, in the layout of the results
     rows_s = tl.where(rows < N, rows, 0)                       # clamped: unmasked vector loads
     n_it = K // KB
     per = tl.cdiv(n_it, SPLIT_K)
@@ -136,9 +150,9 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
         wbase = w_ptr.to(tl.pointer_type(tl.int32)) + rows_s * (stride_wv * 4) + t5 * 4 + e5
     else:
         wbase = w_ptr.to(tl.pointer_type(tl.uint8)) + rows_s * (stride_wv * 8) + t5 * 8 + e5
-    # activations (1, 1, RB, T, E): every row of threads reads the same addresses, in the codes' layout
+    # activations: the codes' tile without the R axis; every row of threads reads the same addresses
     xbase = x_ptr + rb5 * 0 + t5 * KT + e5
-    zero4 = tl.zeros((1, R, RB, T), dtype=tl.float32)
+    zero4 = tl.sum((rows + t5 + e5) * 0.0, 4)
     a0 = zero4
     a1 = zero4
     a2 = zero4
@@ -149,8 +163,8 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     a7 = zero4
     ZZ: tl.constexpr = C + 8.0 if (FMT == 4 and not HAS_Z) else C  # symmetric int4 codes are stored + 8
     # per-thread partial sums of (c + q) x and of x; one scale per row (GROUP == 0): kept over the whole loop
-    rz = tl.zeros((1, R, RB, T, E), dtype=tl.float32)
-    xz = tl.zeros((1, 1, RB, T, E), dtype=tl.float32)
+    rz = (rows + t5 + e5) * 0.0
+    xz = (rb5 + t5 + e5) * 0.0
     r0, r1, r2, r3, r4, r5_, r6, r7 = rz, rz, rz, rz, rz, rz, rz, rz
     x0, x1, x2, x3, x4, x5, x6, x7 = xz, xz, xz, xz, xz, xz, xz, xz
     for it in range(it0, it1):
@@ -187,18 +201,18 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     if GROUP == 0:
         a0, a1, a2, a3, a4, a5, a6, a7 = _finish_all(r0, r1, r2, r3, r4, r5_, r6, r7, x0, x1, x2, x3, x4, x5,
                                                      x6, x7, ZZ, 1.0, a0, a1, a2, a3, a4, a5, a6, a7, BLOCK_M, GROUP)
-    rows3 = pid_n * BLOCK_N + tl.arange(0, R)[None, :, None] * RB + tl.arange(0, RB)[None, None, :]
-    _store(a0, 0, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
+    rows3 = orow
+    _store(a0, 0, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
     if BLOCK_M > 1:
-        _store(a1, 1, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
+        _store(a1, 1, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
     if BLOCK_M > 2:
-        _store(a2, 2, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
-        _store(a3, 3, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
+        _store(a2, 2, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a3, 3, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
     if BLOCK_M > 4:
-        _store(a4, 4, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
-        _store(a5, 5, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
-        _store(a6, 6, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
-        _store(a7, 7, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT)
+        _store(a4, 4, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a5, 5, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a6, 6, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a7, 7, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
     if SPLIT:
         ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:  # last one in: sum the partials in split order, re-arm the ticket

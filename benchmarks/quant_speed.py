@@ -1,0 +1,234 @@
+"""Issue 11's speed benchmark: ONE script, ONE run on the GPU, every figure from that run.
+
+Sections, in priority order, each started only if its estimated time still fits the budget (``--budget-s``;
+skipped sections are listed in the JSON), the JSON rewritten after every row:
+
+1. per-layer kernels (:mod:`quant_tune`): tune and time our decode kernels against cuBLAS bf16 and tinygemm
+   at M = 1 and 8 on 7B and 1B Llama shapes, GB/s against a device copy measured in the same run; prefill
+   layers at 2048 tokens. The tuned launch configurations are used by everything after.
+2. 7B-shaped random Llama through ``openautoglm.generate.Generator`` (static cache, compiled layer, CUDA
+   graph): bf16, w4, w8, w8a8 (fp8 on the H100): decode batch 1 and 8 (prompt 128, 256 new tokens),
+   prefill 2048, weight bytes, logits cosine vs bf16; a torch.profiler breakdown of one w4 decode step.
+3. ``model.generate(..., cache_implementation="static")`` (transformers compiles the model, fullgraph) for
+   bf16 and w4 (then w8).
+4. torchao 0.17 in the same harness: int4 weight-only (tinygemm), int8 weight-only, fp8 dynamic.
+5. the same for the 1B-shaped model; 6. Nsight Compute metrics of the w4 decode kernel (one 7B layer).
+
+    python benchmarks/quant_speed.py --budget-s 330     # GPU; writes $OUT or benchmarks/results/
+    python benchmarks/quant_speed.py --smoke            # CPU, tiny model, Triton interpreter for the kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant_tune  # noqa: E402
+from quant_bench_lib import build  # noqa: E402
+from quant_speed_lib import (apply_variant, decode_row, generate_row, profile_step, summarize,  # noqa: E402
+                             write_json)
+
+T0 = time.time()
+LAYERS = {"7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+          "1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)], "smoke": [(512, 256), (256, 512)]}
+# (kind, model, variant, decode batches, estimated seconds on the H100), in priority order
+PLAN = [("model", "7b", "bf16", (1, 8), 30), ("model", "7b", "w4", (1, 8), 32), ("model", "7b", "w8", (1,), 18),
+        ("model", "7b", "w8a8", (1,), 18), ("gen", "7b", "bf16", (), 50), ("gen", "7b", "w4", (), 50),
+        ("model", "7b", "ao-int4wo", (1,), 30), ("model", "7b", "ao-int8wo", (1,), 35),
+        ("model", "7b", "ao-fp8dq", (1,), 25), ("model", "1b", "bf16", (1, 8), 18), ("model", "1b", "w4", (1, 8), 18),
+        ("model", "1b", "w8", (1,), 12), ("model", "1b", "w8a8", (1,), 12), ("model", "1b", "ao-int4wo", (1,), 25),
+        ("gen", "7b", "w8", (), 50), ("model", "1b", "ao-int8wo", (1,), 25), ("model", "1b", "ao-fp8dq", (1,), 20),
+        ("ncu", "7b", "w4", (), 30)]
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def fits(res, what: str, est: float, args) -> bool:
+    left = args.budget_s - (time.time() - T0)
+    if left < est:
+        res.setdefault("skipped", []).append(f"{what} (estimated {est:.0f} s, {left:.0f} s left)")
+        log("skip", what, f"{left:.0f} s left")
+        return False
+    return True
+
+
+def _free(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def model_step(res, base, shape, variant, batches, dev, args, out):
+    rows = res["models"].setdefault(shape, [])
+    saved = _inductor_config()
+    m = None
+    try:
+        m = base if variant == "bf16" else copy.deepcopy(base)
+        rows.append(decode_row(m, shape, variant, dev, args, batches, log,
+                               profile=(variant == "w4" and shape != "smoke" and dev.type == "cuda")))
+    except Exception as e:  # noqa: BLE001 - record and go on
+        rows.append({"variant": variant, "error": repr(e)[:400]})
+        log(shape, variant, "FAILED", traceback.format_exc()[-1500:])
+    finally:
+        _inductor_config(saved)
+        del m
+        torch._dynamo.reset()
+        _free(dev)
+    write_json(res, out)
+
+
+def generate_step(res, base, shape, variant, dev, args, out):
+    key = f"{shape}/{variant}"
+    m = None
+    try:
+        m = copy.deepcopy(base)
+        res.setdefault("generate", {})[key] = generate_row(m, variant, dev, args, log)
+    except Exception as e:  # noqa: BLE001
+        res.setdefault("generate", {})[key] = {"error": repr(e)[:400]}
+        log("generate", key, "FAILED", traceback.format_exc()[-1500:])
+    finally:
+        del m
+        torch._dynamo.reset()
+        _free(dev)
+    write_json(res, out)
+
+
+def _inductor_config(saved: dict | None = None) -> dict:
+    """torchao's quantize_ sets inductor options globally (coordinate-descent tuning...): restore after it."""
+    import torch._inductor.config as ic
+
+    keys = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+            "fx_graph_cache")
+    if saved is None:
+        return {k: getattr(ic, k) for k in keys if hasattr(ic, k)} | {"_mm": torch.get_float32_matmul_precision()}
+    for k, val in saved.items():
+        if k == "_mm":
+            torch.set_float32_matmul_precision(val)
+        else:
+            setattr(ic, k, val)
+    return saved
+
+
+def ncu_section(res, dev, args, out):
+    if dev.type != "cuda":
+        return
+    (out / "tuned.json").write_text(json.dumps(res["kernels"]["tuned"]))
+    rep = out / "ncu_w4.csv"
+    cmd = ["ncu", "--clock-control", "none", "--kernel-name", "regex:decode", "--launch-skip", "3", "--launch-count",
+           "2", "--section", "SpeedOfLight", "--section", "SchedulerStats", "--section", "WarpStateStats",
+           "--section", "Occupancy", "--section", "LaunchStats", "--csv", "--page", "details",
+           sys.executable, str(Path(__file__).with_name("quant_ncu_target.py")), str(out / "tuned.json")]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(20, args.budget_s - (time.time() - T0)))
+        rep.write_text(r.stdout)
+        res["ncu"] = {"returncode": r.returncode, "stderr_tail": r.stderr[-600:], "file": rep.name,
+                      "metrics": _ncu_pick(r.stdout)}
+        log("ncu", res["ncu"]["metrics"])
+    except Exception as e:  # noqa: BLE001
+        res["ncu"] = {"error": repr(e)[:300]}
+    write_json(res, out)
+
+
+def _ncu_pick(csv_text: str) -> list[dict]:
+    import csv
+    import io
+
+    want = ("Duration", "Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Issue Slots Busy",
+            "No Eligible", "Achieved Occupancy", "Registers Per Thread", "Warp Cycles Per Issued Instruction",
+            "Grid Size", "Block Size", "Theoretical Occupancy", "Eligible Warps Per Scheduler")
+    out: dict[str, dict] = {}
+    for row in csv.DictReader(io.StringIO(csv_text[csv_text.find('"ID"'):] if '"ID"' in csv_text else "")):
+        key = f"{row.get('ID')} {row.get('Kernel Name', '')[:40]}"
+        if row.get("Metric Name") in want:
+            out.setdefault(key, {})[row["Metric Name"]] = f"{row.get('Metric Value')} {row.get('Metric Unit', '')}".strip()
+    return [{"kernel": k, **v} for k, v in out.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--tune-s", type=float, default=45.0)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    shapes = ["smoke"] if args.smoke else ["7b", "1b"]
+    if args.smoke:
+        args.prompt, args.new, args.prefill = 8, 8, 64
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import torchao
+        ao = torchao.__version__
+    except Exception:  # noqa: BLE001
+        ao = None
+    import transformers
+    import triton
+
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                            text=True).stdout.strip()
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
+           "torchao": ao, "git_commit": commit or "?",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "harness": "openautoglm.generate.Generator: static KV cache, one decoder layer compiled (fullgraph), the "
+                      "whole decode step in one CUDA graph; prefill through the same compiled layer",
+           "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "budget_s": args.budget_s,
+           "models": {}}
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    layer_shapes = [s for sh in shapes for s in LAYERS[sh]]
+    try:
+        res["kernels"] = quant_tune.run(dev, dtype, layer_shapes, [1, 8], LAYERS[shapes[0]], args.prefill,
+                                        args.tune_s, log)
+    except Exception as e:  # noqa: BLE001 - the model rows still run, on the heuristic configurations
+        log("kernels FAILED", traceback.format_exc()[-1500:])
+        res["kernels"] = {"error": repr(e)[:400], "rows": [], "prefill": [], "tuned": {},
+                          "copy_GBps": quant_tune.copy_gbps(dev)}
+    res["copy_GBps"] = res["kernels"]["copy_GBps"]
+    write_json(res, out)
+    plan = PLAN
+    if args.smoke:  # each (kind, variant) once, on the tiny model
+        plan = list({(k, v): (k, "smoke", v, b, 0) for k, _, v, b, _ in PLAN if not v.startswith("ao-")}.values())
+    bases: dict = {}
+    for kind, shape, variant, batches, est in plan:
+        if shape not in shapes or (variant.startswith("ao-") and not ao):
+            continue
+        if not fits(res, f"{kind} {shape} {variant}", est, args):
+            continue
+        if kind == "ncu":
+            ncu_section(res, dev, args, out)
+            continue
+        if shape not in bases:
+            bases.clear()
+            _free(dev)
+            bases[shape] = build(shape, dev)
+        if kind == "model":
+            model_step(res, bases[shape], shape, variant, batches, dev, args, out)
+        else:
+            generate_step(res, bases[shape], shape, variant, dev, args, out)
+    res["wall_s"] = time.time() - T0
+    write_json(res, out, plot=True)
+    summarize(res)
+
+
+if __name__ == "__main__":
+    main()

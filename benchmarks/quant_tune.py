@@ -1,0 +1,222 @@
+"""Per-layer decode kernels on the GPU: tune our launch configurations and time them against cuBLAS and tinygemm.
+
+For each Llama layer shape ``(N, K)`` and M = 1 and 8 activation rows: bf16 ``F.linear`` (cuBLAS); tinygemm
+(``torch._weight_int4pack_mm``, the kernel of torchao's int4 weight-only) on the same int4 codes; and our
+decode kernels (:mod:`openautoglm.quant.triton_decode`) for w4 (k32 order, g128, asymmetric), w8 (per
+channel) and the e4m3 weights of w8a8-fp8, over a few launch configurations each (FMA and tensor-core
+kernels, rows per thread, split-K). Every configuration is first checked against the float reference on
+fresh random inputs (output poisoned with NaN) and then timed: a CUDA graph of calls rotating over weight
+copies that together exceed L2, median of replays. The fastest configuration per (format, rows, shape) is
+installed into ``ops.GEMV_TUNED`` for the rest of the process and returned in the form ``gemv_tuned.json``
+takes. At M = 2048 (prefill) on the given shapes: bf16, dequantize alone, dequantize + cuBLAS, fp8.
+
+    python benchmarks/quant_tune.py --smoke      # CPU, Triton interpreter, tiny shapes
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from openautoglm.quant import kernels, ops  # noqa: E402
+from openautoglm.quant.config import QuantConfig  # noqa: E402
+from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
+from openautoglm.quant.math import pack_int4, to_fp8, unpack_int4_k32  # noqa: E402
+
+# M = 1: FMA kernel (rows per thread R, splits ~ waves x SMs); tensor-core kernel for comparison.
+FMA1 = [dict(kernel="fma", R=r, T=8, num_warps=4, waves=w) for r in (2, 4) for w in (2, 4, 8)]
+DOT = [dict(kernel="dot", BLOCK_N=bn, TW=16, num_warps=4, num_stages=2, waves=w) for bn in (64, 128) for w in (2, 4)]
+
+
+def time_us(fns, dev, reps: int = 5) -> float:
+    """Median microseconds per call: the calls (rotating over weight copies) captured in one CUDA graph."""
+    if dev.type != "cuda":
+        t = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t) / len(fns) * 1e6
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    calls = max(len(fns), 24 // len(fns) * len(fns))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(ts)
+
+
+def copy_gbps(dev) -> float:
+    n = (1 << 30) if dev.type == "cuda" else (1 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    return 2 * n / time_us([lambda: b.copy_(a)], dev) / 1e3
+
+
+def formats(lin: torch.nn.Linear, K: int) -> dict:
+    """fmt -> (w, s, z, group, groups_major, float32 dense reference, bytes read)."""
+    out = {}
+    for fmt, scheme in ((ops.FMT_INT4_K32, "w4"), (ops.FMT_INT8, "w8")):
+        m = LINEAR_CLASSES[scheme].from_linear(lin, QuantConfig(scheme=scheme))
+        dense = kernels.dequant_torch(m.qweight, m.scale, m.zero, m.bits, m.group, torch.float32, m.groups_major,
+                                      m.k32)
+        nbytes = sum(t.numel() * t.element_size() for t in (m.qweight, m.scale, m.zero) if t is not None)
+        out[fmt] = (m.qweight, m.scale, m.zero, m.group, m.groups_major, dense, nbytes)
+    wq, ws = to_fp8(lin.weight.float())
+    out[ops.FMT_E4M3] = (wq, ws, None, K, False, wq.float() * ws, wq.numel() + ws.numel() * 4)
+    return out
+
+
+def _concrete(cand: dict, M: int, N: int, K: int, fmt: int, group: int, dev) -> dict | None:
+    """The candidate with the split-K that ``ops.gemv_config`` derives from its ``waves`` (None: not valid here)."""
+    if cand["kernel"] == "dot" and not ops.dot_ok(K, fmt, group, cand["TW"]):
+        return None
+    key = (fmt, 1 if M == 1 else 16, N, K)
+    saved = ops.GEMV_TUNED.get(key)
+    try:
+        ops.GEMV_TUNED[key] = dict(cand)
+        return ops.gemv_config(M, N, K, fmt, group, dev)
+    finally:
+        if saved is None:
+            ops.GEMV_TUNED.pop(key, None)
+        else:
+            ops.GEMV_TUNED[key] = saved
+
+
+def tinygemm_operands(w, s, z):
+    """tinygemm's packed copy of our int4 codes (what torchao int4 weight-only stores) and its scale/zeros."""
+    codes = pack_int4(unpack_int4_k32(w))
+    packed = torch._convert_weight_to_int4pack(codes, 8)
+    zc = kernels.unpack_zero(z.t()).to(torch.bfloat16)
+    sr = s.t()
+    sz = torch.stack([sr.t(), ((8 - zc) * sr).t()], -1).contiguous().to(torch.bfloat16)
+    return packed, sz
+
+
+def sweep_shape(N: int, K: int, ms, dev, dtype, res: dict, log, deadline: float) -> None:
+    torch.manual_seed(N * 7 + K)
+    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+    fm = formats(lin, K)
+    ncopy = 2 if dev.type != "cuda" else max(2, min(12, -(-200_000_000 // fm[ops.FMT_INT4_K32][6])))
+    copies = {f: [tuple(t.clone() if t is not None else None for t in v[:3]) for _ in range(ncopy)] for f, v in fm.items()}
+    wcopies = [lin.weight.clone() for _ in range(max(2, min(ncopy, -(-200_000_000 // (K * N * 2)))))]
+    tg = None
+    if dev.type == "cuda" and dtype == torch.bfloat16:
+        try:
+            tg = [tinygemm_operands(*c) for c in copies[ops.FMT_INT4_K32][:max(2, ncopy // 2)]]
+        except Exception as e:  # noqa: BLE001 - the reference kernel is optional
+            res.setdefault("errors", []).append(["tinygemm", N, K, repr(e)[:200]])
+    for M in ms:
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        row = {"N": N, "K": K, "M": M, "bf16_us": time_us([lambda w=w: F.linear(x, w) for w in wcopies], dev)}
+        row["bf16_GBps"] = K * N * 2 / row["bf16_us"] / 1e3
+        if tg:
+            row["tinygemm_us"] = time_us([lambda p=p, q=q: torch._weight_int4pack_mm(x, p, 128, q) for p, q in tg], dev)
+            row["tinygemm_GBps"] = fm[ops.FMT_INT4_K32][6] / row["tinygemm_us"] / 1e3
+        for fmt, (w, s, z, group, gm, dense, nbytes) in fm.items():
+            ref = x.float() @ dense.t()
+            best = None
+            for cand in (FMA1 + DOT[:1]) if M == 1 else DOT:
+                if time.time() > deadline:
+                    break
+                cfg = _concrete(cand, M, N, K, fmt, group, dev)
+                if cfg is None:
+                    continue
+                y = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
+                try:
+                    ops.launch_gemv(x, w, s, z, fmt, group, gm, y, cfg)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    if not err < 1e-2:
+                        res.setdefault("bad", []).append([fmt, M, N, K, cfg, err])
+                        continue
+                    us = time_us([lambda c=c, cfg=cfg: ops.launch_gemv(x, c[0], c[1], c[2], fmt, group, gm,
+                                                                        torch.empty_like(y), cfg)
+                                  for c in copies[fmt]], dev)
+                except Exception as e:  # noqa: BLE001 - a configuration that fails is reported, not fatal
+                    res.setdefault("errors", []).append([fmt, M, N, K, cfg, repr(e)[:300]])
+                    continue
+                row.setdefault(f"f{fmt}_all", []).append([cfg, round(us, 2)])
+                if best is None or us < best[0]:
+                    best = (us, cfg, err)
+            if best:
+                us, cfg, err = best
+                row.update({f"f{fmt}_us": us, f"f{fmt}_cfg": cfg, f"f{fmt}_relerr": err,
+                            f"f{fmt}_GBps": nbytes / us / 1e3, f"f{fmt}_x_bf16": row["bf16_us"] / us})
+                key = (fmt, 1 if M == 1 else 16, N, K)
+                ops.GEMV_TUNED[key] = cfg
+                res["tuned"][",".join(map(str, key))] = cfg
+        res["rows"].append(row)
+        log({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
+             if not k.endswith("_cfg") and not k.endswith("_all")})
+
+
+def prefill_layer(N: int, K: int, M: int, dev, dtype, res: dict, log) -> None:
+    """Prefill of one layer: bf16 GEMM vs dequantize (+ cuBLAS) for w4/w8, and the fp8 path."""
+    torch.manual_seed(N + K)
+    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+    fm = formats(lin, K)
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    row = {"N": N, "K": K, "M": M, "bf16_us": time_us([lambda: F.linear(x, lin.weight)] * 2, dev)}
+    for fmt in (ops.FMT_INT4_K32, ops.FMT_INT8):
+        w, s, z, group, gm, dense, nbytes = fm[fmt]
+        deq = ops.dequant(w, s, z, fmt, group, gm, K, dtype)
+        row[f"f{fmt}_dequant_exact"] = bool(torch.equal(deq, dense.to(dtype)))
+        row[f"f{fmt}_dequant_us"] = time_us([lambda: ops.dequant(w, s, z, fmt, group, gm, K, dtype)] * 2, dev)
+        row[f"f{fmt}_dequant_GBps"] = (nbytes + N * K * 2) / row[f"f{fmt}_dequant_us"] / 1e3
+        row[f"f{fmt}_dequant_gemm_us"] = time_us(
+            [lambda: F.linear(x, ops.dequant(w, s, z, fmt, group, gm, K, dtype))] * 2, dev)
+        row[f"f{fmt}_x_bf16"] = row["bf16_us"] / row[f"f{fmt}_dequant_gemm_us"]
+    if dev.type == "cuda" and kernels.FP8_OK:
+        wq, ws = fm[ops.FMT_E4M3][0], fm[ops.FMT_E4M3][1]
+        row["fp8_us"] = time_us([lambda: kernels.fp8_linear(x, wq, ws)] * 2, dev)
+        row["fp8_x_bf16"] = row["bf16_us"] / row["fp8_us"]
+    res["prefill"].append(row)
+    log({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def run(dev, dtype, shapes, ms, prefill_shapes, prefill_m, budget_s: float, log) -> dict:
+    res = {"timing": "CUDA graph over weight copies > L2, median of 5 replays", "copy_GBps": copy_gbps(dev),
+           "rows": [], "prefill": [], "tuned": {}}
+    log("copy GB/s", round(res["copy_GBps"]))
+    deadline = time.time() + budget_s
+    for N, K in shapes:
+        if time.time() > deadline:
+            log("tune budget: skipping", N, K)
+            res.setdefault("skipped", []).append([N, K])
+            continue
+        sweep_shape(N, K, ms, dev, dtype, res, log, deadline)
+    for N, K in prefill_shapes:
+        prefill_layer(N, K, prefill_m, dev, dtype, res, log)
+    for r in res["rows"]:
+        r["fraction_of_copy"] = {f"f{f}": r[f"f{f}_GBps"] / res["copy_GBps"] for f in (5, 8, 9) if f"f{f}_GBps" in r}
+    return res
+
+
+if __name__ == "__main__":
+    import json
+
+    smoke = "--smoke" in sys.argv
+    dev = torch.device("cpu" if smoke else "cuda")
+    if smoke:
+        FMA1[:] = [dict(kernel="fma", R=1, T=4, num_warps=1, waves=1)]
+        DOT[:] = [dict(kernel="dot", BLOCK_N=16, TW=16, num_warps=1, num_stages=1, waves=1)]
+        out = run(dev, torch.float16, [(32, 256)], [1, 4], [(32, 256)], 32, 60, print)
+    else:
+        out = run(dev, torch.bfloat16, [(4096, 4096), (11008, 4096), (4096, 11008)], [1, 8], [(11008, 4096)], 2048, 120, print)
+    print(json.dumps(out["tuned"], indent=1))
