@@ -45,6 +45,7 @@ from quant_speed_lib import (apply_variant, decode_row, generate_row, profile_st
 T0 = time.time()
 LAYERS = {"7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
           "1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)], "smoke": [(512, 256), (256, 512)]}
+FUSED = {"7b": [(12288, 4096), (22016, 4096)], "1b": [(2560, 2048), (11264, 2048)], "smoke": [(1024, 256)]}  # qkv, gate+up
 # (kind, model, variant, decode batches, estimated seconds on the H100), in priority order
 PLAN = [("model", "7b", "bf16", (1, 8), 30), ("model", "7b", "w4", (1, 8), 32), ("model", "7b", "w8", (1,), 18),
         ("model", "7b", "w8a8", (1,), 18), ("gen", "7b", "bf16", (), 50), ("gen", "7b", "w4", (), 50),
@@ -195,10 +196,10 @@ def main() -> None:
            "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "budget_s": args.budget_s,
            "models": {}}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
-    layer_shapes = [s for sh in shapes for s in LAYERS[sh]]
+    layer_shapes = [(n, k, ms) for sh in shapes for lst, ms in ((LAYERS[sh], [1, 8]), (FUSED[sh], [1]))
+                    for n, k in lst]
     try:
-        res["kernels"] = quant_tune.run(dev, dtype, layer_shapes, [1, 8], LAYERS[shapes[0]], args.prefill,
-                                        args.tune_s, log)
+        res["kernels"] = quant_tune.run(dev, dtype, layer_shapes, LAYERS[shapes[0]], args.prefill, args.tune_s, log)
     except Exception as e:  # noqa: BLE001 - the model rows still run, on the heuristic configurations
         log("kernels FAILED", traceback.format_exc()[-1500:])
         res["kernels"] = {"error": repr(e)[:400], "rows": [], "prefill": [], "tuned": {},

@@ -190,12 +190,13 @@ def prefill_layer(N: int, K: int, M: int, dev, dtype, res: dict, log) -> None:
     log({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def run(dev, dtype, shapes, ms, prefill_shapes, prefill_m, budget_s: float, log) -> dict:
+def run(dev, dtype, shapes, prefill_shapes, prefill_m, budget_s: float, log) -> dict:
+    """``shapes``: ``(N, K, rows list)``, tuned in this order until ``budget_s``; prefill layers after."""
     res = {"timing": "CUDA graph over weight copies > L2, median of 5 replays", "copy_GBps": copy_gbps(dev),
            "rows": [], "prefill": [], "tuned": {}}
     log("copy GB/s", round(res["copy_GBps"]))
     deadline = time.time() + budget_s
-    for N, K in shapes:
+    for N, K, ms in shapes:
         if time.time() > deadline:
             log("tune budget: skipping", N, K)
             res.setdefault("skipped", []).append([N, K])
@@ -216,7 +217,8 @@ if __name__ == "__main__":
     if smoke:
         FMA1[:] = [dict(kernel="fma", R=1, T=4, num_warps=1, waves=1)]
         DOT[:] = [dict(kernel="dot", BLOCK_N=16, TW=16, num_warps=1, num_stages=1, waves=1)]
-        out = run(dev, torch.float16, [(32, 256)], [1, 4], [(32, 256)], 32, 60, print)
+        out = run(dev, torch.float16, [(32, 256, [1, 4])], [(32, 256)], 32, 60, print)
     else:
-        out = run(dev, torch.bfloat16, [(4096, 4096), (11008, 4096), (4096, 11008)], [1, 8], [(11008, 4096)], 2048, 120, print)
+        out = run(dev, torch.bfloat16, [(n, k, [1, 8]) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))],
+                  [(11008, 4096)], 2048, 120, print)
     print(json.dumps(out["tuned"], indent=1))

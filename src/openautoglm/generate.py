@@ -9,7 +9,8 @@ ratios compare kernels, not harnesses)::
     out.tokens, out.tokens_per_s, out.compile_s
 
 How: the prompt is prefilled into per-layer K/V tensors of fixed length; one decoder layer's step
-(:func:`_layer_step`: norms, projections, rotary, cache write, SDPA, MLP) is compiled once with
+(:func:`_layer_step`: norms, projections, rotary, cache write, SDPA, MLP; at batch 1 the quantized q/k/v and
+gate/up projections each run as one kernel launch, ``quant.kernels.fused_decode``) is compiled once with
 ``torch.compile(fullgraph=True)`` and reused by every layer (identical layers share one graph: regional
 compilation, seconds instead of minutes for a 7B model); the step (embedding -> layers -> head ->
 next token) is captured in a CUDA graph and replayed per token. The model's own modules run inside
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _hf
+from .quant.kernels import fused_decode
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -60,9 +62,10 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
     x = layer.input_layernorm(h)
     B, T, _ = x.shape
     hd = attn.head_dim
-    q = attn.q_proj(x).view(B, T, -1, hd)
-    k = attn.k_proj(x).view(B, T, -1, hd)
-    v = attn.v_proj(x).view(B, T, -1, hd)
+    qkv = fused_decode(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # one launch at batch 1 (quantized layers)
+    if qkv is None:
+        qkv = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q, k, v = (t.view(B, T, -1, hd) for t in qkv)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -71,7 +74,16 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
     o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
                                        enable_gqa=attn.num_key_value_groups > 1)
     h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+
+def _mlp(mlp: nn.Module, x):
+    """The Llama-family gated MLP; gate and up in one launch at batch 1 when they are quantized layers."""
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        gu = fused_decode(x, (mlp.gate_proj, mlp.up_proj))
+        if gu is not None:
+            return mlp.down_proj(mlp.act_fn(gu[0]) * gu[1])
+    return mlp(x)
 
 
 def _layer_decode(*args):  # separate code objects: decode and prefill keep separate compile caches

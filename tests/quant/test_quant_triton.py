@@ -1,7 +1,8 @@
 """The Triton kernels, run by Triton's CPU interpreter (``TRITON_INTERPRET=1``) in a subprocess.
 
 Skipped where Triton is not installed; otherwise every kernel (the decode kernels of triton_decode, FMA and
-tensor-core, with and without split-K, in both scale layouts, int4 k32 / int8 / e4m3; the older int4 "pairs"
+tensor-core, with and without split-K, in both scale layouts, int4 k32 / int8 / e4m3, several weights in one
+launch; the older int4 "pairs"
 GEMV and fused GEMM; dequantize of every code order; activation quantization) is checked
 against the float reference on fresh random inputs (the seed is printed), outputs poisoned with NaN first
 so an unwritten element fails. fp16 operands: the interpreter's bf16 dot is not exact.
@@ -68,6 +69,20 @@ SCRIPT = textwrap.dedent("""
                 check(gv, 5, dense, dot(16, 2), tag)
         out = ops.dequant(w, s, z, fmt, gs, groups, K, torch.float16)
         assert torch.equal(out, kernels.dequant_torch(w, s, z, mod.bits, gs, torch.float16, groups, mod.k32)), tag
+    # several weights of one K in one launch (q/k/v, gate/up): the same numbers as one launch per weight
+    for scheme, fmt in (("w4", 5), ("w8", 8)):
+        mods = [LINEAR_CLASSES[scheme].from_linear(torch.nn.Linear(K, n, bias=False).half(), QuantConfig(scheme=scheme))
+                for n in (48, 16, 32)]
+        ws_, ss_, zs_ = [m.qweight for m in mods], [m.scale for m in mods], [m.zero for m in mods]
+        x = torch.randn(1, K, dtype=torch.float16)
+        for nw in (2, 3):
+            cfg = fma(1, 4, 2)
+            y = torch.full((1, sum(m.out_features for m in mods[:nw])), float("nan"), dtype=x.dtype)
+            ops.launch_gemv_multi(x, ws_[:nw], ss_[:nw], zs_[:nw], fmt, mods[0].group, True, y, cfg)
+            one = torch.cat([ops.launch_gemv(x, w_, s_, z_, fmt, mods[0].group, True,
+                                             torch.empty(1, w_.shape[0], dtype=x.dtype), cfg)
+                             for w_, s_, z_ in zip(ws_[:nw], ss_[:nw], zs_[:nw])], 1)
+            assert torch.equal(y, one), (scheme, nw)
     wq, ws = to_fp8(lin.weight.float())
     f8 = lambda x, y, c: ops.launch_gemv(x, wq, ws, None, 9, K, False, y, c)
     check(f8, 1, wq.float() * ws, fma(2, 4, 2), "fp8")

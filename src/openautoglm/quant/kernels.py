@@ -132,6 +132,28 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: tor
     return _finish(y, x, bias)
 
 
+def fused_decode(x: torch.Tensor, mods) -> list[torch.Tensor] | None:
+    """Several quantized Linears that read the same ``x`` (q/k/v, gate/up) at ONE activation row, in one kernel
+    launch (``ops.wq_gemv_multi``); ``None`` where that does not apply (CPU, more rows, mixed formats, a
+    kernel choice other than Triton), and the caller runs the modules one by one. Decided from static facts
+    (module classes and configs, the number of rows), so ``torch.compile`` traces it without a graph break."""
+    if not (x.is_cuda and TRITON_OK and x.dtype in (torch.bfloat16, torch.float16)) or x.numel() != x.shape[-1]:
+        return None
+    ops_ = [getattr(m, "decode_operands", lambda: None)() for m in mods]
+    if any(o is None for o in ops_) or len({o[3:] for o in ops_}) != 1 or ops_[0][3] not in (ops.FMT_INT4_K32, 8, 9):
+        return None
+    fmt, group, gm = ops_[0][3:]
+    K = x.shape[-1]
+    y = ops.wq_gemv_multi(x.reshape(1, K), [o[0] for o in ops_], [o[1] for o in ops_], [o[2] for o in ops_], fmt,
+                          group, gm)
+    outs = []
+    for part, m in zip(torch.split(y, [m.out_features for m in mods], dim=-1), mods):
+        if m.bias is not None:
+            part = part + m.bias
+        outs.append(part.reshape(*x.shape[:-1], m.out_features))
+    return outs
+
+
 def _int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """int8 ``(M, K) x (N, K)^T -> int32 (M, N)``; ``torch._int_mm`` where it applies, else exact fallback."""
     M = xq.shape[0]

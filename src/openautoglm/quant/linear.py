@@ -83,6 +83,11 @@ class QuantLinear(nn.Module):
 
             ops.tickets(w.device, -(-self.out_features // 8))  # one ticket per row block of the smallest tile
 
+    def decode_operands(self) -> tuple | None:
+        """``(codes, scales, zeros, fmt, group, groups_major)`` of the decode kernels (``ops.wq_gemv``), or ``None``
+        when this layer does not decode through them; used to fuse layers that share an input."""
+        return None
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._prepare_device()
@@ -144,6 +149,11 @@ class Int8DynamicLinear(QuantLinear):
             return {"qweight": (0, start, stop), "scale": (0, start, stop)}
         return {"qweight": (1, start, stop), "scale": None}
 
+    def decode_operands(self):
+        if self.config.kernel not in ("auto", "triton"):
+            return None
+        return self.qweight, self.scale, None, 8, self.in_features, False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a8_linear(x, self.qweight, self.scale, self.bias, kernel=self.config.kernel)
 
@@ -181,6 +191,11 @@ class FP8DynamicLinear(QuantLinear):
 
     def _layout_slices(self, dim, start, stop):
         return Int8DynamicLinear._layout_slices(self, dim, start, stop)
+
+    def decode_operands(self):
+        if self.config.kernel not in ("auto", "triton"):
+            return None
+        return self.qweight, self.scale, None, 9, self.in_features, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.fp8_linear(x, self.qweight, self.scale, self.bias, kernel=self.config.kernel)
@@ -307,6 +322,12 @@ class WeightOnlyLinear(QuantLinear):
                 self._buffers[name] = t
             else:
                 self.register_buffer(name, t, persistent=False)
+
+    def decode_operands(self):
+        if self.config.kernel not in ("auto", "triton"):
+            return None
+        fmt = (5 if self.k32 else 4) if self.bits == 4 else 8
+        return self.qweight, self.scale, self.zero, fmt, self.group, self.groups_major
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tg = getattr(self, "_tg_w", None)

@@ -197,14 +197,72 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
         bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
         decode_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride_wv, sn, sg, zn, zg, y.stride(0),
-            _MASK16, _XOR15, FMT=kfmt, GROUP=g, HAS_Z=z is not None, BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"],
-            SPLIT=split > 1, ASCENDING=_ascending(), num_warps=cfg["num_warps"], num_stages=1)
+            _MASK16, _XOR15, w, s, zz, sg, zg, N, w, s, zz, sg, zg, 0, FMT=kfmt, GROUP=g, HAS_Z=z is not None,
+            BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=1,
+            num_warps=cfg["num_warps"], num_stages=1)
     else:
         decode_dot_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride16, sn, sg, zn, zg, y.stride(0), FMT=kfmt, GROUP=g, HAS_Z=z is not None,
             BLOCK_N=cfg["BLOCK_N"], TW=cfg["TW"], SPLIT=split > 1, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     return y
+
+
+def launch_gemv_multi(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.Tensor:
+    """Several weights of the same K and format (q/k/v, gate/up) into ``y (M, sum N_i)``, side by side: one
+    launch of the FMA kernel (``NW`` = 2 or 3) where it applies, else one launch per weight into views of y."""
+    M, K = x.shape
+    ns = [w.shape[0] for w in ws]
+    N = sum(ns)
+    same = (len({(w.stride(0), w.dtype) for w in ws}) == 1 and len({_meta_strides(s_, z_, groups_major)[::2] for s_, z_
+                                                                     in zip(ss, zs)}) == 1)
+    if cfg.get("kernel") != "fma" or M > 8 or not 2 <= len(ws) <= 3 or not same or fmt == FMT_INT4_PAIRS:
+        off = 0
+        for w, s_, z_, n in zip(ws, ss, zs, ns):
+            launch_gemv(x, w, s_, z_, fmt, group, groups_major, y[:, off:off + n],
+                        gemv_config(M, n, K, fmt, group, x.device))
+            off += n
+        return y
+    from .triton_decode import decode_kernel
+
+    vec = 16 if fmt == FMT_INT4_K32 else 8
+    for w in ws:
+        if w.stride(-1) != 1 or (w.stride(0) * w.element_size()) % vec or w.data_ptr() % 16:
+            raise ValueError(f"decode kernels need rows of codes aligned to {vec} bytes, got strides {w.stride()}")
+    split = cfg["SPLIT_K"]
+    rb = cfg["num_warps"] * 32 // cfg["T"]
+    bn = cfg["R"] * rb
+    n_blocks = sum(cdiv(n, bn) for n in ns)
+    part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
+    tk = tickets(x.device, n_blocks) if split > 1 else y
+    meta = [_meta_strides(s_, z_, groups_major) for s_, z_ in zip(ss, zs)]
+    zz = [z_ if z_ is not None else s_ for s_, z_ in zip(ss, zs)]
+    w2, s2, z2, m2 = (ws[2], ss[2], zz[2], meta[2]) if len(ws) == 3 else (ws[1], ss[1], zz[1], meta[1])
+    bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+    decode_kernel[(n_blocks, split)](
+        x, ws[0], ss[0], zz[0], y, part, tk, M, N, K, split, x.stride(0), ws[0].stride(0) * ws[0].element_size() // vec,
+        meta[0][0], meta[0][1], meta[0][2], meta[0][3], y.stride(0), _MASK16, _XOR15,
+        ws[1], ss[1], zz[1], meta[1][1], meta[1][3], ns[0], w2, s2, z2, m2[1], m2[3], ns[1],
+        FMT=4 if fmt == FMT_INT4_K32 else fmt, GROUP=0 if group >= K else group, HAS_Z=zs[0] is not None,
+        BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=len(ws),
+        num_warps=cfg["num_warps"], num_stages=1)
+    return y
+
+
+@torch.library.custom_op("openautoglm::wq_gemv_multi", mutates_args=())
+def wq_gemv_multi(x: torch.Tensor, ws: list[torch.Tensor], ss: list[torch.Tensor], zs: list[torch.Tensor | None],
+                  fmt: int, group: int, groups_major: bool) -> torch.Tensor:
+    """``x (M, K)`` times several dequantized weights ``(N_i, K)`` -> ``(M, sum N_i)`` (decode)."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = sum(w.shape[0] for w in ws)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return launch_gemv_multi(x, ws, ss, zs, fmt, group, groups_major, y, gemv_config(M, N, K, fmt, group, x.device))
+
+
+@wq_gemv_multi.register_fake
+def _(x, ws, ss, zs, fmt, group, groups_major):
+    return x.new_empty((x.shape[0], sum(w.shape[0] for w in ws)))
 
 
 @torch.library.custom_op("openautoglm::wq_gemv", mutates_args=())

@@ -93,31 +93,36 @@ def _finish_all(r0, r1, r2, r3, r4, r5, r6, r7, x0, x1, x2, x3, x4, x5, x6, x7, 
 
 
 @triton.jit
-def _store(acc, m, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k,
+def _store(acc, m, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, n_loc, off, N, pid_k,
            GROUP: tl.constexpr, SPLIT: tl.constexpr, TAX: tl.constexpr):
+    """Row ``m`` of the output: local rows ``rows3`` of the selected weight, at column ``off + rows3``."""
     out = tl.sum(acc, TAX)                                     # threads along K combined
-    ok = (rows3 < N) & ((rows3 * 0 + m) < M)
+    ok = (rows3 < n_loc) & ((rows3 * 0 + m) < M)
     if SPLIT:
-        tl.store(part_ptr + (pid_k * M + m) * N + rows3, out, mask=ok)
+        tl.store(part_ptr + (pid_k * M + m) * N + off + rows3, out, mask=ok)
     else:
         if GROUP == 0:
-            out = out * tl.load(s_ptr + tl.where(rows3 < N, rows3, 0) * stride_sn).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rows3, out.to(y_ptr.dtype.element_ty), mask=ok)
+            out = out * tl.load(s_ptr + tl.where(rows3 < n_loc, rows3, 0) * stride_sn).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + off + rows3, out.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, SPLIT_K,
                   stride_xm, stride_wv, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym, mask16, xor15,
+                  w1_ptr, s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2, zg2, N1,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                   R: tl.constexpr, RB: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
-                  ASCENDING: tl.constexpr):
+                  ASCENDING: tl.constexpr, NW: tl.constexpr):
     """``stride_wv``: row stride of the codes in 16-byte vectors (int4) or 8-byte vectors (int8/e4m3).
     ``GROUP == 0``: one scale per output row. ``BLOCK_M`` in 1, 2, 4, 8: activation rows (``M <= BLOCK_M``);
     the codes are converted once and used for every row. ``mask16 = 0x000F0000``, ``xor15 = 0x4B400000``.
     ``ASCENDING``: Triton before 3.7 orders tied (non-contiguous) axes of a load by ascending index when it
     spreads threads over them, later versions by descending index; the tile axes are permuted to match, so
     threads go along T, then RB, and R stays inside each thread for both the codes and the activations
-    (otherwise the compiler converts layouts through shared memory on every iteration)."""
+    (otherwise the compiler converts layouts through shared memory on every iteration).
+    ``NW`` = 2 or 3: several weights of the same K and format in one launch (q/k/v, gate/up), their outputs side
+    by side in ``y (M, N)``: weight 0 has ``N0`` rows, weight 1 ``N1``, weight 2 the rest; each program reads
+    one weight (row blocks do not straddle weights), chosen from its block index."""
     E: tl.constexpr = 4 if FMT == 4 else 8            # int32 words (int4) or bytes per thread per row
     KT: tl.constexpr = 32 if FMT == 4 else 8          # k per thread per row per iteration
     KB: tl.constexpr = KT * T                         # k per row per iteration
@@ -139,17 +144,35 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
         t5 = tl.arange(0, T)[None, None, None, :, None]
         TAX: tl.constexpr = 3
     e5 = tl.arange(0, E)[None, None, None, None, :]
-    rows = pid_n * BLOCK_N + r5 * RB + rb5
+    if NW == 1:
+        lb = pid_n
+        n_loc = N
+        off = 0
+        wp, sp, zp, sg, zg = w_ptr, s_ptr, z_ptr, stride_sg, stride_zg
+    else:  # which weight this program reads, its local row block, and where its rows go in y
+        nb0 = tl.cdiv(N0, BLOCK_N)
+        nb1 = tl.cdiv(N1, BLOCK_N)
+        in0 = pid_n < nb0
+        in1 = pid_n < nb0 + nb1
+        lb = tl.where(in0, pid_n, tl.where(in1, pid_n - nb0, pid_n - nb0 - nb1))
+        n_loc = tl.where(in0, N0, tl.where(in1, N1, N - N0 - N1))
+        off = tl.where(in0, 0, tl.where(in1, N0, N0 + N1))
+        wp = tl.where(in0, w_ptr, tl.where(in1, w1_ptr, w2_ptr))
+        sp = tl.where(in0, s_ptr, tl.where(in1, s1_ptr, s2_ptr))
+        zp = tl.where(in0, z_ptr, tl.where(in1, z1_ptr, z2_ptr))
+        sg = tl.where(in0, stride_sg, tl.where(in1, sg1, sg2))
+        zg = tl.where(in0, stride_zg, tl.where(in1, zg1, zg2))
+    rows = lb * BLOCK_N + r5 * RB + rb5                         # rows of the selected weight
     orow = tl.max(tl.sum(rows + t5 * 0, 4), TAX)              # output rows, in the layout of the results
-    rows_s = tl.where(rows < N, rows, 0)                       # clamped: unmasked vector loads
+    rows_s = tl.where(rows < n_loc, rows, 0)                   # clamped: unmasked vector loads
     n_it = K // KB
     per = tl.cdiv(n_it, SPLIT_K)
     it0 = pid_k * per
     it1 = tl.minimum(it0 + per, n_it)
     if FMT == 4:
-        wbase = w_ptr.to(tl.pointer_type(tl.int32)) + rows_s * (stride_wv * 4) + t5 * 4 + e5
+        wbase = wp.to(tl.pointer_type(tl.int32)) + rows_s * (stride_wv * 4) + t5 * 4 + e5
     else:
-        wbase = w_ptr.to(tl.pointer_type(tl.uint8)) + rows_s * (stride_wv * 8) + t5 * 8 + e5
+        wbase = wp.to(tl.pointer_type(tl.uint8)) + rows_s * (stride_wv * 8) + t5 * 8 + e5
     # activations: the codes' tile without the R axis; every row of threads reads the same addresses
     xbase = x_ptr + rb5 * 0 + t5 * KT + e5
     zero4 = tl.sum((rows + t5 + e5) * 0.0, 4)
@@ -174,9 +197,9 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
         s = 1.0
         if GROUP > 0:
             g = (k0 + t5 * KT) // GROUP
-            s = tl.sum(tl.load(s_ptr + rows_s * stride_sn + g * stride_sg).to(tl.float32), 4)
+            s = tl.sum(tl.load(sp + rows_s * stride_sn + g * sg).to(tl.float32), 4)
             if HAS_Z:
-                zb = tl.load(z_ptr + (rows_s // 2) * stride_zn + g * stride_zg).to(tl.int32)
+                zb = tl.load(zp + (rows_s // 2) * stride_zn + g * zg).to(tl.int32)
                 zz = C + tl.sum(tl.where(rows_s % 2 == 0, zb >> 4, zb & 15).to(tl.float32), 4)
         if GROUP > 0:  # per group: partial sums restart every iteration
             r0, r1, r2, r3, r4, r5_, r6, r7 = rz, rz, rz, rz, rz, rz, rz, rz
@@ -202,29 +225,30 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
         a0, a1, a2, a3, a4, a5, a6, a7 = _finish_all(r0, r1, r2, r3, r4, r5_, r6, r7, x0, x1, x2, x3, x4, x5,
                                                      x6, x7, ZZ, 1.0, a0, a1, a2, a3, a4, a5, a6, a7, BLOCK_M, GROUP)
     rows3 = orow
-    _store(a0, 0, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+    _store(a0, 0, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
     if BLOCK_M > 1:
-        _store(a1, 1, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a1, 1, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
     if BLOCK_M > 2:
-        _store(a2, 2, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
-        _store(a3, 3, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a2, 2, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a3, 3, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
     if BLOCK_M > 4:
-        _store(a4, 4, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
-        _store(a5, 5, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
-        _store(a6, 6, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
-        _store(a7, 7, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a4, 4, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a5, 5, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a6, 6, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
+        _store(a7, 7, M, y_ptr, stride_ym, part_ptr, sp, stride_sn, rows3, n_loc, off, N, pid_k, GROUP, SPLIT, TAX)
     if SPLIT:
         ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:  # last one in: sum the partials in split order, re-arm the ticket
             ms = tl.arange(0, BLOCK_M)[:, None]
-            rows2 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            omask = (ms < M) & (rows2 < N)
+            rows2 = lb * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            omask = (ms < M) & (rows2 < n_loc)
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for sk in range(0, SPLIT_K):
-                total += tl.load(part_ptr + (sk * M + ms) * N + rows2, mask=omask, other=0.0, cache_modifier=".cg")
+                total += tl.load(part_ptr + (sk * M + ms) * N + off + rows2, mask=omask, other=0.0,
+                                 cache_modifier=".cg")
             if GROUP == 0:
-                total = total * tl.load(s_ptr + tl.where(rows2 < N, rows2, 0) * stride_sn).to(tl.float32)
-            tl.store(y_ptr + ms * stride_ym + rows2, total.to(y_ptr.dtype.element_ty), mask=omask)
+                total = total * tl.load(sp + tl.where(rows2 < n_loc, rows2, 0) * stride_sn).to(tl.float32)
+            tl.store(y_ptr + ms * stride_ym + off + rows2, total.to(y_ptr.dtype.element_ty), mask=omask)
             tl.atomic_xchg(ticket_ptr + pid_n, 0)
 
 
