@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
         e = rel(y, x.float() @ ref_w.t())
         assert e < 2e-3, (what, M, cfg, e)
 
-    old = lambda bk, bn, split, dot: dict(kernel="pairs", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=4,
+    old = lambda bk, bn, split, dot: dict(kernel="v1", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=4,
                                           num_stages=1)
     fma = lambda r, t, split: dict(kernel="fma", R=r, T=t, SPLIT_K=split, num_warps=1)
     dot = lambda bn, split: dict(kernel="dot", BLOCK_N=bn, TW=16, SPLIT_K=split, num_warps=1, num_stages=1)
@@ -53,13 +53,13 @@ SCRIPT = textwrap.dedent("""
         dense = kernels.dequant_torch(w, s, z, mod.bits, gs, torch.float32, groups, mod.k32)
         tag = (scheme, sym, g, groups, pack)
         gv = lambda x, y, c: ops.launch_gemv(x, w, s, z, fmt, gs, groups, y, c)
-        if fmt == 4:  # the kernels of checkpoints written with two codes a byte
+        if fmt != 5:  # the v1 kernels: int4 two codes a byte (older checkpoints), int8
             check(gv, 1, dense, old(256, 16, 3, False), tag)
             check(gv, 3, dense, old(min(64, gs), 16, 2, True), tag)
             gm = lambda x, y, c: ops.launch_gemm(x, w, s, z, mod.bits, gs, groups, y, c)
             gcfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(64, gs), GROUP_M=2, num_warps=4, num_stages=1)
             check(gm, 40, dense.half().float(), gcfg, tag + ("gemm",))
-        else:
+        if fmt != 4:
             check(gv, 1, dense, fma(2, 4, 2), tag)
             check(gv, 3, dense, fma(1, 2, 1), tag)
             ops._ascending = lambda: True  # the tile axis order of Triton < 3.7: same results
