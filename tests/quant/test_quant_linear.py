@@ -155,7 +155,7 @@ def test_layouts_give_identical_perplexity_on_bundled_model():
     tok = AutoTokenizer.from_pretrained("open-autoglm-base")
     base = AutoModelForCausalLM.from_pretrained("open-autoglm-base", dtype="float32")
     ppl = {}
-    for layout, pack in (("rows", "pairs"), ("groups", "pairs"), ("groups", "k32")):
+    for layout, pack in (("rows", "pairs"), ("groups", "k32")):  # older checkpoints vs today's default
         m = copy.deepcopy(base)
         quantize(m, QuantConfig(scheme="w4", layout=layout, pack=pack, include=("*mlp*",)))
         ppl[layout, pack] = perplexity(m, tok, max_tokens=128, seq_len=128, batch_size=1).perplexity
