@@ -22,3 +22,15 @@ class UnsupportedModelError(OpenAutoGLMError, ValueError):
 
 class CheckpointError(OpenAutoGLMError, RuntimeError):
     """A checkpoint file that is truncated, corrupt, refused (pickle) or inconsistent with its config."""
+
+
+class OutputExistsError(OpenAutoGLMError, FileExistsError, ValueError):
+    """The output folder exists and replacing it was not asked for (``overwrite=True`` / ``--overwrite``)."""
+
+
+class DiskFullError(OpenAutoGLMError, OSError):
+    """The disk (or a quota, or a file-size limit) ran out while writing; the previous output is unchanged."""
+
+
+class OutOfMemoryError(OpenAutoGLMError, MemoryError):
+    """Not enough (CPU) memory to load a model; the message says how much its tensors need."""

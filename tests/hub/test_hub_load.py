@@ -51,7 +51,7 @@ def test_interrupted_save_keeps_old_output(tiny_llama_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(type(m), "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):
-        hub.save_pretrained(m, out)
+        hub.save_pretrained(m, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folder left behind"
 

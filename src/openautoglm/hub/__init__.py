@@ -42,7 +42,7 @@ from .registry import (
     register_rebuilder,
     registered_transforms,
 )
-from .save import TOKENIZER_FILES, _attach, _looks_like_model_dir, save_pretrained
+from .save import TOKENIZER_FILES, _attach, _looks_like_model_dir, check_output_dir, save_pretrained
 from .validate import (
     CheckpointTensors,
     check_against_model,
@@ -55,6 +55,6 @@ __all__ = [
     "AutoModelForCausalLM", "AutoTokenizer", "FORMAT_VERSION", "META_KEY", "PACKAGE_DIR", "PICKLE_FILES",
     "Rebuilder", "SHIPPED_MODELS", "TOKENIZER_FILES", "applied_transforms", "empty_model", "from_pretrained",
     "load_tokenizer", "record_transform", "register_rebuilder", "registered_transforms", "resolve_model_path",
-    "save_pretrained", "shipped_models", "validate_safetensors", "weight_files", "CheckpointTensors",
+    "check_output_dir", "save_pretrained", "shipped_models", "validate_safetensors", "weight_files", "CheckpointTensors",
     "checkpoint_tensors", "check_against_model",
 ]

@@ -87,6 +87,9 @@ def assign(model: nn.Module, name: str, value: torch.Tensor, device: torch.devic
         raise CheckpointError(f"tensor {name!r}{where} has shape {tuple(value.shape)}, the model expects {tuple(old.shape)}")
     if value.dtype != old.dtype and not (value.is_floating_point() and old.is_floating_point()):
         raise CheckpointError(f"tensor {name!r}{where} has dtype {value.dtype}, the model expects {old.dtype}")
+    if value.is_floating_point() and value.dtype.itemsize > 1 and not torch.isfinite(value).all():
+        n = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(f"tensor {name!r}{where} holds {n} NaN/Inf values of {value.numel()}")
     moved = value.to(device).to(old.dtype)
     if own and moved.data_ptr() == value.data_ptr():
         moved = moved.clone()

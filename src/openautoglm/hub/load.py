@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from .. import _hf
-from ..errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError, ModelNotFoundError, OutOfMemoryError, UnsupportedModelError
+from ..units import format_bytes
 from .config import _load_config, _resolve_dtype
 from .lazy import check_coverage, stream_into
 from .names import resolve_model_path
@@ -36,9 +38,15 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     files = [path / n for n in found if not n.endswith(".json")]
-    if (path / "pytorch_model.bin.index.json").is_file():
-        idx = json.loads((path / "pytorch_model.bin.index.json").read_text())["weight_map"]
-        files = [path / n for n in sorted(set(idx.values()))]
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if not all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in names):
+                raise ValueError(f"shard names must be plain file names in the folder, got {names[:3]}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"corrupt index file {index}: {e}") from None
+        files = [path / n for n in names]
     for f in files:
         try:
             state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
@@ -59,13 +67,20 @@ def build_empty(path: Path, config, torch_dtype: torch.dtype, trust_remote_code:
         _import_plugins()
         unknown = [t.get("type") for t in transforms if t.get("type") not in _REBUILDERS]
         if unknown:
-            raise CheckpointError(
-                f"{path} records transforms {unknown} that this openautoglm does not know; known: {sorted(_REBUILDERS)}"
-            )
+            raise CheckpointError(f"config.json in {path} records transforms {unknown} that this openautoglm does "
+                                  f"not know; known: {sorted(_REBUILDERS)}")
     with init_empty_weights(include_buffers=include_buffers):
-        model = _HFAuto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        try:
+            model = _HFAuto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, AssertionError, RuntimeError) as e:
+            raise CheckpointError(f"cannot build a {config.model_type} model from config.json in {path}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         for t in transforms:
-            _REBUILDERS[t["type"]](model, t)
+            try:
+                _REBUILDERS[t["type"]](model, t)
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"config.json in {path} records a {t.get('type')!r} transform that does not "
+                                      f"fit the model: {type(e).__name__}: {e}") from None
     model.tie_weights()  # tied tensors are one object from here on: read (and counted) once
     return model
 
@@ -131,9 +146,40 @@ def from_pretrained(
     """
     path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; accepted: cpu, cuda, cuda:N, mps") from None
     model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                     allow_pickle=allow_pickle, progress=progress)
+    with oom_guard(path, reader.total_bytes):
+        return _fill(model, reader, path, device, quantization, bits)
+
+
+_OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "out of memory", "os error 12", "std::bad_alloc")
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(t in str(e).lower() for t in _OOM_TEXT)
+
+
+@contextlib.contextmanager
+def oom_guard(path: Path, nbytes: int):
+    """Running out of host memory while loading is an :class:`OutOfMemoryError` that says how much the
+    checkpoint needs, not an allocator traceback from inside torch or safetensors."""
+    try:
+        yield
+    except OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch/safetensors report allocation failures as RuntimeError/own types
+        if not is_oom(e):
+            raise
+        raise OutOfMemoryError(f"not enough memory to load {path}: its tensors take {format_bytes(nbytes)} as stored "
+                               "(more while converting dtypes); free memory, load with dtype='bf16', or use a "
+                               "machine with more RAM") from None
+
+
+def _fill(model: nn.Module, reader: CheckpointReader, path: Path, device: torch.device, quantization, bits):
     hook = None
     if quantization is not None or bits is not None:
         from ..quant.onload import QuantizeOnLoad
@@ -179,14 +225,33 @@ def has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                   cache_dir: str | os.PathLike | None = None):
-    """The tokenizer saved with a shipped model, in a local folder or with a Hub model."""
+                   cache_dir: str | os.PathLike | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved with a shipped model, in a local folder or with a Hub model.
+
+    Custom tokenizer code named by ``tokenizer_config.json`` (``auto_map``) is not run unless
+    ``trust_remote_code=True``; a broken tokenizer file is a :class:`CheckpointError` naming it."""
     from transformers import AutoTokenizer as _HFTok
 
     path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir)
     if not has_tokenizer(path):
         raise ModelNotFoundError(f"folder {path} has no tokenizer files (tokenizer.json)")
-    return _HFTok.from_pretrained(path)
+    f = path / "tokenizer_config.json"
+    if f.is_file():
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"broken tokenizer file {f}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"broken tokenizer file {f}: a JSON {type(cfg).__name__}, not an object")
+    try:
+        return _HFTok.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers/transformers raise bare Exception on a broken file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "custom code" in first:
+            raise UnsupportedModelError(f"{f} asks for custom tokenizer code (auto_map); it is not run unless you "
+                                        "pass trust_remote_code=True after reading that code") from None
+        raise CheckpointError(f"cannot load the tokenizer in {path} (tokenizer.json / tokenizer_config.json): "
+                              f"{first}") from None
 
 
 class AutoModelForCausalLM:

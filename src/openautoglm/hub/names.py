@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from .._atomic import recover
 from ..errors import CheckpointError, ModelNotFoundError
 
 log = logging.getLogger("openautoglm.hub")
@@ -54,12 +55,20 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
         if not (path / "config.json").is_file():
             raise CheckpointError(f"shipped model {s!r} is missing from this installation ({path})")
         return path
-    path = Path(s).expanduser()
-    if path.is_dir():
+    if not s or "\x00" in s:
+        raise ModelNotFoundError(f"model name {s!r} is empty or holds a NUL character")
+    try:
+        path = Path(s).expanduser()
+        recover(path)  # a save into this folder that was killed mid-swap: put the previous folder back
+        is_dir, exists = path.is_dir(), path.exists()
+    except (OSError, RuntimeError) as e:  # name too long, ~user without a home, unreadable parent
+        raise ModelNotFoundError(f"cannot use model path {s[:80]!r}: {e.strerror if isinstance(e, OSError) else e}") \
+            from None
+    if is_dir:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"folder {s!r} has no config.json; a model folder needs config.json and *.safetensors")
         return path
-    if path.exists():
+    if exists:
         raise ModelNotFoundError(f"{s!r} is a file, not a model folder; pass the folder that holds config.json")
     if looks_like_hub_id(s):
         return _from_hub(s, revision, cache_dir, allow_pickle, trust_remote_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .._atomic import atomic_directory
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputExistsError
 
 log = logging.getLogger("openautoglm.hub")
 
@@ -29,11 +30,44 @@ def _looks_like_model_dir(p: Path) -> bool:
     return (p / "config.json").is_file() or not any(p.iterdir())
 
 
-def check_output_dir(out_dir: str | os.PathLike) -> Path:
-    """The resolved output folder; refuses an existing path that is not an empty or model folder."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or not _looks_like_model_dir(out)):
-        raise ValueError(f"refusing to replace {out}: it exists and is not an (empty or model) folder")
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, what: str = "output folder") -> Path:
+    """Validate an output folder before any work is done; returns it resolved.
+
+    Refused (``ValueError`` naming the path): an empty or NUL-holding name, a symbolic link, a name longer
+    than the file system allows, a path under a file, the working folder or one of its parents, a file-system root, an
+    existing file or non-model folder; an existing model folder unless ``overwrite`` (``OutputExistsError``).
+    """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path, got {type(out_dir).__name__}")
+    raw = os.fspath(out_dir)
+    if not isinstance(raw, str) or not raw.strip() or "\x00" in raw:
+        raise ValueError(f"{what} {raw!r} is not a usable folder name")
+    if any(len(os.fsencode(part)) > 200 for part in Path(raw).parts):
+        raise ValueError(f"{what} {raw[:60]!r}...: a folder name longer than 200 bytes is not supported")
+    try:
+        link = Path(raw).expanduser().is_symlink()
+        out = Path(raw).expanduser().resolve()
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{what} {raw!r} cannot be resolved: {e}") from None
+    if link:
+        raise ValueError(f"{what} {raw!r} is a symbolic link; name the real folder (a link is not followed for "
+                         "writing)")
+    try:
+        cwd = Path.cwd()
+    except OSError:  # the working folder was deleted
+        cwd = None
+    if out == Path(out.anchor) or (cwd is not None and (out == cwd or out in cwd.parents)):
+        raise ValueError(f"{what} {raw!r}: refusing to write the model over {out}: it is the working folder, one of "
+                         "its parents or a file-system root; name a new folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot create {what} {raw!r} ({out}): {parent} is a file, not a folder")
+    if out.exists():
+        if not out.is_dir() or not _looks_like_model_dir(out):
+            raise ValueError(f"refusing to replace {what} {out}: it exists and is not an (empty or model) folder")
+        if not overwrite and any(out.iterdir()):
+            raise OutputExistsError(errno.EEXIST, f"{what} exists; pass overwrite=True (CLI: --overwrite) to "
+                                    "replace it", str(out))
     return out
 
 
@@ -64,6 +98,7 @@ def save_pretrained(
     *,
     max_shard_size: str | int = "2GB",
     tokenizer=None,
+    overwrite: bool = False,
     **kwargs,
 ) -> Path:
     """Save ``model`` as safetensors into ``out_dir`` atomically.
@@ -71,9 +106,10 @@ def save_pretrained(
     Everything is written into a temporary sibling folder that is renamed into place at the end, so an
     interrupted save leaves any previous ``out_dir`` intact and no half-written folder. Tokenizer files
     are copied from the model's source folder (or saved from ``tokenizer``). An existing ``out_dir`` is
-    replaced only if it is empty or itself a model folder.
+    replaced only with ``overwrite=True``, and only if it is empty or itself a model folder
+    (:func:`check_output_dir`); otherwise ``OutputExistsError`` / ``ValueError`` before anything is written.
     """
-    out = check_output_dir(out_dir)
+    out = check_output_dir(out_dir, overwrite=overwrite)
     with atomic_directory(out) as tmp:
         kwargs.pop("safe_serialization", None)
         type(model).save_pretrained(model, tmp, max_shard_size=max_shard_size, **kwargs)

@@ -42,12 +42,15 @@ def validate_safetensors(path: Path) -> dict[str, Any]:
     """Check a safetensors file's header and size without reading its data; return the header.
 
     Checked: the 8-byte header length (within the file and the 100 MB limit), a JSON object header, each
-    tensor's dtype, shape and offsets (the byte span matches ``dtype x shape``) and the file size (equal to
-    header + data: a truncated or padded file fails). Raises :class:`CheckpointError` naming the file.
+    tensor's dtype, shape and offsets (the byte span matches ``dtype x shape``, the spans tile the data without
+    overlap or gap) and the file size (equal to header + data: a truncated or padded file fails); something that
+    is not a regular file (a FIFO would block the reader) is refused before it is opened. Raises :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    size = path.stat().st_size
     try:
+        if not path.is_file():  # a folder, a FIFO (opening it would block forever), a device, a dangling link
+            raise ValueError("not a regular file")
+        size = path.stat().st_size
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
@@ -59,10 +62,17 @@ def validate_safetensors(path: Path) -> dict[str, Any]:
             header = json.loads(fh.read(n))
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-        end = max((_check_entry(k, v) for k, v in header.items() if k != "__metadata__"), default=0)
+        spans = sorted((v["data_offsets"][0], stop, k) for k, v in header.items() if k != "__metadata__"
+                       for stop in (_check_entry(k, v),))
+        end = 0
+        for begin, stop, k in spans:  # the tensors tile the data section: no overlap, no gap
+            if begin != end:
+                raise ValueError(f"tensor {k!r} starts at data byte {begin}, expected {end} (overlapping or "
+                                 "unaccounted bytes)")
+            end = stop
         if 8 + n + end != size:
             raise ValueError(f"expected {8 + n + end} bytes, found {size} (truncated?)")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"corrupt or truncated safetensors file {path}: {e}") from None
     return header
 

@@ -53,13 +53,14 @@ def quantize_pretrained(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress=None,
+    overwrite: bool = False,
 ):
     """Quantize the checkpoint ``name_or_path`` into ``out_dir`` without holding the model in memory.
 
     Parameters
     ----------
     name_or_path : shipped name, local folder or Hub id (see :func:`openautoglm.from_pretrained`).
-    out_dir : output folder (replaced atomically; an existing folder must be empty or a model folder).
+    out_dir : output folder, written atomically; an existing model folder is replaced only with ``overwrite=True``.
     quantization, bits : a :class:`QuantConfig`, or the short form ``bits=8`` / ``bits=4``.
     device : where weights are quantized (``"cpu"``, ``"cuda"``, ...); default CPU.
     dtype : dtype of the weights left in float (default: the checkpoint's).
@@ -81,7 +82,7 @@ def quantize_pretrained(
 
     t0 = time.perf_counter()
     shard_bytes = _size(max_shard_size)
-    out = check_output_dir(out_dir)
+    out = check_output_dir(out_dir, overwrite=overwrite)
     path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir,
                               trust_remote_code=trust_remote_code)
     device = torch.device(device) if device is not None else torch.device("cpu")
