@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from .. import _checks as C
 from .. import _hf
 from .stores import storage_bytes
 
@@ -116,17 +117,13 @@ class CompressedKVCache(_Cache):
 
 
 def validate_quant_args(bits, group_size, residual_length) -> None:
-    if isinstance(bits, bool) or bits not in (2, 4, 8):
-        raise ValueError(f"bits={bits!r} is not supported; use 8, 4 or 2")
-    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size={group_size!r} is not supported; use one of {SUPPORTED_GROUP_SIZES}")
-    if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
+    C.choice("bits", bits, (8, 4, 2))
+    C.choice("group_size", group_size, SUPPORTED_GROUP_SIZES)
+    if not C._is_int(residual_length) or residual_length < 0:
         raise ValueError(f"residual_length={residual_length!r} must be an integer >= 0")
 
 
 def layer_count(config, num_layers: int | None) -> int | None:
     if num_layers is not None:
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
-        return num_layers
+        return C.integer("num_layers", num_layers, min=1)
     return _hf.num_layers(config) if config is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .. import _checks as C
 from .cache import validate_quant_args
 
 
@@ -28,12 +29,12 @@ class KVCacheConfig:
     def __post_init__(self) -> None:
         if self.bits is not None:
             validate_quant_args(self.bits, self.group_size, self.residual_length)
-        if not isinstance(self.share, bool):
-            raise TypeError(f"share={self.share!r} must be a bool")
-        if self.share_start is not None and (not isinstance(self.share_start, int) or self.share_start < 0):
-            raise ValueError(f"share_start={self.share_start!r} must be a non-negative integer or None")
-        if not isinstance(self.share_threshold, (int, float)) or not -1.0 <= self.share_threshold <= 1.0:
-            raise ValueError(f"share_threshold={self.share_threshold!r} must be a cosine in [-1, 1]")
+        C.boolean("share", self.share)
+        C.integer("share_start", self.share_start, min=0, optional=True)
+        object.__setattr__(self, "share_threshold", C.number("share_threshold (a cosine)", self.share_threshold,
+                                                             min=-1.0, max=1.0))
+        if self.version != 1 or not C._is_int(self.version):
+            raise ValueError(f"KVCacheConfig version {self.version!r} is not supported (this build reads 1)")
 
     @property
     def compressed(self) -> bool:

@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from .. import _checks as C
 from .cache import CompressedKVCache, KVLayer, layer_count, validate_quant_args
 from .stores import FullStore, QuantStore
 
@@ -243,12 +244,9 @@ class CrossLayerKVCache(CompressedKVCache):
         start = n // 2 if start_layer is None else start_layer
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n - 2:
             raise ValueError(f"start_layer={start_layer!r} must be an integer in [0, {n - 2}] for a {n}-layer model")
-        if not isinstance(threshold, (int, float)) or not -1.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold={threshold!r} must be a cosine in [-1, 1]")
-        if not 0.0 <= min_shared <= 1.0:
-            raise ValueError(f"min_shared={min_shared!r} must be in [0, 1]")
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"t={t!r} must be in [0, 1]")
+        threshold = C.number("threshold (a cosine)", threshold, min=-1.0, max=1.0)
+        min_shared = C.number("min_shared", min_shared, min=0.0, max=1.0)
+        t = C.number("t", t, min=0.0, max=1.0)
         if bits is not None:
             validate_quant_args(bits, group_size, residual_length)
             make = lambda: QuantStore(bits, group_size, residual_length)  # noqa: E731

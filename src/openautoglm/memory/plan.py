@@ -81,6 +81,15 @@ def _budget_bytes(budget) -> int:
     return b
 
 
+MAX_GLOBAL_BATCH = 2**20  # sequences per optimizer step; far above any published run, low enough to plan at once
+
+
+def divisors(n: int) -> list[int]:
+    """Divisors of ``n``, largest first, in O(sqrt(n)) steps (a range over ``n`` hangs for a typo'd 10**12)."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]), reverse=True)
+
+
 def plan_training(model_or_config_or_path, budget="40GiB", global_batch: int = 32, seq_len: int = 2048,
                   amp_modes: tuple[str, ...] = ("bf16", "none", "fp16"),
                   optimizers: tuple[str, ...] = ("adamw_fused", "adafactor", "sgd"),
@@ -103,8 +112,11 @@ def plan_training(model_or_config_or_path, budget="40GiB", global_batch: int = 3
     for name, v in (("global_batch", global_batch), ("seq_len", seq_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    if global_batch > MAX_GLOBAL_BATCH:
+        raise ValueError(f"global_batch={global_batch} sequences per optimizer step is more than this planner "
+                         f"handles ({MAX_GLOBAL_BATCH:,})")
     shape = model_or_config_or_path if isinstance(model_or_config_or_path, ModelShape) else model_shape(model_or_config_or_path)
-    micro_batches = [d for d in range(global_batch, 0, -1) if global_batch % d == 0]
+    micro_batches = divisors(global_batch)
     best: TrainingPlan | None = None
     smallest: tuple[int, MemoryEstimate] | None = None
     considered = 0

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .. import _checks as C
 from .heads import HeadPruneConfig, HeadPruner
 from .importance import calibration_ids
 from .lowrank import LowRankConfig, low_rank
@@ -38,7 +39,16 @@ class PruneRecipe:
     seed: int = 0
 
     def __post_init__(self):
-        # build each step's config once so bad values fail here, before any model is loaded
+        # the recipe's own names first (a CLI user wrote --prune-heads, not ratio=), then each step's config once,
+        # so bad values fail here, before any model is loaded
+        self.prune_heads = C.number("prune_heads", self.prune_heads, min=0.0, max=1.0, min_open=True, max_open=True,
+                                    optional=True)
+        self.sparsity = C.number("sparsity", self.sparsity, min=0.0, max=1.0, min_open=True, max_open=True,
+                                 optional=True)
+        self.low_rank = C.number("low_rank", self.low_rank, min=0.0, max=1.0, min_open=True, optional=True)
+        C.integer("n_samples", self.n_samples, min=1)
+        C.integer("seq_len", self.seq_len, min=2)
+        C.integer("seed", self.seed)
         self.head_config(), self.sparsity_config(), self.low_rank_config()
 
     @property

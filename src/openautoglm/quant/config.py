@@ -6,6 +6,8 @@ import fnmatch
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .. import _checks as C
+
 SCHEMES = ("w8a8", "w8a8-fp8", "w8", "w4", "static")
 OBSERVERS = ("minmax", "percentile")
 KERNELS = ("auto", "triton", "torch", "tinygemm")
@@ -63,40 +65,32 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         s = self.scheme
-        if s not in SCHEMES:
+        if not isinstance(s, str) or s not in SCHEMES:
             raise ValueError(f"unknown scheme {s!r}; accepted: {', '.join(SCHEMES)}")
         if self.group_size is None and s in _DEFAULT_GROUP:
             object.__setattr__(self, "group_size", _DEFAULT_GROUP[s])
         if self.group_size is not None:
             if s not in ("w8", "w4"):
-                raise ValueError(f"scheme {s!r} uses per-channel weight scales; group_size must be None, got {self.group_size}")
-            if isinstance(self.group_size, bool) or self.group_size not in (32, 64, 128):
-                raise ValueError(f"group_size={self.group_size!r} is not supported; accepted: 32, 64, 128 or None")
+                raise ValueError(f"scheme {s!r} uses per-channel weight scales; group_size must be None, got {self.group_size!r}")
+            C.choice("group_size", self.group_size, (32, 64, 128), optional=True)
+        C.boolean("symmetric", self.symmetric, optional=True)
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", s != "w4")
         if not self.symmetric and s != "w4":
             raise ValueError(f"scheme {s!r} is symmetric only; asymmetric weights are offered for w4")
         for name in ("include", "exclude"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                v = (v,)
-            if not all(isinstance(p, str) and p for p in v):
-                raise TypeError(f"{name} must be a list of non-empty wildcard strings, got {v!r}")
-            object.__setattr__(self, name, tuple(v))
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"unknown observer {self.observer!r}; accepted: {', '.join(OBSERVERS)}")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile={self.percentile!r} must lie in (50, 100]")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; accepted: {', '.join(KERNELS)}")
+            object.__setattr__(self, name, C.patterns(name, getattr(self, name)))
+        C.choice("observer", self.observer, OBSERVERS)
+        object.__setattr__(self, "percentile", C.number("percentile", self.percentile, min=50.0, max=100.0, min_open=True))
+        C.choice("kernel", self.kernel, KERNELS)
         if self.kernel == "tinygemm" and s != "w4":
             raise ValueError(f"kernel 'tinygemm' is for scheme w4 only, got scheme {s!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; accepted: {', '.join(LAYOUTS)}")
         if self.pack not in PACKS:
             raise ValueError(f"unknown pack {self.pack!r}; accepted: {', '.join(PACKS)}")
-        if self.version != CONFIG_VERSION:
-            raise ValueError(f"QuantConfig version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+        if self.version != CONFIG_VERSION or not C._is_int(self.version):
+            raise ValueError(f"QuantConfig version {self.version!r} is not supported (this build reads {CONFIG_VERSION})")
 
     @property
     def bits(self) -> int:
