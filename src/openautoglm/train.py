@@ -29,7 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _checks as C
 from . import _train_io as io
+from ._atomic import atomic_file
+from ._finite import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +69,25 @@ class TrainConfig:
     keep_fp32: bool = False          # under AMP, leave the model in fp32 after training (default: its own dtype)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         for name in ("steps", "micro_batch", "grad_accum", "seq_len", "eval_batches", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{name}={v!r} must be an integer >= 1")
+            C.integer(f"TrainConfig.{name}", getattr(self, name), min=1)
         for name in ("warmup_steps", "eval_every", "save_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"TrainConfig.{name}={v!r} must be an integer >= 0")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr={self.lr!r} must be a positive number")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            C.integer(f"TrainConfig.{name}", getattr(self, name), min=0)
+        C.integer("TrainConfig.seed", self.seed)
+        self.lr = C.number("TrainConfig.lr", self.lr, min=0.0, min_open=True)
+        self.min_lr_ratio = C.number("TrainConfig.min_lr_ratio", self.min_lr_ratio, min=0.0, max=1.0)
+        self.weight_decay = C.number("TrainConfig.weight_decay", self.weight_decay, min=0.0)
+        self.grad_clip = C.number("TrainConfig.grad_clip", self.grad_clip, min=0.0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise ValueError(f"TrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp={self.amp!r}; accepted: {', '.join(AMP_MODES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+        self.betas = tuple(C.number("TrainConfig.betas", b, min=0.0, max=1.0, max_open=True)  # type: ignore[assignment]
+                           for b in self.betas)
+        C.choice("TrainConfig.amp", self.amp, AMP_MODES)
+        C.choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("grad_checkpointing", "resume", "progress", "keep_fp32"):
+            C.boolean(f"TrainConfig.{name}", getattr(self, name))
+        if self.out_dir is not None:
+            self.out_dir = C.path("TrainConfig.out_dir", self.out_dir)
 
     @property
     def tokens_per_step(self) -> int:
@@ -259,6 +260,7 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
     start = 0
     if out is not None and cfg.resume and io.has_checkpoint(out):
         state = io.load_checkpoint(out, model, opt, scaler)
+        _check_resumable(state.get("config") or {}, cfg, out)
         start = result.resumed_from = int(state["step"])
         result.losses = list(state.get("losses", []))
         result.evals = list(state.get("evals", []))
@@ -277,9 +279,17 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
             scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach())
+        if not scaler.is_enabled() and not math.isfinite(total):  # (fp16's GradScaler skips such steps itself)
+            raise NonFiniteError(f"step {step + 1}: the training loss is {total / cfg.grad_accum:g}; stopped before the "
+                                 "optimizer step so the weights stay finite"
+                                 + (f" (the last checkpoint in {out} is intact)" if out is not None else "")
+                                 + " -- lower lr, use amp='bf16' or 'none', or check the data")
         if cfg.grad_clip > 0:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not scaler.is_enabled() and not torch.isfinite(norm):
+                raise NonFiniteError(f"step {step + 1}: the gradient norm is {float(norm):g}; stopped before the "
+                                     "optimizer step so the weights stay finite")
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -301,7 +311,7 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
-    if eval_ids is not None:
+    if eval_ids is not None and not (result.evals and result.evals[-1]["step"] == cfg.steps):
         result.evals.append({"step": cfg.steps, **evaluate_loss(model, eval_ids, cfg)})
     run_steps = cfg.steps - start
     result.steps = cfg.steps
@@ -314,11 +324,28 @@ def train(model: nn.Module, data, config: TrainConfig | None = None, *, eval_dat
         io.save_checkpoint(out, model, opt, scaler, {"step": cfg.steps, "losses": result.losses,
                                                       "evals": result.evals, "config": cfg.to_dict()})
         result.checkpoint = str(out / io.CKPT)
-        (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2))
+        with atomic_file(out / "train_result.json") as fh:
+            fh.write(json.dumps(result.to_dict(), indent=2))
     model.eval()
     if orig_dtype is not None and orig_dtype != torch.float32 and cfg.amp != "none" and not cfg.keep_fp32:
         model.to(orig_dtype)  # the fp32 master weights were for training; hand the model back in its dtype
     return result
+
+
+# Fields whose change alters the trajectory of a resumed run: refused. ``steps`` moves the cosine schedule (warned).
+_TRAJECTORY = ("micro_batch", "grad_accum", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas",
+               "grad_clip", "optimizer", "amp", "seed")
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, out: Path) -> None:
+    now = cfg.to_dict()
+    diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in _TRAJECTORY if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ValueError(f"the checkpoint in {out} was trained with other settings ({'; '.join(diff)}); resuming would "
+                         "not continue that run -- use the same settings, another out_dir, or resume=False (CLI: --overwrite)")
+    if saved.get("steps") not in (None, cfg.steps):
+        log.warning("resuming with steps=%d (the checkpoint's run had %s): the learning-rate schedule changes",
+                    cfg.steps, saved.get("steps"))
 
 
 def _progress(cfg: TrainConfig, start: int):

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import _checks as C
+from .._finite import check_weights
 from .. import _hf
 from ..hub import record_transform
 from .importance import (METHODS, SCOPES, calibration_ids, check_method, head_mask_grads, head_scores,
@@ -58,17 +60,16 @@ class HeadPruneConfig:
             self.ratio = 0.25
         if sum(v is not None for v in (self.ratio, self.num_heads, self.threshold)) != 1:
             raise ValueError("give exactly one of ratio, num_heads or threshold")
-        if self.ratio is not None and not 0.0 < float(self.ratio) < 1.0:
-            raise ValueError(f"ratio={self.ratio} must be in (0, 1) (the fraction of heads removed)")
-        if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
-            raise ValueError(f"num_heads={self.num_heads!r} must be a positive integer (heads to remove)")
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}; accepted: {', '.join(SCOPES)}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; accepted: {', '.join(GRANULARITIES)}")
-        if self.n_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError(f"n_samples={self.n_samples} and batch_size={self.batch_size} must be >= 1, "
-                             f"seq_len={self.seq_len} >= 2")
+        self.ratio = C.number("ratio", self.ratio, min=0.0, max=1.0, min_open=True, max_open=True, optional=True)
+        C.integer("num_heads", self.num_heads, min=1, optional=True)
+        self.threshold = C.number("threshold", self.threshold, optional=True)
+        C.choice("scope", self.scope, SCOPES)
+        C.choice("granularity", self.granularity, GRANULARITIES)
+        C.boolean("normalize", self.normalize)
+        C.integer("n_samples", self.n_samples, min=1)
+        C.integer("seq_len", self.seq_len, min=2)
+        C.integer("batch_size", self.batch_size, min=1)
+        C.integer("seed", self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,6 +208,9 @@ class HeadPruner:
               progress: bool = True) -> HeadPruneResult:
         """Remove heads in place and record the new layout in ``model.config``; returns what was saved."""
         c = self.config
+        names = {id(m): n for n, m in model.named_modules()}
+        check_weights([(f"{names[id(a)]}.{cn}", ch) for _, a in _hf.attention_modules(model)
+                       for cn, ch in a.named_children()], "head pruning")
         before, wb0, kv0 = _layout_stats(model)
         p0 = sum(p.numel() for p in model.parameters())
         total = sum(n for n, _ in before)

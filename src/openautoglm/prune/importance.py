@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _hf
+from .._finite import InputWatch, check_loss
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +95,26 @@ def input_sq_norms(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.T
     """Sum over calibration tokens of each input feature squared, ``name -> (in_features,)`` float32."""
     device = next(model.parameters()).device
     acc = {n: torch.zeros(_hf.in_features(m), dtype=torch.float32, device=device) for n, m in modules.items()}
+    watch, batch = InputWatch("calibration (input norms)"), None
 
     def hook(name):
         def fn(mod, args):
             x = args[0].detach().float()
+            watch.see(name, x)
             acc[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
         for x in _batches(ids, batch_size, "calibration", progress):
-            model(input_ids=x.to(device), use_cache=False)
+            batch = x.to(device)
+            model(input_ids=batch, use_cache=False)
+            if watch.bad:
+                break
     finally:
         for h in handles:
             h.remove()
+    watch.raise_if_bad(model, batch)
     return acc
 
 
@@ -138,10 +145,14 @@ def head_mask_grads(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1,
         p.requires_grad_(False)
     abs_sum = [torch.zeros_like(m) for m in masks]
     sq_sum = [torch.zeros_like(m) for m in masks]
-    n = 0
+    n, bad, loss = 0, None, None
     try:
         for x in _batches(ids, batch_size, "head gradients", progress):
-            grads = torch.autograd.grad(_lm_loss(model, x.to(device)), masks)
+            loss = _lm_loss(model, x.to(device))
+            if not torch.isfinite(loss.detach()):
+                bad = x.to(device)
+                break
+            grads = torch.autograd.grad(loss, masks)
             for a, s, g in zip(abs_sum, sq_sum, grads):
                 a += g.abs()
                 s += g.pow(2)
@@ -151,6 +162,8 @@ def head_mask_grads(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1,
             h.remove()
         for p, r in req.items():
             p.requires_grad_(r)
+    if bad is not None:
+        check_loss(loss, "head importance (head-mask gradients)", model, bad)
     return [a / n for a in abs_sum], [s / n for s in sq_sum]
 
 
@@ -166,10 +179,14 @@ def weight_grads(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.Ten
         p.requires_grad_(True)
     g_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     sq_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    n_b = 0
+    n_b, bad, loss = 0, None, None
     try:
         for x in _batches(ids, batch_size, "weight gradients", progress):
-            grads = torch.autograd.grad(_lm_loss(model, x.to(device)), list(params.values()))
+            loss = _lm_loss(model, x.to(device))
+            if not torch.isfinite(loss.detach()):
+                bad = x.to(device)
+                break
+            grads = torch.autograd.grad(loss, list(params.values()))
             for name, g in zip(params, grads):
                 g_sum[name] += g.float()
                 sq_sum[name] += g.float().pow(2)
@@ -177,6 +194,8 @@ def weight_grads(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.Ten
     finally:
         for p, r in req.items():
             p.requires_grad_(r)
+    if bad is not None:
+        check_loss(loss, "weight importance (gradients)", model, bad)
     return {k: v / n_b for k, v in g_sum.items()}, {k: v / n_b for k, v in sq_sum.items()}
 
 

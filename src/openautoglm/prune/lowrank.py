@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import _checks as C
+from .._finite import InputWatch, check_weights
 from ..hub import record_transform
 from .importance import calibration_ids
 from .sparsity import DEFAULT_TARGETS, target_linears
@@ -138,19 +140,20 @@ class LowRankConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in LOWRANK_METHODS:
-            raise ValueError(f"unknown low-rank method {self.method!r}; accepted: {', '.join(LOWRANK_METHODS)}")
+        C.choice("method", self.method, LOWRANK_METHODS)
         if self.energy is None and self.param_ratio is None:
             self.energy = 0.9
         if (self.energy is None) == (self.param_ratio is None):
             raise ValueError("give exactly one of energy or param_ratio")
-        if self.energy is not None and not 0.0 < float(self.energy) <= 1.0:
-            raise ValueError(f"energy={self.energy} must be in (0, 1]")
-        if self.param_ratio is not None and not 0.0 < float(self.param_ratio) < 1.0:
-            raise ValueError(f"param_ratio={self.param_ratio} must be in (0, 1)")
-        if self.rank_multiple < 1 or self.damp < 0:
-            raise ValueError(f"rank_multiple={self.rank_multiple} must be >= 1 and damp={self.damp} >= 0")
-        self.targets, self.exclude = list(self.targets), list(self.exclude)
+        self.energy = C.number("energy", self.energy, min=0.0, max=1.0, min_open=True, optional=True)
+        self.param_ratio = C.number("param_ratio", self.param_ratio, min=0.0, max=1.0, min_open=True, max_open=True,
+                                    optional=True)
+        self.damp = C.number("damp", self.damp, min=0.0)
+        C.integer("rank_multiple", self.rank_multiple, min=1)
+        self.targets, self.exclude = list(C.patterns("targets", self.targets)), list(C.patterns("exclude", self.exclude))
+        C.integer("n_samples", self.n_samples, min=1)
+        C.integer("seq_len", self.seq_len, min=2)
+        C.integer("seed", self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,8 +179,11 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Linear], ids: torc
 
     device = next(model.parameters()).device
     acc = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in modules.items()}
+    watch, batch = InputWatch("low-rank calibration (input covariance)"), None
+
     def hook(name):
         def fn(mod, args):
+            watch.see(name, args[0])
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             acc[name].addmm_(x.T, x)
         return fn
@@ -185,10 +191,14 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Linear], ids: torc
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
         for i in tqdm(range(0, ids.shape[0], batch_size), desc="covariance", unit="batch", disable=not progress):
-            model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
+            batch = ids[i : i + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+            if watch.bad:
+                break
     finally:
         for h in handles:
             h.remove()
+    watch.raise_if_bad(model, batch)
     return acc
 
 
@@ -201,6 +211,7 @@ def low_rank(model: nn.Module, config: LowRankConfig | None = None, tokenizer=No
         raise TypeError("pass a LowRankConfig or keyword arguments, not both")
     c = config if config is not None else LowRankConfig(**kwargs)
     mods = target_linears(model, c.targets, c.exclude)
+    check_weights(mods, "low-rank")
     p0 = sum(p.numel() for p in model.parameters())
     covs = {}
     if c.method == "activation":

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import _checks as C
+from .._finite import check_weights
 from .. import _hf
 from ..hub import record_transform
 from .importance import METHODS, calibration_ids, check_method, input_sq_norms, weight_grads, weight_scores
@@ -32,7 +34,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4) (keep N of every M consecutive input weights)."""
     if pattern == "unstructured":
         return None
-    m = re.fullmatch(r"(\d+):(\d+)", str(pattern))
+    m = isinstance(pattern, str) and re.fullmatch(r"(\d+):(\d+)", str(pattern))
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
         raise ValueError(f"unknown sparsity pattern {pattern!r}; accepted: unstructured, 2:4 (or N:M with N < M)")
     return int(m.group(1)), int(m.group(2))
@@ -103,15 +105,16 @@ class SparsityConfig:
         nm = parse_pattern(self.pattern)
         if nm:
             self.sparsity = 1 - nm[0] / nm[1]
-        if not 0.0 < float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity={self.sparsity} must be in (0, 1)")
+        self.sparsity = C.number("sparsity", self.sparsity, min=0.0, max=1.0, min_open=True, max_open=True)
         if self.scope is None:
             self.scope = "per_output" if self.method == "wanda" else "per_layer"
-        if self.scope not in SPARSITY_SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}; accepted: {', '.join(SPARSITY_SCOPES)}")
+        C.choice("scope", self.scope, SPARSITY_SCOPES)
         if nm and self.scope == "global":
             raise ValueError("N:M patterns are local by construction; use scope per_output or per_layer")
-        self.targets, self.exclude = list(self.targets), list(self.exclude)
+        self.targets, self.exclude = list(C.patterns("targets", self.targets)), list(C.patterns("exclude", self.exclude))
+        C.integer("n_samples", self.n_samples, min=1)
+        C.integer("seq_len", self.seq_len, min=2)
+        C.integer("seed", self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +158,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None, tokenizer=N
     c = config if config is not None else SparsityConfig(**kwargs)
     nm = parse_pattern(c.pattern)
     mods = target_linears(model, c.targets, c.exclude)
+    check_weights(mods, "sparsity")
     bad = [n for n, m in mods.items() if nm and m.in_features % nm[1]]
     if bad:
         raise ValueError(f"{c.pattern} sparsity needs input dims divisible by {nm[1]}; {bad[0]} has "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import _hf, hub
+from .._finite import check_weights
 from ..memory.estimate import model_bytes
 from .config import QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
@@ -124,9 +125,7 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
     result = QuantResult(config, chosen, skipped, bytes_before=model_bytes(model))
     cls = LINEAR_CLASSES[config.scheme]
     # Check every weight first so a NaN never leaves the model half-quantized.
-    for name in chosen:
-        if not torch.isfinite(model.get_submodule(name).weight).all():
-            raise ValueError(f"cannot quantize {name}: its weight holds NaN or Inf values")
+    check_weights({name: model.get_submodule(name) for name in chosen}, "cannot quantize")
     for i, name in enumerate(chosen):
         new = cls.from_linear(_hf.as_linear(model.get_submodule(name)), config)  # Conv1D: as its Linear
         if act_scales is not None:

@@ -14,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from .._finite import NonFiniteError, check_weights
 from .config import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,16 @@ _MAX_SAMPLE = 1 << 20  # elements per batch fed to the percentile observer
 class Observer:
     """Running range of ``|x|`` of one layer's input: the max (``minmax``) or the mean per-batch percentile."""
 
-    def __init__(self, kind: str, percentile: float) -> None:
-        self.kind, self.percentile = kind, percentile
+    def __init__(self, kind: str, percentile: float, name: str = "") -> None:
+        self.kind, self.percentile, self.name = kind, percentile, name
         self.value, self.batches = 0.0, 0
 
     def update(self, x: torch.Tensor) -> None:
         a = x.detach().abs().float().flatten()
+        if not torch.isfinite(a).all():  # a NaN would vanish in max() and an Inf make the scale infinite
+            raise NonFiniteError(f"static calibration: the input of {self.name or 'a layer'} holds "
+                                 f"{int((~torch.isfinite(a)).sum())} NaN/Inf values of {a.numel()}; the model is not "
+                                 "modified -- check the calibration text and the model's weights")
         if self.kind == "minmax":
             self.value = max(self.value, float(a.max()))
         else:
@@ -65,9 +70,10 @@ class StaticQuantizer:
         from .api import select_linears
 
         names, _ = select_linears(model, self.config)
+        check_weights({n: model.get_submodule(n) for n in names}, "static calibration")
         handles = []
         for name in names:
-            obs = self.observers.setdefault(name, Observer(self.config.observer, self.config.percentile))
+            obs = self.observers.setdefault(name, Observer(self.config.observer, self.config.percentile, name))
             handles.append(model.get_submodule(name).register_forward_pre_hook(
                 lambda _m, args, obs=obs: obs.update(args[0])))
         try:
