@@ -35,8 +35,8 @@ def test_prune_command_all_steps_round_trip(tiny_llama_dir, tmp_path, capsys, in
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--prune-heads", "1.5"], "ratio"), (["--sparsity", "0.5", "--sparsity-method", "random"], "sparsity-method"),
-    (["--sparsity-pattern", "3:4"], "sparsity-pattern"), (["--low-rank", "0"], "energy"), ([], "nothing to do"),
+    (["--prune-heads", "1.5"], "prune_heads=1.5"), (["--sparsity", "0.5", "--sparsity-method", "random"], "sparsity-method"),
+    (["--sparsity-pattern", "3:4"], "sparsity-pattern"), (["--low-rank", "0"], "low_rank=0"), ([], "nothing to do"),
 ])
 def test_bad_options_exit_2(args, needle, tiny_llama_dir, tmp_path, capsys):
     code, out, err = run(["prune", str(tiny_llama_dir), "--out", str(tmp_path / "x"), *args], capsys)

@@ -14,7 +14,7 @@ import typer
 from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from . import app, console
-from ._common import fmt_bytes, pick_device, table
+from ._common import check_dtype, check_finite, check_json_out, fmt_bytes, pick_device, read_text_file, table
 
 
 # Options shared by eval and generate (declared once).
@@ -126,7 +126,7 @@ def _heads_summary(model) -> str:
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Shipped model name or local model folder."),
-    max_tokens: int = typer.Option(32768, "--max-tokens", min=2, help="Bound the held-out tokens read (0: all)."),
+    max_tokens: int = typer.Option(32768, "--max-tokens", min=0, help="Bound the held-out tokens read (0: all)."),
     seq_len: int = typer.Option(512, "--seq-len", min=2, help="Window length in tokens."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     text_file: Path = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of the held-out text."),
@@ -148,11 +148,13 @@ def eval_(
     compressed cache (chunked prefill + decode), so attention really reads the compressed cache."""
     from ..evaluate import perplexity
 
+    if max_tokens == 1:
+        raise ValueError("--max-tokens 1 scores nothing (perplexity needs 2 tokens); give >= 2, or 0 for all")
+    check_dtype(dtype)
+    check_json_out(json_out)
     text = None
     if text_file is not None:
-        if not text_file.is_file():
-            raise ValueError(f"--text {text_file}: no such file")
-        text = text_file.read_text("utf-8")
+        text = read_text_file(text_file, "--text")
     kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
     with _loaded(model, dtype, device, tp) as (m, _, lead):
         tok = hub.load_tokenizer(model)
@@ -200,6 +202,11 @@ def generate(
     """Continue PROMPT with the model (greedy by default); --kv-bits / --kv-share compress its KV cache."""
     if not prompt:
         raise ValueError("PROMPT is empty; give some text to continue")
+    check_dtype(dtype)
+    check_finite(temperature, "--temperature", 1e-4)
+    check_finite(top_p, "--top-p", 0.0, 1.0)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"--seed {seed} does not fit in 64 bits")
     kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
     with _loaded(model, dtype, device, tp) as (m, dev, lead), torch.no_grad():
         tok = hub.load_tokenizer(model)

@@ -29,7 +29,7 @@ from rich.progress import (
 from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from . import app, console
-from ._common import fmt_bytes, pick_device, table
+from ._common import check_dtype, fmt_bytes, pick_device, read_text_file, table
 from .prune import HELP as PRUNE_HELP
 from .prune import pruning_step
 
@@ -71,7 +71,7 @@ def quantize_step(bits: int, scheme: str | None, group_size: int | None, include
 
     def run(model, progress) -> dict:
         if scheme == "static":
-            text = calib_text.read_text("utf-8") if calib_text else None
+            text = read_text_file(calib_text, "--calib-text") if calib_text else None
             StaticQuantizer(observer=observer, include=include, exclude=exclude).quantize(
                 model, tokenizer=tokenizer, text=text, progress=progress)
         else:
@@ -107,6 +107,7 @@ def compress(
     sparsity_pattern: str = typer.Option("unstructured", "--sparsity-pattern", help=PRUNE_HELP["sparsity_pattern"]),
     low_rank: float = typer.Option(None, "--low-rank", help=PRUNE_HELP["low_rank"]),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="pruning: " + PRUNE_HELP["calib_samples"]),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already holds a model."),
 ) -> None:
     """Compress MODEL (prune, then quantize: each only when its options are given) and save a checkpoint that
     reloads without the recipe. Quantization runs only with --bits or --scheme.
@@ -124,10 +125,19 @@ def compress(
                          "--sparsity, --sparsity-pattern 2:4 or --low-rank to prune")
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
+    if bits is not None:  # every quantization option is checked now, not after loading the model
+        from ..quant.config import QuantConfig
+
+        QuantConfig(scheme=scheme or ("w4" if bits == 4 else "w8a8"), group_size=group_size,
+                    include=tuple(include or ["*"]), exclude=tuple(exclude or ["lm_head"]),
+                    observer="minmax" if observer is None else observer)
+    check_dtype(dtype)
+    hub.check_output_dir(out, overwrite=overwrite, what="--out")
     dev = pick_device(device)
     if pruning is None:
         return _compress_streaming(model, out, bits, scheme, group_size, list(include or ["*"]),
-                                   list(exclude or ["lm_head"]), observer or "minmax", calib_text, dev, dtype)
+                                   list(exclude or ["lm_head"]), "minmax" if observer is None else observer,
+                                   calib_text, dev, dtype, overwrite)
     console.print("[yellow]pruning needs the whole model in memory[/] (its importance scores and calibration run the "
                   "full model): loading it, then pruning" + (" and quantizing" if bits else "") + " in memory",
                   highlight=False)
@@ -143,7 +153,8 @@ def compress(
     steps.append(("pruning", lambda model, progress: pruning(model, tok)))  # heads -> low-rank -> sparsity
     if bits is not None:
         steps.append(("quantizing", quantize_step(bits, scheme, group_size, list(include or ["*"]),
-                                                   list(exclude or ["lm_head"]), observer or "minmax", calib_text, tok)))
+                                                   list(exclude or ["lm_head"]),
+                                                   "minmax" if observer is None else observer, calib_text, tok)))
 
     results: dict[str, dict] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -157,7 +168,7 @@ def compress(
             results[title] = fn(m, progress) or {}
             bar.update(task, description=f"{title} done")
     after = model_bytes(m)
-    path = m.save_pretrained(out, tokenizer=tok)
+    path = hub.save_pretrained(m, out, tokenizer=tok, overwrite=overwrite)
     q = results.get("quantizing")
     n_linear_after = sum(1 for _ in m.modules() if _hf.is_linear_like(_))
     _report(model, Path(path), q["scheme"] if q else "not quantized", time.perf_counter() - t0, before, after,
@@ -169,7 +180,7 @@ def compress(
 
 def _compress_streaming(model: str, out: Path, bits: int, scheme: str | None, group_size: int | None,
                         include: list[str], exclude: list[str], observer: str, calib_text: Path | None, dev: str,
-                        dtype: str) -> None:
+                        dtype: str, overwrite: bool = False) -> None:
     """Checkpoint -> quantized checkpoint, one layer in memory (``quantize_pretrained``), a bar per shard."""
     from torch import nn
 
@@ -194,9 +205,9 @@ def _compress_streaming(model: str, out: Path, bits: int, scheme: str | None, gr
                 tasks[shard] = bar.add_task(shard, total=total)
             bar.update(tasks[shard], completed=done)
 
-        text = calib_text.read_text("utf-8") if calib_text is not None else None
-        r = quantize_pretrained(path, out, config, device=dev,
-                                dtype=None if dtype == "auto" else dtype, calib_text=text, progress=progress)
+        text = read_text_file(calib_text, "--calib-text") if calib_text is not None else None
+        r = quantize_pretrained(path, out, config, device=dev, dtype=None if dtype == "auto" else dtype,
+                                calib_text=text, progress=progress, overwrite=overwrite)
     _report(model, r.path, r.config.scheme, r.seconds, r.bytes_before, r.bytes_after, n_linear,
             n_linear - len(r.quantized), len(r.quantized), r.skipped)
     if tok_note:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from . import app, console
-from ._common import fmt_bytes, parse_bytes, pick_device, table
+from ._common import check_json_out, fmt_bytes, parse_bytes, pick_device, read_text_file, table
 
 
 def _accelerate_weights(model: str, dtype_b: int) -> int | None:
@@ -48,6 +48,7 @@ def estimate(
     """Analytic peak memory of inference or of one training step, from the config alone (no weights read)."""
     from ..memory.estimate import dtype_bytes, estimate_memory
 
+    check_json_out(json_out)
     est = estimate_memory(model, mode=mode, batch=batch, seq_len=seq, dtype=dtype, kv_dtype=kv_dtype, quantization=quant,
                           optimizer=optimizer, amp=amp, grad_checkpointing=ckpt, grad_accum=grad_accum, tp_degree=tp,
                           kv_shared_layers=kv_shared, device=device, logits=logits)
@@ -78,6 +79,7 @@ def plan_train(
     """Choose micro-batch, accumulation, checkpointing, AMP and optimizer that fit BUDGET with the most throughput."""
     from ..memory.plan import plan_training
 
+    check_json_out(json_out)
     plan = plan_training(model, budget=parse_bytes(budget), global_batch=global_batch, seq_len=seq)
     console.print(table("training plan", ["setting", "value"], [
         ["micro-batch", plan.micro_batch], ["gradient accumulation", plan.grad_accum],
@@ -110,19 +112,35 @@ def train(
     save_every: int = typer.Option(0, "--save-every", min=0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: replace the checkpoint and model "
+                                   "already in --out instead of resuming from them."),
 ) -> None:
-    """Fine-tune MODEL on a text file with the openautoglm loop (AMP, accumulation, checkpointing, resumable)."""
-    from .. import hub
+    """Fine-tune MODEL on a text file with the openautoglm loop (AMP, accumulation, checkpointing, resumable).
+
+    --out holds checkpoint/ (a run started again with the same --out resumes from it), model/ (the final
+    model) and train_result.json."""
+    from .. import _train_io, hub
+    from ..errors import OutputExistsError
     from ..memory.plan import plan_training
     from ..train import TrainConfig
     from ..train import train as run_train
 
-    if not text.is_file():
-        raise ValueError(f"--text {text}: no such file")
-    if eval_text is not None and not eval_text.is_file():
-        raise ValueError(f"--eval-text {eval_text}: no such file")
+    dev = pick_device(device)
+    train_text = read_text_file(text, "--text")
+    eval_data = read_text_file(eval_text, "--eval-text") if eval_text is not None else None
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder for the run")
+    resuming = not overwrite and _train_io.has_checkpoint(out)
+    if (out / "model").exists() and not resuming and not overwrite:
+        raise OutputExistsError(17, "--out already holds model/ of another run (no checkpoint to resume); pass "
+                                "--overwrite to replace it", str(out / "model"))
+    hub.check_output_dir(out / "model", overwrite=True, what="--out model/")
+    from ..memory.plan import MAX_GLOBAL_BATCH
+
+    if global_batch > MAX_GLOBAL_BATCH:
+        raise ValueError(f"--global-batch {global_batch} is more than {MAX_GLOBAL_BATCH:,} sequences per step")
     common = dict(steps=steps, lr=lr, warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
-                  out_dir=str(out), progress=progress)
+                  out_dir=str(out), progress=progress, resume=not overwrite)
     if budget:
         plan = plan_training(model, budget=parse_bytes(budget), global_batch=global_batch, seq_len=seq)
         for line in plan.explanation:
@@ -134,14 +152,12 @@ def train(
             raise ValueError(f"--global-batch {global_batch} is not a multiple of --micro-batch {mb}")
         cfg = TrainConfig(micro_batch=mb, grad_accum=global_batch // mb, seq_len=seq, amp=amp, grad_checkpointing=ckpt,
                           **common)
-    dev = pick_device(device)
     if dev == "cpu" and cfg.amp == "fp16":
         raise ValueError("amp fp16 needs a GPU; use --amp bf16 or none on the CPU")
     m = hub.from_pretrained(model, device=dev)
     tok = hub.load_tokenizer(model)
-    res = run_train(m, text.read_text("utf-8"), cfg, tokenizer=tok,
-                    eval_data=eval_text.read_text("utf-8") if eval_text else None)
-    final = hub.save_pretrained(m, out / "model", tokenizer=tok)
+    res = run_train(m, train_text, cfg, tokenizer=tok, eval_data=eval_data)
+    final = hub.save_pretrained(m, out / "model", tokenizer=tok, overwrite=True)  # this run's own model/
     rows = [["steps", res.steps], ["resumed from step", res.resumed_from], ["final loss", f"{res.final_loss:.4f}"],
             ["tokens/s", f"{res.tokens_per_s:,.0f}"], ["model", str(final)]]
     if res.evals:

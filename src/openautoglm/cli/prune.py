@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from . import app, console
-from ._common import fmt_bytes, table
+from ._common import check_dtype, fmt_bytes, read_text_file, table
 
 HELP = {
     "prune_heads": "Remove this fraction of attention query heads (0-1, Taylor importance, global ranking).",
@@ -41,7 +41,7 @@ def pruning_steps(model, tokenizer, *, prune_heads: float | None = None, sparsit
     if calib_text is not None:
         if not Path(calib_text).is_file():
             raise ValueError(f"--calib-text {calib_text}: no such file")
-        text = Path(calib_text).read_text("utf-8")
+        text = read_text_file(calib_text, "--calib-text")
     p0 = sum(p.numel() for p in model.parameters())
     res = apply_pruning(model, recipe, tokenizer, text=text)
     rows = []
@@ -100,10 +100,19 @@ def prune(
     calib_text: Path = typer.Option(None, "--calib-text", help=HELP["calib_text"]),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help=HELP["calib_samples"]),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already holds a model."),
 ) -> None:
     """Prune a model (heads, sparsity, low-rank) on the CPU and save it; it reloads with its new shapes."""
     from .. import hub
 
+    check_dtype(dtype)
+    hub.check_output_dir(out, overwrite=overwrite, what="--out")
+    if pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
+                    sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
+                    calib_samples=calib_samples) is None:
+        raise ValueError("nothing to do: give --prune-heads, --sparsity, --sparsity-pattern 2:4 or --low-rank")
+    if calib_text is not None and not Path(calib_text).is_file():
+        raise ValueError(f"--calib-text {calib_text}: no such file")
     tok = hub.load_tokenizer(model)
     m = hub.from_pretrained(model, dtype=None if dtype == "auto" else dtype)
     res = pruning_steps(m, tok, prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
@@ -111,5 +120,5 @@ def prune(
                         calib_samples=calib_samples)
     if not res:
         raise ValueError("nothing to do: give --prune-heads, --sparsity, --sparsity-pattern 2:4 or --low-rank")
-    m.save_pretrained(out, tokenizer=tok)
+    hub.save_pretrained(m, out, tokenizer=tok, overwrite=overwrite)
     console.print(f"saved {out}")
