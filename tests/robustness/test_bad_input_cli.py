@@ -11,6 +11,7 @@ model is a failure: options must be checked before minutes are spent loading a l
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -141,11 +142,16 @@ CHEAP = {"info": [], "estimate": [], "plan-train": []}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """Inputs the fuzzed options may name; the working folder is a scratch folder meanwhile, so relative paths
+    drawn by the fuzzer (``--json nan``) land there and not in the checkout."""
     d = tmp_path_factory.mktemp("cli-fuzz")
+    old_cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
     (d / "text.txt").write_text("def f(x):\n    return x + 1\n" * 50)
     (d / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (d / "folder").mkdir()
-    return {"text": d / "text.txt", "binary": d / "binary.txt", "folder": d / "folder", "out": d / "out"}
+    yield {"text": d / "text.txt", "binary": d / "binary.txt", "folder": d / "folder", "out": d / "out"}
+    os.chdir(old_cwd)
 
 
 def _message_names(err: str, opt: str, value: str) -> bool:

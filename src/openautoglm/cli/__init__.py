@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         if _state["debug"]:
             raise
-        err_console.print(f"{_rank_tag()}[bold red]error:[/] {type(e).__name__}: {_one_line(e)}", highlight=False,
+        from ..hub.load import is_oom
+
+        what = "not enough memory" if is_oom(e) and "not enough memory" not in str(e) else type(e).__name__
+        err_console.print(f"{_rank_tag()}[bold red]error:[/] {what}: {_one_line(e)}", highlight=False,
                           soft_wrap=True)
         code = 1
     if argv is None:

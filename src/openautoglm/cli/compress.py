@@ -188,6 +188,8 @@ def _compress_streaming(model: str, out: Path, bits: int, scheme: str | None, gr
 
     path = hub.resolve_model_path(model)
     tok_note = "" if hub.has_tokenizer(path) else " (no tokenizer files in the source: none copied)"
+    if not tok_note:
+        hub.load_tokenizer(path)  # its files are copied as they are: a broken or code-carrying one fails now
     if scheme is None:  # as DynamicQuantizer: w4, or the faster of int8 / fp8 w8a8 on this device
         from ..quant.onload import resolve_config
 

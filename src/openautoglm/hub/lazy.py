@@ -177,7 +177,10 @@ def stream_into(model: nn.Module, reader: CheckpointReader, device: torch.device
                 _unit_done(model, current, hook, sink, device)
             current = unit
             if claimed:
-                hook.take(model, name, tensor)
+                try:
+                    hook.take(model, name, tensor)
+                except CheckpointError as e:  # the hook sees module-relative names: say which tensor of which file
+                    raise CheckpointError(f"{reader.source(name)}: {name}: {e}") from None
             else:
                 assign(model, name, tensor, device, reader.source(name), own=sink is not None)
             del tensor

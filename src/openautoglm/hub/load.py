@@ -73,6 +73,8 @@ def build_empty(path: Path, config, torch_dtype: torch.dtype, trust_remote_code:
         try:
             model = _HFAuto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, AssertionError, RuntimeError) as e:
+            if is_oom(e):
+                raise
             raise CheckpointError(f"cannot build a {config.model_type} model from config.json in {path}: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         for t in transforms:
@@ -150,13 +152,14 @@ def from_pretrained(
         device = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r} is not a device; accepted: cpu, cuda, cuda:N, mps") from None
-    model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    allow_pickle=allow_pickle, progress=progress)
-    with oom_guard(path, reader.total_bytes):
+    with oom_guard(path, sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())):
+        model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                        allow_pickle=allow_pickle, progress=progress)
         return _fill(model, reader, path, device, quantization, bits)
 
 
-_OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "out of memory", "os error 12", "std::bad_alloc")
+_OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "out of memory", "os error 12", "std::bad_alloc",
+             "can't start new thread")  # (a thread stack is address space too)
 
 
 def is_oom(e: BaseException) -> bool:

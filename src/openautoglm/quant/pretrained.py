@@ -74,11 +74,9 @@ def quantize_pretrained(
     QuantResult : what was quantized and skipped, bytes before/after; ``.path`` is the output folder and
     ``.seconds`` the wall time.
     """
-    from ..hub.lazy import check_coverage, stream_into
-    from ..hub.load import open_checkpoint, place_buffers
+    from ..hub.load import oom_guard
     from ..hub.names import resolve_model_path
-    from ..hub.save import check_output_dir, copy_tokenizer, write_config
-    from ..hub.writer import StreamingWriter
+    from ..hub.save import check_output_dir
 
     t0 = time.perf_counter()
     shard_bytes = _size(max_shard_size)
@@ -86,6 +84,18 @@ def quantize_pretrained(
     path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir,
                               trust_remote_code=trust_remote_code)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    with oom_guard(path, sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())):
+        return _run(path, out, quantization, bits, device, dtype, tokenizer, calib_text, shard_bytes,
+                    trust_remote_code, progress, t0)
+
+
+def _run(path, out, quantization, bits, device, dtype, tokenizer, calib_text, shard_bytes, trust_remote_code,
+         progress, t0):
+    from ..hub.lazy import check_coverage, stream_into
+    from ..hub.load import open_checkpoint, place_buffers
+    from ..hub.save import copy_tokenizer, write_config
+    from ..hub.writer import StreamingWriter
+
     model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress or False)
     hook = QuantizeOnLoad.for_model(model, quantization, bits, device=device, source=path, tokenizer=tokenizer,
                                     calib_text=calib_text)
