@@ -15,8 +15,8 @@ set -x
 openautoglm info open-autoglm-base
 openautoglm eval open-autoglm-base --max-tokens 8192
 openautoglm generate open-autoglm-base "$PROMPT" --max-new-tokens 48
-openautoglm compress open-autoglm-base --bits 8 --out "$OUT/base-w8a8"
-openautoglm compress open-autoglm-base --bits 4 --out "$OUT/base-w4"
+openautoglm compress open-autoglm-base --bits 8 --out "$OUT/base-w8a8" --overwrite
+openautoglm compress open-autoglm-base --bits 4 --out "$OUT/base-w4" --overwrite
 openautoglm info "$OUT/base-w4"
 openautoglm eval "$OUT/base-w8a8" --max-tokens 8192
 openautoglm eval "$OUT/base-w4" --max-tokens 8192

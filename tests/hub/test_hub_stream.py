@@ -91,7 +91,7 @@ def test_interrupted_run_keeps_previous_output(tiny_llama_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(StreamingWriter, "write_unit", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        quantize_pretrained(tiny_llama_dir, out, bits=4)
+        quantize_pretrained(tiny_llama_dir, out, bits=4, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
 
