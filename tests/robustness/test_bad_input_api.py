@@ -74,13 +74,14 @@ def assert_works(model, ids=IDS) -> None:
 
 # ----------------------------------------------------------------------------- quantization
 
-from openautoglm.quant.config import KERNELS, OBSERVERS, SCHEMES  # noqa: E402
+from openautoglm.quant.config import KERNELS, LAYOUTS, OBSERVERS, PACKS, SCHEMES  # noqa: E402
 
 QUANT = {
     "scheme": field(*SCHEMES), "group_size": field(None, 32, 64, 128), "symmetric": field(None, True, False),
     "include": field(("*",), ["*mlp*"], "*.self_attn.*", ("model.layers.0.*",)),
     "exclude": field(("lm_head",), [], ["*down_proj"]), "observer": field(*OBSERVERS),
-    "percentile": field(99.9, 100, 90.0), "kernel": field(*KERNELS), "version": field(1),
+    "percentile": field(99.9, 100, 90.0), "kernel": field(*KERNELS),
+    "layout": field(*LAYOUTS), "pack": field(*PACKS), "version": field(1),
 }
 
 
