@@ -30,7 +30,11 @@ from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
 from openautoglm.quant.math import pack_int4, to_fp8, unpack_int4_k32  # noqa: E402
 
 # M = 1: FMA kernel (rows per thread R, splits ~ waves x SMs); tensor-core kernel for comparison.
-FMA1 = [dict(kernel="fma", R=r, T=8, num_warps=4, waves=w) for r in (2, 4) for w in (2, 4, 8)]
+# PF: software prefetch of the next iteration's codes and scales; num_stages > 1: Triton's own loop pipelining.
+FMA1 = ([dict(kernel="fma", R=r, T=8, num_warps=4, waves=w, PF=pf) for pf in (1, 0) for r in (2, 4) for w in (2, 4, 8)]
+        + [dict(kernel="fma", R=4, T=8, num_warps=4, waves=4, PF=0, num_stages=3),
+           dict(kernel="fma", R=4, T=8, num_warps=8, waves=4, PF=1), dict(kernel="fma", R=8, T=8, num_warps=4, waves=4, PF=1),
+           dict(kernel="fma", R=4, T=16, num_warps=4, waves=4, PF=1)])
 DOT = [dict(kernel="dot", BLOCK_N=bn, TW=16, num_warps=4, num_stages=2, waves=w) for bn in (64, 128) for w in (2, 4)]
 
 
@@ -215,7 +219,7 @@ if __name__ == "__main__":
     smoke = "--smoke" in sys.argv
     dev = torch.device("cpu" if smoke else "cuda")
     if smoke:
-        FMA1[:] = [dict(kernel="fma", R=1, T=4, num_warps=1, waves=1)]
+        FMA1[:] = [dict(kernel="fma", R=1, T=4, num_warps=1, waves=1, PF=pf) for pf in (0, 1)]
         DOT[:] = [dict(kernel="dot", BLOCK_N=16, TW=16, num_warps=1, num_stages=1, waves=1)]
         out = run(dev, torch.float16, [(32, 256, [1, 4])], [(32, 256)], 32, 60, print)
     else:

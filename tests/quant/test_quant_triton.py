@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
 
     old = lambda bk, bn, split, dot: dict(kernel="v1", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=4,
                                           num_stages=1)
-    fma = lambda r, t, split: dict(kernel="fma", R=r, T=t, SPLIT_K=split, num_warps=1)
+    fma = lambda r, t, split, pf=0: dict(kernel="fma", R=r, T=t, SPLIT_K=split, num_warps=1, PF=pf)
     dot = lambda bn, split: dict(kernel="dot", BLOCK_N=bn, TW=16, SPLIT_K=split, num_warps=1, num_stages=1)
     asc = ops._ascending
     cases = [("w4", False, 128, True, "k32"), ("w4", True, 32, False, "k32"), ("w4", False, 128, True, "pairs"),
@@ -62,6 +62,8 @@ SCRIPT = textwrap.dedent("""
         if fmt != 4:
             check(gv, 1, dense, fma(2, 4, 2), tag)
             check(gv, 3, dense, fma(1, 2, 1), tag)
+            check(gv, 1, dense, fma(2, 4, 3, pf=1), tag + ("prefetch",))  # splits of 1, 1 and 0 iterations
+            check(gv, 4, dense, fma(1, 2, 1, pf=1), tag + ("prefetch",))
             ops._ascending = lambda: True  # the tile axis order of Triton < 3.7: same results
             check(gv, 2, dense, fma(2, 4, 2), tag + ("ascending",))
             ops._ascending = asc
@@ -75,8 +77,8 @@ SCRIPT = textwrap.dedent("""
                 for n in (48, 16, 32)]
         ws_, ss_, zs_ = [m.qweight for m in mods], [m.scale for m in mods], [m.zero for m in mods]
         x = torch.randn(1, K, dtype=torch.float16)
-        for nw in (2, 3):
-            cfg = fma(1, 4, 2)
+        for nw, pf in ((2, 0), (3, 0), (3, 1)):
+            cfg = fma(1, 4, 2, pf)
             y = torch.full((1, sum(m.out_features for m in mods[:nw])), float("nan"), dtype=x.dtype)
             ops.launch_gemv_multi(x, ws_[:nw], ss_[:nw], zs_[:nw], fmt, mods[0].group, True, y, cfg)
             one = torch.cat([ops.launch_gemv(x, w_, s_, z_, fmt, mods[0].group, True,
@@ -86,6 +88,7 @@ SCRIPT = textwrap.dedent("""
     wq, ws = to_fp8(lin.weight.float())
     f8 = lambda x, y, c: ops.launch_gemv(x, wq, ws, None, 9, K, False, y, c)
     check(f8, 1, wq.float() * ws, fma(2, 4, 2), "fp8")
+    check(f8, 1, wq.float() * ws, fma(2, 4, 2, pf=1), "fp8 prefetch")
     check(f8, 4, wq.float() * ws, dot(16, 1), "fp8")
     x = torch.randn(3, K, dtype=torch.float16)
     q, sc = ops.quant_rows(x, False)

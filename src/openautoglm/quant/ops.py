@@ -207,7 +207,7 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride_wv, sn, sg, zn, zg, y.stride(0),
             _MASK16, _XOR15, w, s, zz, sg, zg, N, w, s, zz, sg, zg, 0, FMT=kfmt, GROUP=g, HAS_Z=z is not None,
             BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=1,
-            num_warps=cfg["num_warps"], num_stages=1)
+            PF=cfg.get("PF", 0), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
     else:
         decode_dot_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride16, sn, sg, zn, zg, y.stride(0), FMT=kfmt, GROUP=g, HAS_Z=z is not None,
@@ -253,7 +253,7 @@ def launch_gemv_multi(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.
         ws[1], ss[1], zz[1], meta[1][1], meta[1][3], ns[0], w2, s2, z2, m2[1], m2[3], ns[1],
         FMT=4 if fmt == FMT_INT4_K32 else fmt, GROUP=0 if group >= K else group, HAS_Z=zs[0] is not None,
         BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=len(ws),
-        num_warps=cfg["num_warps"], num_stages=1)
+        PF=cfg.get("PF", 0), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
     return y
 
 

@@ -112,7 +112,7 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
                   w1_ptr, s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2, zg2, N1,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                   R: tl.constexpr, RB: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
-                  ASCENDING: tl.constexpr, NW: tl.constexpr):
+                  ASCENDING: tl.constexpr, NW: tl.constexpr, PF: tl.constexpr):
     """``stride_wv``: row stride of the codes in 16-byte vectors (int4) or 8-byte vectors (int8/e4m3).
     ``GROUP == 0``: one scale per output row. ``BLOCK_M`` in 1, 2, 4, 8: activation rows (``M <= BLOCK_M``);
     the codes are converted once and used for every row. ``mask16 = 0x000F0000``, ``xor15 = 0x4B400000``.
@@ -122,7 +122,10 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     (otherwise the compiler converts layouts through shared memory on every iteration).
     ``NW`` = 2 or 3: several weights of the same K and format in one launch (q/k/v, gate/up), their outputs side
     by side in ``y (M, N)``: weight 0 has ``N0`` rows, weight 1 ``N1``, weight 2 the rest; each program reads
-    one weight (row blocks do not straddle weights), chosen from its block index."""
+    one weight (row blocks do not straddle weights), chosen from its block index.
+    ``PF = 1``: software prefetch: the codes (and group scales/zeros) of iteration ``it + 1`` are loaded before
+    iteration ``it`` is computed, so every thread has two iterations of weights in flight (the loop is
+    otherwise latency bound: one load, then a long chain of conversions and FMAs that waits for it)."""
     E: tl.constexpr = 4 if FMT == 4 else 8            # int32 words (int4) or bytes per thread per row
     KT: tl.constexpr = 32 if FMT == 4 else 8          # k per thread per row per iteration
     KB: tl.constexpr = KT * T                         # k per row per iteration
@@ -190,16 +193,40 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     xz = (rb5 + t5 + e5) * 0.0
     r0, r1, r2, r3, r4, r5_, r6, r7 = rz, rz, rz, rz, rz, rz, rz, rz
     x0, x1, x2, x3, x4, x5, x6, x7 = xz, xz, xz, xz, xz, xz, xz, xz
+    if PF:
+        i_first = tl.minimum(it0, n_it - 1)  # an empty split still reads in bounds
+        wv_n = tl.load(wbase + i_first * (T * E))
+        if GROUP > 0:
+            g_n = (i_first * KB + t5 * KT) // GROUP
+            sraw_n = tl.load(sp + rows_s * stride_sn + g_n * sg)
+            if HAS_Z:
+                zraw_n = tl.load(zp + (rows_s // 2) * stride_zn + g_n * zg)
     for it in range(it0, it1):
         k0 = it * KB
-        wv = tl.load(wbase + it * (T * E))
+        if PF:  # take this iteration's prefetched codes/scales, issue the next iteration's loads
+            wv = wv_n
+            i_next = tl.minimum(it + 1, it1 - 1)
+            wv_n = tl.load(wbase + i_next * (T * E))
+            if GROUP > 0:
+                sraw = sraw_n
+                g_n = (i_next * KB + t5 * KT) // GROUP
+                sraw_n = tl.load(sp + rows_s * stride_sn + g_n * sg)
+                if HAS_Z:
+                    zraw = zraw_n
+                    zraw_n = tl.load(zp + (rows_s // 2) * stride_zn + g_n * zg)
+        else:
+            wv = tl.load(wbase + it * (T * E))
+            if GROUP > 0:
+                g = (k0 + t5 * KT) // GROUP
+                sraw = tl.load(sp + rows_s * stride_sn + g * sg)
+                if HAS_Z:
+                    zraw = tl.load(zp + (rows_s // 2) * stride_zn + g * zg)
         zz = ZZ
         s = 1.0
         if GROUP > 0:
-            g = (k0 + t5 * KT) // GROUP
-            s = tl.sum(tl.load(sp + rows_s * stride_sn + g * sg).to(tl.float32), 4)
+            s = tl.sum(sraw.to(tl.float32), 4)
             if HAS_Z:
-                zb = tl.load(zp + (rows_s // 2) * stride_zn + g * zg).to(tl.int32)
+                zb = zraw.to(tl.int32)
                 zz = C + tl.sum(tl.where(rows_s % 2 == 0, zb >> 4, zb & 15).to(tl.float32), 4)
         if GROUP > 0:  # per group: partial sums restart every iteration
             r0, r1, r2, r3, r4, r5_, r6, r7 = rz, rz, rz, rz, rz, rz, rz, rz
