@@ -47,7 +47,7 @@ LAYERS = {"7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
           "1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)], "smoke": [(512, 256), (256, 512)]}
 FUSED = {"7b": [(12288, 4096), (22016, 4096)], "1b": [(2560, 2048), (11264, 2048)], "smoke": [(1024, 256)]}  # qkv, gate+up
 # (kind, model, variant, decode batches, estimated seconds on the H100), in priority order. Estimates from the
-# H100 run of quant_speed_h100.json: 7B rows 12-30 s, model.generate 37-46 s; a torchao int4 row took > 60 s.
+# H100 run of quant_speed_h100_run2.json: 7B rows 12-30 s, model.generate 37-46 s; a torchao int4 row took > 60 s.
 PLAN = [("model", "7b", "bf16", (1, 8), 28), ("model", "7b", "w4", (1, 8), 30), ("gen", "7b", "bf16", (), 45),
         ("gen", "7b", "w4", (), 45), ("model", "7b", "w8", (1,), 15), ("model", "7b", "ao-int4wo", (1,), 60),
         ("model", "7b", "w8a8", (1,), 16), ("model", "7b", "ao-int8wo", (1,), 60), ("model", "7b", "ao-fp8dq", (1,), 50),
