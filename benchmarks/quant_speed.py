@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    ap.add_argument("--only", default="", help="comma-separated plan rows to run, e.g. 'model 7b bf16,model 7b ao-int4wo'")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shapes = ["smoke"] if args.smoke else ["7b", "1b"]
@@ -209,6 +210,9 @@ def main() -> None:
     plan = PLAN
     if args.smoke:  # each (kind, variant) once, on the tiny model
         plan = list({(k, v): (k, "smoke", v, b, 0) for k, _, v, b, _ in PLAN if not v.startswith("ao-")}.values())
+    if args.only:
+        keep = {r.strip() for r in args.only.split(",")}
+        plan = [p for p in plan if f"{p[0]} {p[1]} {p[2]}" in keep]
     bases: dict = {}
     for kind, shape, variant, batches, est in plan:
         if shape not in shapes or (variant.startswith("ao-") and not ao):
