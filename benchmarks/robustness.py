@@ -73,7 +73,9 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp = args.out.with_suffix(".tmp")  # never a half-written result file
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(args.out)
     print(f"\n{'category':<18}{'tried':>8}{'passed':>8}")
     for c, v in cats.items():
         print(f"{c:<18}{v['tried']:>8}{v['passed']:>8}")

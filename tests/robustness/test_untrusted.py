@@ -185,6 +185,7 @@ def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
             code = main(argv + ["--out", str(out)])
             err = capsys.readouterr().err
             assert code == 2 and "--overwrite" in err and str(out) in err.replace("\n", ""), err
+            assert "Errno" not in err, err  # the message and the path, not the OSError's repr
             assert_intact(out, before, f"{label} without --overwrite")
     with case("untrusted", "cli compress --overwrite replaces atomically"):
         assert main(["compress", str(tiny_llama_dir), "--bits", "8", "--out", str(out), "--overwrite"]) == 0

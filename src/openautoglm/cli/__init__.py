@@ -101,4 +101,6 @@ def _rank_tag() -> str:
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 17] ..." is noise for a user: the message and the path
+        msg = e.strerror if e.filename is None else f"{e.strerror}: {e.filename}"
     return msg.splitlines()[0] + (" (run with --debug for details)" if "\n" in msg else "")
