@@ -22,71 +22,120 @@ from kv_bench_common import RESULTS, environment, print_table, write_json  # noq
 
 
 def run_gpu(args) -> dict:
+    import kv_bench_checks as checks
     import kv_bench_gpu as g
 
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    smoke = args.smoke
     t0 = time.time()
-    res = {"environment": environment(), "model": "random Llama, Llama-2-7B shapes (32 layers, 32 KV heads x 128, bf16)"}
-    if args.smoke:
-        res["model"] = "SMOKE tiny random Llama (not a result)"
-    reason = g.quanto_available()
-    res["hf_quantized_cache"] = {"backend": "quanto", "available": reason is None, "reason": reason,
-                                 "note": "quanto's CUDA extension is not built (minutes of JIT); its pure-torch unpack is used"}
-    model = g.build_model(args.smoke, device)
-    res["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    contexts = [256, 512, 1024] if args.smoke else [2048, 8192, 32768]
-    dctx = 512 if args.smoke else 8192
-    chunk = 128 if args.smoke else 4096
-    kinds = ["bf16-dynamic", "int8", "int4", "int2"] + (["hf-quanto-int4"] if reason is None else [])
     out = Path(args.out)
+    res = {"environment": environment(), "settings": vars(args).copy()}
+    res["model"] = "SMOKE tiny random Llama (not a result)" if smoke else \
+        "random Llama, Llama-2-7B shapes (32 layers, 32 KV heads x 128, bf16)"
 
     def save():
         res["elapsed_s"] = time.time() - t0
         write_json(out, res)
 
-    sections = set(args.sections.split(","))
-    # warm-up: compile the dequantize kernels once, outside every timing
-    g.decode_speed(model, ["int4", "int8"], 300 if not args.smoke else 200, 2, chunk, device)
-    decode_kinds = ["bf16-dynamic", "bf16-static", "int4", "int8"] + (kinds[4:] if "quanto" in sections else [])
-    res["decode"] = g.decode_speed(model, decode_kinds, dctx, args.steps, chunk, device)
-    base = res["decode"]["bf16-dynamic"]["tokens_per_s"]
-    for v in res["decode"].values():
-        v["vs_bf16_dynamic"] = v["tokens_per_s"] / base
-        v["vs_bf16_static"] = v["tokens_per_s"] / res["decode"]["bf16-static"]["tokens_per_s"]
+    reason = g.quanto_available()
+    res["hf_quantized_cache"] = {"backend": "quanto", "available": reason is None, "reason": reason,
+                                 "note": "quanto's CUDA extension is not built (minutes of JIT); its pure-torch unpack is used"}
+    res["copy_gb_s"] = copy_bandwidth(device)
+    res["kernel_checks"] = checks.run(device, smoke=smoke)
     save()
-    res["decode_batch8"] = g.decode_speed(model, ["bf16-dynamic", "bf16-static", "int4"], dctx, args.steps // 2, chunk,
-                                          device, batch=8)
-    for v in res["decode_batch8"].values():
-        v["vs_bf16_dynamic"] = v["tokens_per_s"] / res["decode_batch8"]["bf16-dynamic"]["tokens_per_s"]
-        v["vs_bf16_static"] = v["tokens_per_s"] / res["decode_batch8"]["bf16-static"]["tokens_per_s"]
-    save()
-    if "bytes" in sections:
-        res["kv_bytes"] = g.kv_bytes(model, kinds, contexts, chunk, device)
-    key = "allocated_delta" if device == "cuda" else "cache_storage"  # no allocator statistics on the CPU
-    for row in res.get("kv_bytes", {}).values():
-        row["bytes"] = row[key]
-    for row in res.get("kv_bytes", {}).values():
-        row["vs_bf16"] = row["bytes"] / res["kv_bytes"][f"bf16-dynamic@{row['context']}"]["bytes"]
-    save()
+    g.log(t0, "checks done")
+    model = g.build_model(smoke, device)
+    n_full = model.config.num_hidden_layers
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    other = sum(p.numel() * p.element_size() for p in model.parameters()) - n_full * layer_bytes
+    res["weights_bytes"] = other + n_full * layer_bytes
+    res["decode_layers"] = args.layers
+    g.use_layers(model, args.layers)
+    weights_step = other + args.layers * layer_bytes
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    kinds = ["bf16-static", "int8", "int4", "int4+share25"] + (["hf-quanto-int4"] if res["hf_quantized_cache"]["available"] else [])
+    res["decode"] = {}
+    for ctx in contexts:
+        for b in batches:
+            for kind in kinds:
+                key = f"{kind}@{ctx}x{b}"
+                if time.time() - t0 > args.budget_s:
+                    res["decode"][key] = "skipped: time budget"
+                    continue
+                try:
+                    row = g.decode_row(model, kind, b, ctx, args.steps, device, weights_step)
+                except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+                    row = {"error": repr(e)[:400]}
+                    g.free_memory()
+                res["decode"][key] = row
+                base = res["decode"].get(f"bf16-static@{ctx}x{b}", {})
+                if "tokens_per_s" in row and "tokens_per_s" in base:
+                    row["vs_bf16_static"] = row["tokens_per_s"] / base["tokens_per_s"]
+                g.log(t0, key, {k: row.get(k) for k in ("tokens_per_s", "vs_bf16_static", "kv_bytes", "error")})
+                save()
+    g.use_layers(model, n_full)
     res["max_batch"] = {}
-    for ctx in ([512] if args.smoke else [8192, 32768]):
+    for ctx in contexts:
         for kind in args.max_batch_kinds.split(","):
-            if "maxbatch" not in sections:
-                break
+            key = f"{kind}@{ctx}"
             if time.time() - t0 > args.budget_s:
-                res["max_batch"][f"{kind}@{ctx}"] = "skipped: time budget"
+                res["max_batch"][key] = "skipped: time budget"
                 continue
-            per_tok = args.bytes_per_token.get(kind) or res["kv_bytes"][f"{kind}@{contexts[1]}"]["bytes"] / contexts[1]
-            res["max_batch"][f"{kind}@{ctx}"] = g.max_batch(model, kind, ctx, per_tok, min(chunk, 1024), device)
-            print(f"max batch {kind}@{ctx}: {res['max_batch'][f'{kind}@{ctx}']}", flush=True)
+            try:
+                per_seq = g.per_sequence_bytes(model, kind, ctx, device)
+                row = g.max_batch(model, kind, ctx, device, per_seq, time_steps=args.max_batch_steps,
+                                  cap=4 if smoke else 1024)
+            except Exception as e:  # noqa: BLE001
+                row = {"error": repr(e)[:400]}
+                g.free_memory()
+            res["max_batch"][key] = row
+            g.log(t0, "max batch", key, row)
             save()
+    summarize_gpu(res)
     save()
-    print_table("decode at %d context (batch 1)" % dctx, ["cache", "tok/s", "vs bf16 dynamic", "vs bf16 static"],
-                [[k, f"{v['tokens_per_s']:.1f}", f"{v['vs_bf16_dynamic']:.2f}", f"{v['vs_bf16_static']:.2f}"]
-                 for k, v in res["decode"].items()])
-    print_table("KV bytes (allocated)", ["cache@context", "bytes", "vs bf16"],
-                [[k, v["bytes"], f"{v['vs_bf16']:.3f}"] for k, v in res.get("kv_bytes", {}).items()])
     return res
+
+
+def summarize_gpu(res: dict) -> None:
+    rows = []
+    for key, r in res.get("decode", {}).items():
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            rows.append([key, f"{r['tokens_per_s']:.1f}", f"{r.get('vs_bf16_static', float('nan')):.2f}",
+                         f"{r['kv_bytes'] / 2**30:.3f}", f"{r.get('achieved_gb_s', 0):.0f}", r.get("graph")])
+        else:
+            rows.append([key, str(r)[:60], "", "", "", ""])
+    print_table(f"decode ({res.get('decode_layers')} layers)", ["cache@context x batch", "tok/s", "vs bf16 static",
+                "KV GiB", "GB/s", "graph"], rows)
+    rows = []
+    for key, r in res.get("max_batch", {}).items():
+        if isinstance(r, dict) and "max_batch" in r:
+            bf = res["max_batch"].get(f"bf16-static@{r['context']}", {})
+            ratio = r["max_batch"] / bf["max_batch"] if isinstance(bf, dict) and bf.get("max_batch") else float("nan")
+            agg = r.get("tokens_per_s", float("nan"))
+            agg_ratio = agg / bf["tokens_per_s"] if isinstance(bf, dict) and bf.get("tokens_per_s") else float("nan")
+            r["vs_bf16_batch"], r["vs_bf16_aggregate"] = ratio, agg_ratio
+            rows.append([key, r["max_batch"], r.get("verified_upper"), f"{ratio:.2f}", f"{agg:.1f}", f"{agg_ratio:.2f}"])
+        else:
+            rows.append([key, str(r)[:60], "", "", "", ""])
+    print_table("largest batch (full model, one real decode step)", ["cache@context", "max batch", "verified",
+                "vs bf16", "aggregate tok/s", "vs bf16"], rows)
+
+
+def copy_bandwidth(device: str) -> float:
+    n = (1 << 30) if device == "cuda" else (1 << 22)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n * 10 / (time.perf_counter() - t) / 1e9
 
 
 def plot_gpu(path: Path) -> Path:
@@ -121,20 +170,24 @@ def main(argv=None) -> None:
     ap.add_argument("mode", choices=["gpu", "quality", "plot"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--steps", type=int, default=130, help="decode steps timed (more than one 128-token residual window)")
-    ap.add_argument("--budget-s", type=float, default=170.0, help="skip max-batch searches after this many seconds")
-    ap.add_argument("--sections", default="decode,quanto,bytes,maxbatch", help="gpu: what to measure")
-    ap.add_argument("--max-batch-kinds", default="bf16-dynamic,int8,int4,int2")
-    ap.add_argument("--bytes-per-token", default="", help="gpu: kind=bytes,... from an earlier run (skips 'bytes')")
+    ap.add_argument("--steps", type=int, default=32, help="gpu: decode steps per timing (median of 3)")
+    ap.add_argument("--layers", type=int, default=8, help="gpu: decoder layers in the decode-speed rows")
+    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="gpu: skip what is left after this many seconds")
+    ap.add_argument("--max-batch-kinds", default="bf16-static,int8,int4,int4+share25")
+    ap.add_argument("--max-batch-steps", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16384, help="quality: held-out tokens for perplexity")
     ap.add_argument("--prompts", type=int, default=8, help="quality: prompts for BLEU")
+    ap.add_argument("--sections", default="bytes,ppl,share,attention,bleu", help="quality: what to measure")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    args.bytes_per_token = {k: float(v) for k, v in (x.split("=") for x in args.bytes_per_token.split(",") if x)}
     if args.mode == "plot":
         print(plot_gpu(Path(args.out or RESULTS / "kv_bench_gpu.json")))
         return
     if args.mode == "gpu":
+        if args.smoke:
+            args.contexts, args.batches, args.layers, args.steps = "512,1024", "1,2", 2, 4
         args.out = args.out or str(RESULTS / ("kv_bench_gpu_smoke.json" if args.smoke else "kv_bench_gpu.json"))
         run_gpu(args)
     else:

@@ -264,10 +264,11 @@ def cache_base_classes():
 
 
 def check_kv_cache_support(config) -> None:
-    """Raise if the attention of ``config`` is not plain full causal self-attention (Llama/Mistral/Qwen2).
+    """Raise if the attention of ``config`` is not causal self-attention with per-head K/V (full or sliding
+    window: Llama, Mistral, Qwen2/3).
 
-    A compressed KV cache that stores every past token cannot serve sliding-window layers (the window
-    would be ignored), multi-head latent attention (no per-head K/V to quantize) or cross-attention.
+    Multi-head latent attention (no per-head K/V to quantize), cross-attention and layer kinds other than
+    full / sliding attention (linear attention, chunked) cannot be served by the compressed KV caches.
     """
     cfg = text_config(config)
     name = getattr(cfg, "model_type", type(cfg).__name__)
@@ -275,16 +276,59 @@ def check_kv_cache_support(config) -> None:
         raise ValueError(f"{name}: cross-attention (encoder-decoder) models are not supported by the compressed KV caches")
     if getattr(cfg, "kv_lora_rank", None) or getattr(cfg, "q_lora_rank", None):
         raise ValueError(f"{name}: multi-head latent attention (MLA) is not supported by the compressed KV caches")
-    uses_window = getattr(cfg, "use_sliding_window", True)
-    if getattr(cfg, "sliding_window", None) is not None and uses_window is not False:
-        raise ValueError(
-            f"{name}: sliding-window attention (sliding_window={cfg.sliding_window}) is not supported by the "
-            "compressed KV caches; supported: full causal attention (Llama, Mistral without window, Qwen2)"
-        )
     types = getattr(cfg, "layer_types", None) or []
-    bad = sorted({t for t in types if t != "full_attention"})
+    bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if bad:
-        raise ValueError(f"{name}: layer types {bad} are not supported by the compressed KV caches; only full_attention")
+        raise ValueError(f"{name}: layer types {bad} are not supported by the compressed KV caches; "
+                         "supported: full_attention, sliding_attention")
+
+
+def layer_windows(config) -> list[int]:
+    """Sliding-window size of every decoder layer (0: full attention), from ``layer_types`` when the config
+    has them, else ``sliding_window`` for every layer (Mistral) unless ``use_sliding_window`` is False."""
+    cfg = text_config(config)
+    n = num_layers(cfg)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [int(window or 0) if t == "sliding_attention" else 0 for t in types[:n]]
+    return [int(window or 0)] * n
+
+
+def register_attention_function(name: str, fn) -> None:
+    """Register ``fn`` as attention implementation ``name``, with transformers' boolean (sdpa) masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def attention_function(name: str):
+    """transformers' attention function for implementation ``name`` (``eager``: the Llama one)."""
+    if name in (None, "eager"):
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def attention_implementation_of(config) -> str | None:
+    """The attention implementation a config selects (``None`` if it names none)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def all_configs(model: nn.Module) -> list:
+    """The model's config and its text sub-config (they may be the same object)."""
+    cfgs = [model.config]
+    tc = text_config(model.config)
+    if tc is not model.config:
+        cfgs.append(tc)
+    return cfgs
 
 
 def generate_with_cache(model: nn.Module, input_ids: torch.Tensor, cache, **kwargs):

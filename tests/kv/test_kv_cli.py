@@ -12,6 +12,7 @@ def test_generate_with_quantized_and_shared_cache(tiny_llama_dir, capsys):
             "--max-new-tokens", "6", "--device", "cpu", "--kv-group-size", "16", "--kv-residual", "16"]
     assert main(args + ["--kv-bits", "4"]) == 0
     assert main(args + ["--kv-bits", "2", "--kv-share", "--kv-share-start", "2", "--kv-share-threshold", "-1"]) == 0
+    assert main(args + ["--kv-bits", "8", "--kv-share-layers", "0:2,1:3", "--kv-residual", "auto"]) == 0
     assert "quick brown fox" in capsys.readouterr().out
 
 
@@ -20,9 +21,10 @@ def test_eval_reads_the_compressed_cache(tiny_llama_dir, tmp_path):
     common = ["eval", str(tiny_llama_dir), "--max-tokens", "256", "--seq-len", "128", "--device", "cpu", "--dtype", "fp32"]
     assert main(common + ["--json", str(tmp_path / "ref.json")]) == 0
     assert main(common + ["--kv-bits", "2", "--kv-group-size", "16", "--kv-residual", "16", "--kv-chunk", "16",
-                          "--json", str(out)]) == 0
+                          "--kv-share-layers", "1:2", "--json", str(out)]) == 0
     got, ref = json.loads(out.read_text()), json.loads((tmp_path / "ref.json").read_text())
-    assert got["kv_cache"]["bits"] == 2 and got["tokens"] == ref["tokens"]
+    assert got["kv_cache"]["bits"] == 2 and got["kv_cache"]["share_layers"] == [[1, 2]]
+    assert got["tokens"] == ref["tokens"]
     assert got["perplexity"] != ref["perplexity"]  # the 2-bit cache was really read
 
 
@@ -31,3 +33,6 @@ def test_bad_kv_options_exit_2(tiny_llama_dir):
     assert main(base + ["--kv-bits", "3"]) == 2
     assert main(base + ["--kv-bits", "4", "--kv-group-size", "100"]) == 2
     assert main(base + ["--kv-share", "--kv-share-start", "9"]) == 2
+    assert main(base + ["--kv-bits", "4", "--kv-residual", "many"]) == 2
+    assert main(base + ["--kv-share-layers", "3:1"]) == 2
+    assert main(base + ["--kv-share-layers", "x"]) == 2

@@ -9,8 +9,10 @@ from conftest import make_tiny_llama
 from transformers import DynamicCache
 
 from openautoglm import _hf
-from openautoglm.kv import KVCacheConfig, QuantizedKVCache
-from openautoglm.kv import packing
+from openautoglm.kv import KVCacheConfig, QuantizedKVCache, enable_fused_attention
+from openautoglm.kv import ops, packing
+from openautoglm.kv.attention import disable_fused_attention
+from openautoglm.kv.quantized import resolve_residual
 from openautoglm.kv.stores import QuantStore
 
 
@@ -33,13 +35,22 @@ def test_key_value_quantization_error(bits, max_rel):
     k = _rand(2, 3, 64, 32, seed=1)
     k[..., 5] *= 20  # an outlier channel: per-channel key scales must absorb it
     qk = packing.quantize_keys(k, bits, 32)
+    assert qk[0].shape == (2, 3, 64, 32 * bits // 8) and qk[1].shape == (2, 3, 2, 32)
     kd = packing.dequantize_keys(*qk, bits, torch.float32)
     v = _rand(2, 3, 64, 32, seed=2)
-    vd = packing.dequantize_values(*packing.quantize_values(v, bits, 16), bits, torch.float32)
+    qv = packing.quantize_values(v, bits, 16)
+    assert qv[1].shape == (2, 3, 64, 2)
+    vd = packing.dequantize_values(*qv, bits, torch.float32)
     assert kd.shape == k.shape and vd.shape == v.shape
     for x, xd in ((k, kd), (v, vd)):
         rel = (x - xd).norm() / x.norm()
         assert rel < max_rel, (bits, float(rel))
+
+
+def test_constant_group_keeps_a_nonzero_scale():
+    x = torch.full((1, 1, 16, 16), 0.25)
+    q, s, m = packing.quantize_keys(x, 4, 16)
+    assert (s > 0).all() and torch.equal(packing.dequantize_keys(q, s, m, 4, torch.float32), x)
 
 
 def test_window_logic_quantizes_each_block_once():
@@ -52,44 +63,59 @@ def test_window_logic_quantizes_each_block_once():
         st.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
         assert 32 <= st.res_k.shape[-2] < 32 + 16
     assert st.length == 100 and st.quantized_length == 64
-    assert torch.equal(st.kq[:, :, :2], first_blocks)  # old blocks untouched (never re-quantized)
+    assert torch.equal(st.kq[:, :, :32], first_blocks)  # old blocks untouched (never re-quantized)
     # the same tokens fed one by one leave the same state (prefill goes through the same rule)
     st2 = QuantStore(bits=4, group_size=16, residual_length=32)
     for t in range(100):
         st2.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
-    assert torch.equal(st2.kq, st.kq) and torch.equal(st2.vq, st.vq)
+    assert torch.equal(st2.kq, st.kq) and torch.equal(st2.vq, st.vq) and torch.equal(st2.ks, st.ks)
     kk, vv = st.read()
     assert torch.equal(kk[:, :, 64:], k[:, :, 64:])  # the window is exact
     assert F.cosine_similarity(kk.flatten(), k.flatten(), 0) > 0.99
 
 
-def _attention_out(model, ids, cache, n_new):
-    _hf.forward_with_cache(model, ids[:, :-n_new], cache)
-    return _hf.forward_with_cache(model, ids[:, -n_new:], cache).logits
+def _decode_logits(model, ids, cache, n_new):
+    with torch.no_grad():
+        _hf.forward_with_cache(model, ids[:, :-n_new], cache, logits_to_keep=1)
+        outs = [_hf.forward_with_cache(model, ids[:, i : i + 1], cache).logits for i in range(ids.shape[1] - n_new, ids.shape[1])]
+    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("bits,min_cos", [(8, 0.9999), (4, 0.999), (2, 0.98)])
-def test_logits_vs_full_precision_cache(bits, min_cos):
+def test_logits_vs_full_precision_all_paths(bits, min_cos):
+    """Growing and preallocated stores, dequantize-then-attend and fused decode: one function."""
     model = make_tiny_llama()
-    ids = torch.randint(2, 8192, (2, 150), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ref = _attention_out(model, ids, DynamicCache(config=model.config), 6)
-        got = _attention_out(model, ids, QuantizedKVCache(bits, group_size=16, residual_length=16, config=model.config), 6)
-    cos = F.cosine_similarity(got.flatten(), ref.flatten(), 0)
+    ids = torch.randint(2, 8192, (2, 72), generator=torch.Generator().manual_seed(5))
+    ref = _decode_logits(model, ids, DynamicCache(config=model.config), 3)
+    got = []
+    for fused in (False, True):
+        (enable_fused_attention if fused else disable_fused_attention)(model)
+        for cap in (None, 96):
+            cache = QuantizedKVCache(bits, group_size=16, residual_length=16, config=model.config, max_cache_len=cap)
+            got.append(_decode_logits(model, ids, cache, 3))
+    disable_fused_attention(model)
+    cos = F.cosine_similarity(got[0].flatten(), ref.flatten(), 0)
     assert cos > min_cos, float(cos)
-    assert not torch.equal(got, ref)  # the cache really was read quantized
+    assert not torch.equal(got[0], ref)  # the cache really was read quantized
+    for g in got[1:]:
+        assert torch.allclose(g, got[0], atol=1e-4, rtol=1e-4)
 
 
 def test_attention_output_vs_full_precision():
-    """Layer output of SDPA over dequantized K/V vs exact K/V (fresh random inputs)."""
+    """Decode attention over the quantized store vs exact attention (fresh random inputs)."""
     st = QuantStore(bits=4, group_size=32, residual_length=32)
-    k, v, q = _rand(1, 2, 256, 32, seed=6), _rand(1, 2, 256, 32, seed=7), _rand(1, 2, 1, 32, seed=8)
+    k, v, q = _rand(1, 2, 256, 32, seed=6), _rand(1, 2, 256, 32, seed=7), _rand(1, 4, 1, 32, seed=8)
     kk, vv = st.update(k, v)  # returns exact K/V for the chunk itself
     assert torch.equal(kk, k)
-    kd, vd = st.read()  # what the next step attends to
-    ref = F.scaled_dot_product_attention(q, k, v)
-    got = F.scaled_dot_product_attention(q, kd, vd)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)).transpose(1, 2)
+    got = st.decode(q, None, 32 ** -0.5)
+    assert got.shape == (1, 1, 4, 32)
     assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.98
+    mask = torch.ones(1, 256, dtype=torch.bool)
+    mask[:, :100] = False  # a padding mask: the first 100 positions are not attended
+    ref = F.scaled_dot_product_attention(q, k[:, :, 100:].repeat_interleave(2, 1),
+                                         v[:, :, 100:].repeat_interleave(2, 1)).transpose(1, 2)
+    assert F.cosine_similarity(st.decode(q, mask, 32 ** -0.5).flatten(), ref.flatten(), 0) > 0.98
 
 
 def test_generate_and_memory_freed(tokenizer):
@@ -109,11 +135,27 @@ def test_generate_and_memory_freed(tokenizer):
         assert layer.slot.res_k.untyped_storage().nbytes() == layer.slot.res_k.numel() * layer.slot.res_k.element_size()
 
 
+def test_residual_auto_sizes_the_window_to_the_context():
+    assert resolve_residual("auto", 64, 2048) == 0
+    assert resolve_residual("auto", 64, 8192) == 128 and resolve_residual("auto", 64, 4096) == 64
+    assert resolve_residual("auto", 64, None) == 128 and resolve_residual(32, 64, 2048) == 32
+    # head_dim 16, int4, group 16: the quantized bytes alone, no window at a short context
+    model = make_tiny_llama()
+    cache = KVCacheConfig(bits=4, group_size=16).build(model.config, context=256)
+    with torch.no_grad():
+        _hf.forward_with_cache(model, torch.randint(2, 8192, (1, 256)), cache)
+    per_token = packing.bytes_per_token(4, 16, 16, 16) * 2 * 4  # 2 KV heads, 4 layers
+    assert cache.residual_length == 0 and cache.nbytes() == pytest.approx(256 * per_token, rel=0.01)
+
+
 def test_config_roundtrip_and_build(tiny_llama):
-    cfg = KVCacheConfig(bits=4, group_size=32, residual_length=64)
+    cfg = KVCacheConfig(bits=4, group_size=32, residual_length=64, share_layers=((0, 2),))
     assert KVCacheConfig.from_dict(cfg.to_dict()) == cfg
     assert isinstance(cfg.build(tiny_llama.config), QuantizedKVCache)
     assert isinstance(KVCacheConfig().build(tiny_llama.config), DynamicCache)
+    old = {"bits": 4, "group_size": 64, "residual_length": 128, "share": False, "share_start": None,
+           "share_threshold": 0.9, "version": 1}  # a version-1 record still loads
+    assert KVCacheConfig.from_dict(old).residual_length == 128
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -127,6 +169,18 @@ def test_bad_arguments(kwargs, match):
         QuantizedKVCache(**kwargs)
     with pytest.raises(ValueError, match=match):
         KVCacheConfig(**kwargs)
+
+
+def test_bad_cache_arguments(tiny_llama):
+    cfg = tiny_llama.config
+    with pytest.raises(ValueError, match="max_cache_len"):
+        QuantizedKVCache(4, config=cfg, max_cache_len=0)
+    with pytest.raises(ValueError, match="earlier layer"):
+        QuantizedKVCache(4, config=cfg, share={1: 2})
+    with pytest.raises(ValueError, match="has 4 layers"):
+        QuantizedKVCache(4, config=cfg, share={7: 1})
+    with pytest.raises(ValueError, match="share_layers"):
+        KVCacheConfig(share_layers=((2, 1),))
 
 
 def test_value_group_must_divide_head_dim():
@@ -150,9 +204,8 @@ def test_batch_size_reuse_is_an_error():
 def test_unsupported_attention_is_an_error():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    with pytest.raises(ValueError, match="sliding-window"):
-        QuantizedKVCache(4, config=MistralConfig(sliding_window=64, num_hidden_layers=2))
-    QuantizedKVCache(4, config=Qwen2Config(use_sliding_window=False, num_hidden_layers=2))  # window off: fine
+    QuantizedKVCache(4, config=MistralConfig(sliding_window=64, num_hidden_layers=2))  # sliding window: served
+    QuantizedKVCache(4, config=Qwen2Config(use_sliding_window=False, num_hidden_layers=2))
     mla = LlamaConfig(num_hidden_layers=2)
     mla.kv_lora_rank = 512
     with pytest.raises(ValueError, match="latent attention"):
@@ -161,17 +214,16 @@ def test_unsupported_attention_is_an_error():
     xattn.add_cross_attention = True
     with pytest.raises(ValueError, match="cross-attention"):
         QuantizedKVCache(4, config=xattn)
+    odd = LlamaConfig(num_hidden_layers=2)
+    odd.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        QuantizedKVCache(4, config=odd)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_fused_read_matches_reference_math(bits):
-    from openautoglm.kv import kernels
-
+def test_gather_matches_the_packed_math():
     k, v = _rand(2, 2, 64, 32, seed=11), _rand(2, 2, 64, 32, seed=12)
-    kq = packing.quantize_keys(k, bits, 32)
-    vq = packing.quantize_values(v, bits, 16)
-    res, new = _rand(2, 2, 5, 32, seed=13), _rand(2, 2, 1, 32, seed=14)
-    kk, vv = kernels.materialize(*kq, res, new, *vq, res, new, bits)
-    assert torch.equal(kk[:, :, :64], packing.dequantize_keys(*kq, bits, torch.float32))
-    assert torch.equal(vv[:, :, :64], packing.dequantize_values(*vq, bits, torch.float32))
-    assert torch.equal(kk[:, :, 64:], torch.cat([res, new], dim=-2))
+    st = QuantStore(bits=4, group_size=32, residual_length=0)
+    st.append(k, v)
+    kk, vv = ops.gather(st.view(), 0, 64, torch.float32)
+    assert torch.equal(kk, packing.dequantize_keys(*packing.quantize_keys(k, 4, 32), 4, torch.float32))
+    assert torch.equal(vv, packing.dequantize_values(*packing.quantize_values(v, 4, 32), 4, torch.float32))

@@ -22,10 +22,14 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
 DType = Annotated[str, typer.Option(help="auto (checkpoint's), bf16, fp16, fp32")]
 KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Quantize the KV cache: 8, 4 or 2 bits (KIVI).")]
 KVGroupSize = Annotated[int, typer.Option("--kv-group-size", help="KV quantization group (tokens for keys, channels for values).")]
-KVResidual = Annotated[int, typer.Option("--kv-residual", help="Most recent tokens kept in full precision.")]
+KVResidual = Annotated[str, typer.Option("--kv-residual", help="Most recent tokens kept in full precision, or "
+                                                                "'auto' (sized to the context, at most 1/64 of it).")]
 KVShare = Annotated[bool, typer.Option("--kv-share", help="Share KV across adjacent layers (MiniCache).")]
 KVShareStart = Annotated[Optional[int], typer.Option("--kv-share-start", help="First shared layer (default: half the depth).")]
 KVShareThreshold = Annotated[float, typer.Option("--kv-share-threshold", help="Cosine above which a token is shared.")]
+KVShareLayers = Annotated[Optional[str], typer.Option(
+    "--kv-share-layers", help="Calibrated sharing: 'SOURCE:LAYER,...', each LAYER reads the earlier SOURCE's cache "
+    "(e.g. the pairs openautoglm.kv.search_sharing found).")]
 TP = Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel ranks: run as `torchrun --nproc-per-node N "
                                  "-m openautoglm ... --tp N` (each rank holds 1/N of the model; rank 0 prints).")]
 
@@ -135,10 +139,11 @@ def eval_(
     json_out: Path = typer.Option(None, "--json", help="Also write the result to this JSON file."),
     kv_bits: KVBits = None,
     kv_group_size: KVGroupSize = 64,
-    kv_residual: KVResidual = 128,
+    kv_residual: KVResidual = "auto",
     kv_share: KVShare = False,
     kv_share_start: KVShareStart = None,
     kv_share_threshold: KVShareThreshold = 0.9,
+    kv_share_layers: KVShareLayers = None,
     kv_chunk: int = typer.Option(64, "--kv-chunk", min=1, help="With a KV cache option: tokens fed per forward."),
     tp: TP = 1,
 ) -> None:
@@ -155,7 +160,7 @@ def eval_(
     text = None
     if text_file is not None:
         text = read_text_file(text_file, "--text")
-    kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
+    kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold, kv_share_layers)
     with _loaded(model, dtype, device, tp) as (m, _, lead):
         tok = hub.load_tokenizer(model)
         if kv is None:
@@ -193,10 +198,11 @@ def generate(
     dtype: DType = "auto",
     kv_bits: KVBits = None,
     kv_group_size: KVGroupSize = 64,
-    kv_residual: KVResidual = 128,
+    kv_residual: KVResidual = "auto",
     kv_share: KVShare = False,
     kv_share_start: KVShareStart = None,
     kv_share_threshold: KVShareThreshold = 0.9,
+    kv_share_layers: KVShareLayers = None,
     tp: TP = 1,
 ) -> None:
     """Continue PROMPT with the model (greedy by default); --kv-bits / --kv-share compress its KV cache."""
@@ -207,7 +213,7 @@ def generate(
     check_finite(top_p, "--top-p", 0.0, 1.0)
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"--seed {seed} does not fit in 64 bits")
-    kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold)
+    kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold, kv_share_layers)
     with _loaded(model, dtype, device, tp) as (m, dev, lead), torch.no_grad():
         tok = hub.load_tokenizer(model)
         torch.manual_seed(seed)  # the same seed on every rank: sampled tokens agree
@@ -224,11 +230,12 @@ def generate(
         elif kv is None:
             out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
         else:
-            cache = kv.build(m.config)
-            out = _hf.generate_with_cache(m, ids, cache, max_new_tokens=max_new_tokens,
-                                          pad_token_id=tok.pad_token_id, **kwargs)
+            from ..kv.generation import generate_with
+
+            out, cache = generate_with(m, ids, kv, max_new_tokens=max_new_tokens, fused=tp == 1,
+                                       pad_token_id=tok.pad_token_id, **kwargs)
             logging.getLogger(__name__).info("KV cache %s: %s held for %d tokens%s", kv.label(),
-                                             fmt_bytes(cache.nbytes()), cache.get_seq_length(),
+                                             fmt_bytes(cache.nbytes()), int(cache.get_seq_length()),
                                              f" on each of {tp} ranks" if tp > 1 else "")
     if not lead:
         return
@@ -268,11 +275,22 @@ def _loaded(model: str, dtype: str, device: str, tp: int):
         yield parallel.from_pretrained(model, tp_size=tp, dtype=dtype, device=dev), dev, lead
 
 
-def _kv_config(bits, group_size, residual, share, share_start, share_threshold):
+def _kv_config(bits, group_size, residual, share, share_start, share_threshold, share_layers=None):
     """The KVCacheConfig the --kv-* options ask for, or None when they ask for no compression."""
-    if bits is None and not share:
+    if bits is None and not share and not share_layers:
         return None
     from ..kv import KVCacheConfig
 
+    if residual != "auto":
+        try:
+            residual = int(residual)
+        except ValueError:
+            raise ValueError(f"--kv-residual {residual!r} must be an integer >= 0 or 'auto'") from None
+    pairs = ()
+    if share_layers:
+        try:
+            pairs = tuple(tuple(int(x) for x in p.split(":")) for p in share_layers.split(","))
+        except ValueError:
+            raise ValueError(f"--kv-share-layers {share_layers!r} must look like 'SOURCE:LAYER,...', e.g. '3:5,1:4'") from None
     return KVCacheConfig(bits=bits, group_size=group_size, residual_length=residual, share=share,
-                         share_start=share_start, share_threshold=share_threshold)
+                         share_start=share_start, share_threshold=share_threshold, share_layers=pairs)

@@ -53,7 +53,7 @@ def cached_perplexity(
     nll, count = 0.0, 0
     for i in tqdm(range(0, n_win, batch_size), desc=f"perplexity[{kv.label()}]", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
-        cache = kv.build(model.config)
+        cache = kv.build(model.config, context=seq_len)
         for s in range(0, seq_len, chunk):
             logits = _hf.forward_with_cache(model, x[:, s : s + chunk], cache).logits.float()
             tgt = x[:, s + 1 : s + chunk + 1]
@@ -77,7 +77,7 @@ def _eager_attention(model: nn.Module):
 
 @torch.no_grad()
 def _probe_attentions(model, ids: torch.Tensor, kv: KVCacheConfig, context: int, chunk: int):
-    cache = kv.build(model.config)
+    cache = kv.build(model.config, context=ids.shape[1])
     for s in range(0, context, chunk):
         _hf.forward_with_cache(model, ids[:, s : min(s + chunk, context)], cache)
     out = _hf.forward_with_cache(model, ids[:, context:], cache, output_attentions=True)
@@ -130,8 +130,9 @@ def greedy_with_cache(model, tokenizer, prompts: list[str], kv: KVCacheConfig, m
     outs = []
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
+        cache = kv.build(model.config, context=ids.shape[1] + max_new_tokens)
         gen = _hf.generate_with_cache(
-            model, ids, kv.build(model.config), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            model, ids, cache, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id,
         )
         outs.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))

@@ -7,8 +7,12 @@ KIVI layout (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
 * values are quantized **per token**: each token's ``head_dim`` channels are cut into groups of ``Gv``
   channels, each with its own scale and minimum.
 
-Integers are stored unsigned in ``[0, 2**bits - 1]``, ``8 // bits`` of them per byte along the last
-dimension; scales and minima are float16 (two bytes each per group).
+Storage (the same for keys and values, so one kernel reads both): every token's ``head_dim`` integer
+codes are packed along the channels, ``8 // bits`` codes a byte (byte ``j`` holds channels
+``j * per + i`` at bit ``bits * i``), giving ``(batch, heads, tokens, head_dim * bits // 8)`` uint8.
+Scales and minima are float16: keys ``(batch, heads, tokens // G, head_dim)`` (one row per block),
+values ``(batch, heads, tokens, head_dim // Gv)``. Codes are unsigned, ``round(x - min) / scale`` in
+``[0, 2**bits - 1]``, rounded half up (``floor(y + 0.5)``, what the Triton kernels compute too).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 SUPPORTED_BITS = (2, 4, 8)
 SCALE_DTYPE = torch.float16
+SCALE_FLOOR = 2.0**-14  # smallest normal float16: a constant group keeps a non-zero scale
 
 
 def _check_bits(bits: int) -> None:
@@ -58,6 +63,15 @@ def unpack(p: torch.Tensor, bits: int) -> torch.Tensor:
     return UNPACK[bits](p)
 
 
+def _codes(xf: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int):
+    levels = (1 << bits) - 1
+    # Round the stored float16 scale/min first, so the codes are computed against what dequantize sees.
+    scale = ((mx - mn) / levels).to(SCALE_DTYPE).clamp_min(SCALE_FLOOR)
+    mn = mn.to(SCALE_DTYPE)
+    q = torch.floor((xf - mn.float()) / scale.float() + 0.5).clamp_(0, levels).to(torch.uint8)
+    return q, scale, mn
+
+
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization over the last dimension (one group per row).
 
@@ -73,14 +87,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     """
     _check_bits(bits)
     xf = x.float()
-    mn = xf.amin(dim=-1, keepdim=True)
-    mx = xf.amax(dim=-1, keepdim=True)
-    levels = (1 << bits) - 1
-    scale = ((mx - mn) / levels).clamp_min(1e-8)
-    # Round the stored float16 scale/min first, so integers are computed against what dequantize sees.
-    scale = scale.to(SCALE_DTYPE)
-    mn = mn.to(SCALE_DTYPE)
-    q = ((xf - mn.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
+    q, scale, mn = _codes(xf, xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True), bits)
     return pack(q, bits), scale, mn
 
 
@@ -96,36 +103,51 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int):
     """Per-channel key quantization of whole blocks of ``group`` tokens.
 
     k : (batch, heads, n_blocks * group, head_dim)
-    returns packed (batch, heads, n_blocks, head_dim, group * bits // 8), scale and min
-    (batch, heads, n_blocks, head_dim, 1).
+    returns packed (batch, heads, n_blocks * group, head_dim * bits // 8) uint8 and scale, min
+    (batch, heads, n_blocks, head_dim) float16.
     """
+    _check_bits(bits)
     b, h, n, d = k.shape
     if n % group:
         raise ValueError(f"{n} key tokens are not a whole number of blocks of {group}")
-    blocks = k.view(b, h, n // group, group, d).transpose(-1, -2)  # (b, h, nb, d, group)
-    return quantize(blocks, bits)
+    blocks = k.float().reshape(b, h, n // group, group, d)
+    q, scale, mn = _codes(blocks, blocks.amin(dim=-2, keepdim=True), blocks.amax(dim=-2, keepdim=True), bits)
+    return pack(q.reshape(b, h, n, d), bits), scale.squeeze(-2), mn.squeeze(-2)
 
 
 def dequantize_keys(packed, scale, mn, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_keys`: returns (batch, heads, n_blocks * group, head_dim)."""
-    x = dequantize(packed, scale, mn, bits, dtype)  # (b, h, nb, d, group)
-    b, h, nb, d, g = x.shape
-    return x.transpose(-1, -2).reshape(b, h, nb * g, d)
+    q = unpack(packed, bits).float()  # (b, h, n, d)
+    b, h, n, d = q.shape
+    nb = scale.shape[2]
+    q = q.view(b, h, nb, n // nb, d)
+    return (q * scale.float().unsqueeze(-2) + mn.float().unsqueeze(-2)).reshape(b, h, n, d).to(dtype)
 
 
 def quantize_values(v: torch.Tensor, bits: int, group: int):
     """Per-token value quantization with channel groups of ``group``.
 
     v : (batch, heads, n, head_dim) with ``head_dim % group == 0``
-    returns packed (batch, heads, n, head_dim // group, group * bits // 8), scale and min
-    (batch, heads, n, head_dim // group, 1).
+    returns packed (batch, heads, n, head_dim * bits // 8) uint8 and scale, min
+    (batch, heads, n, head_dim // group) float16.
     """
     b, h, n, d = v.shape
     if d % group:
         raise ValueError(f"head_dim={d} is not a multiple of the value group size {group}")
-    return quantize(v.reshape(b, h, n, d // group, group), bits)
+    packed, scale, mn = quantize(v.reshape(b, h, n, d // group, group), bits)
+    return packed.reshape(b, h, n, d * bits // 8), scale.squeeze(-1), mn.squeeze(-1)
 
 
 def dequantize_values(packed, scale, mn, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_values`: returns (batch, heads, n, head_dim)."""
-    return dequantize(packed, scale, mn, bits, dtype).flatten(-2)
+    q = unpack(packed, bits).float()
+    b, h, n, d = q.shape
+    ng = scale.shape[-1]
+    q = q.view(b, h, n, ng, d // ng)
+    return (q * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).reshape(b, h, n, d).to(dtype)
+
+
+def bytes_per_token(bits: int, head_dim: int, group: int, value_group: int) -> float:
+    """Bytes one quantized token costs per KV head (keys + values, codes + float16 scales and minima)."""
+    codes = 2 * head_dim * bits / 8
+    return codes + 4 * head_dim / group + 4 * head_dim / value_group

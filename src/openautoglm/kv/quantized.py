@@ -1,25 +1,53 @@
 """``QuantizedKVCache``: KIVI-style INT8 / INT4 / INT2 KV cache for transformers models.
 
->>> cache = QuantizedKVCache(bits=4, group_size=64, residual_length=128, config=model.config)  # doctest: +SKIP
->>> model.generate(ids, past_key_values=cache, max_new_tokens=128)                          # doctest: +SKIP
+>>> cache = QuantizedKVCache(bits=4, config=model.config, max_cache_len=4096)    # doctest: +SKIP
+>>> enable_fused_attention(model)   # decode attends straight from the packed cache      # doctest: +SKIP
+>>> model.generate(ids, past_key_values=cache, max_new_tokens=128)                       # doctest: +SKIP
 
 Keys are quantized per channel (blocks of ``group_size`` tokens), values per token (groups of
-``min(group_size, head_dim)`` channels); the ``residual_length`` most recent tokens stay in full
-precision. A block is quantized exactly once, when it leaves that window, and prefill goes through
-the same rule, so decode never re-quantizes the cache (the transformers ``QuantizedCache``
-re-quantizes everything each time its residual fills).
+``min(group_size, head_dim)`` channels); the most recent tokens stay in full precision. A block is
+quantized exactly once, when it leaves that window, and prefill goes through the same rule, so decode
+never re-quantizes the cache (the transformers ``QuantizedCache`` re-quantizes everything each time its
+residual fills). With ``max_cache_len`` the stores are preallocated (compiled / CUDA-graph decode);
+without it they grow with the sequence and hold exactly what they need. Sliding-window layers
+(Mistral, Qwen2 ``layer_types``) keep only the blocks their window can still see. ``share`` makes
+layers attend to an earlier layer's cache instead of keeping their own (see :mod:`.share_search`).
 """
 
 from __future__ import annotations
 
-from functools import partial
+from .. import _hf
+from .cache import CompressedKVCache, KVLayer, SharedSlot, layer_count, validate_quant_args
+from .static_store import StaticQuantStore
+from .stores import FullStore, QuantStore
 
-from .cache import CompressedKVCache, KVLayer, layer_count, validate_quant_args
-from .stores import QuantStore
+AUTO_WINDOW_FRACTION = 64  # residual_length="auto": the full-precision window is at most 1/64 of the context
+MAX_AUTO_RESIDUAL = 128
 
 
-def _quant_layer(bits, group_size, residual_length) -> KVLayer:
-    return KVLayer(QuantStore(bits, group_size, residual_length))
+def resolve_residual(residual_length, group_size: int, context: int | None) -> int:
+    """``"auto"``: the largest multiple of ``group_size`` that is at most ``context / 64`` (capped at 128);
+    128 when the context is unknown. An integer is returned as is."""
+    if residual_length != "auto":
+        return residual_length
+    if context is None:
+        return MAX_AUTO_RESIDUAL
+    return min(MAX_AUTO_RESIDUAL, context // AUTO_WINDOW_FRACTION // group_size * group_size)
+
+
+def validate_share(share, n_layers: int | None) -> dict[int, int]:
+    """``{layer: source layer}`` with every source earlier than its layer and itself not shared."""
+    if not share:
+        return {}
+    pairs = dict(share) if isinstance(share, dict) else {int(d): int(s) for s, d in share}
+    for dst, src in pairs.items():
+        if not (isinstance(dst, int) and isinstance(src, int)) or not 0 <= src < dst:
+            raise ValueError(f"share {src}->{dst}: a layer can only read the KV cache of an earlier layer")
+        if n_layers is not None and dst >= n_layers:
+            raise ValueError(f"share {src}->{dst}: the model has {n_layers} layers")
+        if src in pairs:
+            raise ValueError(f"share {src}->{dst}: layer {src} reads another layer's cache, so it has none to share")
+    return pairs
 
 
 class QuantizedKVCache(CompressedKVCache):
@@ -27,47 +55,86 @@ class QuantizedKVCache(CompressedKVCache):
 
     Parameters
     ----------
-    bits : 8, 4 or 2
+    bits : 8, 4 or 2 (``None``: full precision, only with ``share``)
     group_size : tokens per key block and (capped at head_dim) channels per value group; one of
         8, 16, 32, 64, 128, 256.
-    residual_length : most recent tokens kept in full precision (>= 0).
-    config : the model's config (optional): validates that its attention can be served
-        (no sliding window, MLA or cross-attention) and creates one layer per decoder layer.
+    residual_length : most recent tokens kept in full precision (>= 0), or ``"auto"`` (sized to the
+        context: ``max_cache_len`` or ``context``, see :func:`resolve_residual`).
+    config : the model's config (optional): validates that its attention can be served (no MLA or
+        cross-attention), finds sliding-window layers and creates one layer per decoder layer.
     num_layers : layer count when no config is given (otherwise layers are created on first use).
+    max_cache_len : preallocate every store for this many tokens (compiled / CUDA-graph decode).
+    context : expected tokens, only to size ``residual_length="auto"`` when ``max_cache_len`` is not set.
+    share : ``{layer: source}`` or ``[(source, layer), ...]``: ``layer`` keeps no cache and attends to
+        ``source``'s (an earlier layer).
     """
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: int | None = 4,
         group_size: int = 64,
-        residual_length: int = 128,
+        residual_length: int | str = 128,
         *,
         config=None,
         num_layers: int | None = None,
+        max_cache_len: int | None = None,
+        context: int | None = None,
+        share=None,
     ) -> None:
-        validate_quant_args(bits, group_size, residual_length)
-        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        residual = resolve_residual(residual_length, group_size, max_cache_len or context)
+        if bits is not None:
+            validate_quant_args(bits, group_size, residual)
+        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
+            raise ValueError(f"max_cache_len={max_cache_len!r} must be a positive integer")
         n = layer_count(config, num_layers)
-        make = partial(_quant_layer, bits, group_size, residual_length)
+        self.share = validate_share(share, n)
+        if bits is None and not self.share:
+            raise ValueError("bits=None (full precision) is only useful with share=...; use DynamicCache instead")
+        if max_cache_len is not None and bits is None:
+            raise ValueError("max_cache_len (a preallocated store) needs bits=8, 4 or 2")
+        self.bits, self.group_size, self.residual_length, self.max_cache_len = bits, group_size, residual, max_cache_len
+        windows = _hf.layer_windows(config) if config is not None else None
         if n is None:
-            super().__init__(factory=make, config=config)
-        else:
-            super().__init__(layers=[make() for _ in range(n)], config=config)
+            if self.share:
+                raise ValueError("share=... needs the model's config= (or num_layers=)")
+            super().__init__(factory=lambda: KVLayer(self._store(0)), config=config)
+            return
+        layers, stores = [], {}
+        for i in range(n):
+            if i in self.share:
+                layers.append(KVLayer(SharedSlot(stores[self.share[i]])))
+            else:
+                stores[i] = self._store(windows[i] if windows else 0)
+                layers.append(KVLayer(stores[i]))
+        super().__init__(layers=layers, config=config)
+
+    def _store(self, window: int):
+        if self.bits is None:
+            if window:
+                raise ValueError("full-precision shared caches do not support sliding-window layers; set bits")
+            return FullStore()
+        if self.max_cache_len is not None:
+            return StaticQuantStore(self.bits, self.group_size, self.residual_length, self.max_cache_len, window)
+        return QuantStore(self.bits, self.group_size, self.residual_length, window)
 
     def __repr__(self) -> str:
         return (
-            f"QuantizedKVCache(bits={self.bits}, group_size={self.group_size}, "
-            f"residual_length={self.residual_length}, layers={len(self.layers)}, tokens={self.get_seq_length()})"
+            f"QuantizedKVCache(bits={self.bits}, group_size={self.group_size}, residual_length={self.residual_length}, "
+            f"max_cache_len={self.max_cache_len}, shared_layers={len(self.share)}, layers={len(self.layers)})"
         )
 
     def stats(self) -> dict:
-        """Tokens stored quantized / in full precision (layer 0) and bytes held."""
+        """Tokens stored quantized / in full precision (layer 0), bytes held, shared layers."""
         st = self.layers[0].slot if self.layers else None
+        tokens = st.length if st is not None else 0
         return {
             "bits": self.bits,
             "group_size": self.group_size,
             "residual_length": self.residual_length,
-            "tokens": self.get_seq_length(),
-            "quantized_tokens": st.quantized_length if st else 0,
+            "max_cache_len": self.max_cache_len,
+            "tokens": tokens,
+            "quantized_tokens": max(0, (tokens - self.residual_length) // self.group_size * self.group_size)
+            if self.bits else 0,
+            "shared": {str(d): s for d, s in sorted(self.share.items())},
             "bytes": self.nbytes(),
         }

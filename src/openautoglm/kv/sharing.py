@@ -192,6 +192,9 @@ class _PairSlot:
     def batch(self):
         return self.pair.batch
 
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
     def update(self, k, v):
         return self.pair.update_a(k, v) if self.side == "a" else self.pair.update_b(k, v)
 

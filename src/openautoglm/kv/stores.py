@@ -1,11 +1,13 @@
 """Per-layer KV stores: full precision, and KIVI-quantized with a full-precision recent window.
 
 A store holds one layer's keys and values, each ``(batch, kv_heads, seq, head_dim)`` when read.
-``read(k_new, v_new)`` returns everything stored followed by the new tokens (exact);
-``append(k, v)`` stores new tokens; ``update`` does both, which is what attention needs.
-Stores hold only tensors of exactly the size they need (no capacity slack), and drop references to
-tensors they no longer need, so ``nbytes`` (the sum of the storages they keep alive) is what the
-allocator really holds for them.
+``read_with(k_new, v_new)`` returns what attention over "everything stored, then the new tokens" needs
+(positions from 0; a store may pad or zero-fill, see ``mask_sizes``); ``append(k, v)`` stores tokens;
+``decode(q, mask, scale)`` (quantized stores) attends one query token straight from the store.
+
+:class:`QuantStore` grows with the sequence and holds tensors of exactly the size they need (no
+capacity slack, the window only as long as it is), so ``nbytes`` is what it really holds; the
+preallocated, CUDA-graph-safe variant is :class:`~openautoglm.kv.static_store.StaticQuantStore`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import kernels, packing
+from . import ops, packing
 
 
 def storage_bytes(tensors) -> int:
@@ -28,7 +30,24 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def value_group(group: int, head_dim: int, bits: int) -> int:
+    """Channels per value group (``min(group, head_dim)``), validated against ``head_dim``."""
+    vg = min(group, head_dim)
+    if head_dim % vg or vg % (8 // bits):
+        raise ValueError(f"head_dim={head_dim} cannot be cut into value groups of {vg} channels; "
+                         f"use a group_size that divides head_dim (e.g. {head_dim})")
+    return vg
+
+
+def first_needed_block(length: int, window: int, group: int) -> int:
+    """Oldest quantized block the query at position ``length - 1`` (and every later one) sees through a
+    sliding window of ``window`` tokens (keys ``length - window .. length - 1``); 0 without a window."""
+    return max(0, length - window) // group if window else 0
+
+
 class _StoreBase:
+    window = 0
+
     def __init__(self) -> None:
         self.batch: int | None = None
         self.heads: int | None = None
@@ -55,8 +74,17 @@ class _StoreBase:
         pass
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens and return what attention over the store needs.
+
+        A chunk of several tokens (prefill) attends to the stored past and to itself exactly; a single
+        decode token is stored first (a full window flushes its oldest block now), so this path and the
+        fused decode attention see the same state.
+        """
         self._check(k, v)
-        out = self.read(k, v)
+        if k.shape[-2] == 1:
+            self.append(k, v)
+            return self.read_with(k[:, :, :0], v[:, :, :0])
+        out = self.read_with(k, v)
         self.append(k, v)
         return out
 
@@ -65,6 +93,10 @@ class _StoreBase:
 
     def _init_kwargs(self) -> dict:
         return {}
+
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of what ``read_with`` returns for ``query_length`` new tokens."""
+        return self.length + query_length, 0
 
     def nbytes(self) -> int:
         return storage_bytes(self.tensors())
@@ -85,9 +117,10 @@ class FullStore(_StoreBase):
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
-    def read(self, k_new=None, v_new=None):
-        if k_new is None:
-            return self.k, self.v
+    def read(self):
+        return self.k, self.v
+
+    def read_with(self, k_new, v_new):
         return torch.cat([self.k, k_new], dim=-2), torch.cat([self.v, v_new], dim=-2)
 
     def append(self, k, v) -> None:
@@ -110,85 +143,92 @@ class FullStore(_StoreBase):
 class QuantStore(_StoreBase):
     """KIVI store: quantized blocks of ``group`` tokens plus the most recent tokens in full precision.
 
-    The full-precision tail holds between ``residual`` and ``residual + group - 1`` tokens once the
+    The full-precision window holds between ``residual`` and ``residual + group - 1`` tokens once the
     sequence is that long. Whenever it reaches ``residual + group`` tokens, its oldest whole blocks are
     quantized (once: a block is never re-quantized) and appended to the packed store. Prefill goes
     through the same rule, so a long prompt leaves the same state as the same tokens decoded one by one.
+    ``window`` (sliding-window layers): blocks no query can see any more are dropped.
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128) -> None:
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, window: int = 0) -> None:
         super().__init__()
-        self.bits, self.group, self.residual = bits, group_size, residual_length
+        self.bits, self.group, self.residual, self.window = bits, group_size, residual_length, window
         self.vgroup: int | None = None
+        self.first_block = 0  # oldest quantized block still held (sliding window)
         self.res_k = self.res_v = None
-        self.kq = self.ks = self.km = None  # (b, h, n_blocks, d, group*bits/8), (b, h, n_blocks, d, 1) x2
-        self.vq = self.vs = self.vm = None  # (b, h, n_tok, d/vgroup, vgroup*bits/8), (b, h, n_tok, d/vgroup, 1) x2
+        self.kq = self.ks = self.km = None  # (b, h, n_tok, d*bits/8) uint8, (b, h, n_blocks, d) fp16 x2
+        self.vq = self.vs = self.vm = None  # (b, h, n_tok, d*bits/8) uint8, (b, h, n_tok, d/vgroup) fp16 x2
+        self._len = 0
+        self.length_t: torch.Tensor | None = None
 
     def _init_kwargs(self) -> dict:
-        return dict(bits=self.bits, group_size=self.group, residual_length=self.residual)
+        return dict(bits=self.bits, group_size=self.group, residual_length=self.residual, window=self.window)
 
     def _init(self, k, v) -> None:
         b, h, _, d = k.shape
-        self.vgroup = min(self.group, d)
-        if d % self.vgroup or self.vgroup % (8 // self.bits):
-            raise ValueError(
-                f"head_dim={d} cannot be cut into value groups of {self.vgroup} channels; "
-                f"use a group_size that divides head_dim (e.g. {d})"
-            )
-        dev = k.device
-        pb = self.group * self.bits // 8
-        self.res_k = k.new_empty(b, h, 0, d)
-        self.res_v = v.new_empty(b, h, 0, v.shape[3])
-        self.kq = torch.empty(b, h, 0, d, pb, dtype=torch.uint8, device=dev)
-        self.ks = torch.empty(b, h, 0, d, 1, dtype=packing.SCALE_DTYPE, device=dev)
+        self.vgroup = value_group(self.group, d, self.bits)
+        dev, dp = k.device, d * self.bits // 8
+        self.res_k, self.res_v = k.new_empty(b, h, 0, d), v.new_empty(b, h, 0, d)
+        self.kq = torch.empty(b, h, 0, dp, dtype=torch.uint8, device=dev)
+        self.ks = torch.empty(b, h, 0, d, dtype=packing.SCALE_DTYPE, device=dev)
         self.km = torch.empty_like(self.ks)
-        nvg = d // self.vgroup
-        self.vq = torch.empty(b, h, 0, nvg, self.vgroup * self.bits // 8, dtype=torch.uint8, device=dev)
-        self.vs = torch.empty(b, h, 0, nvg, 1, dtype=packing.SCALE_DTYPE, device=dev)
+        self.vq = torch.empty(b, h, 0, dp, dtype=torch.uint8, device=dev)
+        self.vs = torch.empty(b, h, 0, d // self.vgroup, dtype=packing.SCALE_DTYPE, device=dev)
         self.vm = torch.empty_like(self.vs)
+        self.length_t = torch.zeros((), dtype=torch.int64, device=dev)
 
     @property
     def length(self) -> int:
-        if self.res_k is None:
-            return 0
-        return self.vq.shape[2] + self.res_k.shape[-2]
+        return self._len
 
     @property
     def quantized_length(self) -> int:
-        return 0 if self.vq is None else self.vq.shape[2]
+        return ops.quantized_length(self._len, self.residual, self.group)
 
-    def read(self, k_new=None, v_new=None):
-        if k_new is None:
-            k_new, v_new = self.res_k[:, :, :0], self.res_v[:, :, :0]
-        return kernels.materialize(
-            self.kq, self.ks, self.km, self.res_k, k_new, self.vq, self.vs, self.vm, self.res_v, v_new, self.bits
-        )
+    def view(self) -> ops.StoreView:
+        nq = self.quantized_length
+        return ops.StoreView(self.kq, self.ks, self.km, self.vq, self.vs, self.vm, self.res_k, self.res_v,
+                             self.length_t, self.bits, self.group, self.vgroup, self.residual, self.window,
+                             ring_from_nq=True, blk_base=self.first_block,
+                             max_blocks=max(1, nq // self.group - self.first_block))
 
-    def update(self, k, v):
-        self._check(k, v)
-        out = self.read(k, v)
-        n_q = self.vq.shape[2]
-        if n_q == 0:  # nothing quantized yet: the returned tensors are exactly the new window
-            self._push(*out)
-        else:
-            self.append(k, v)
-        return out
+    def read_with(self, k_new, v_new):
+        """Positions 0 .. length - 1 (zeros where a sliding window dropped them), then the new tokens."""
+        if self.res_k is None:
+            return k_new, v_new
+        lo = self.first_block * self.group
+        k, v = ops.gather(self.view(), lo, self._len, k_new.dtype)
+        if lo:
+            pad = k.new_zeros(*k.shape[:2], lo, k.shape[-1])
+            k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
+        return torch.cat([k, k_new], dim=-2), torch.cat([v, v_new.to(v.dtype)], dim=-2)
+
+    def read(self):
+        return self.read_with(self.res_k[:, :, :0], self.res_v[:, :, :0])
+
+    def decode(self, q: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        return ops.decode_attention(self.view(), q, mask, scale)
 
     def append(self, k, v) -> None:
         self._check(k, v)
-        self._push(torch.cat([self.res_k, k], dim=-2), torch.cat([self.res_v, v], dim=-2))
-
-    def _push(self, tail_k, tail_v) -> None:
-        n = tail_k.shape[-2]
-        n_flush = max(0, (n - self.residual) // self.group) * self.group
-        if n_flush:
-            qk, sk, mk = packing.quantize_keys(tail_k[:, :, :n_flush], self.bits, self.group)
-            qv, sv, mv = packing.quantize_values(tail_v[:, :, :n_flush], self.bits, self.vgroup)
-            self.kq, self.ks, self.km = (torch.cat([a, b], dim=2) for a, b in zip((self.kq, self.ks, self.km), (qk, sk, mk)))
-            self.vq, self.vs, self.vm = (torch.cat([a, b], dim=2) for a, b in zip((self.vq, self.vs, self.vm), (qv, sv, mv)))
-            # clone: a slice would keep the whole prefill-sized tail storage alive
-            tail_k, tail_v = tail_k[:, :, n_flush:].clone(), tail_v[:, :, n_flush:].clone()
-        self.res_k, self.res_v = tail_k, tail_v
+        g = self.group
+        nq0, length = self.quantized_length, self._len + k.shape[-2]
+        nq1 = ops.quantized_length(length, self.residual, g)
+        tail_k, tail_v = torch.cat([self.res_k, k], dim=-2), torch.cat([self.res_v, v], dim=-2)
+        need = first_needed_block(length, self.window, g)  # older blocks: outside every future window
+        j0 = max(nq0 // g, min(need, nq1 // g))  # first block to quantize (a long chunk skips blocks nobody reads)
+        drop = min(max(0, need - self.first_block), self.ks.shape[2])
+        if nq1 > j0 * g or drop:
+            qk = packing.quantize_keys(tail_k[:, :, j0 * g - nq0 : nq1 - nq0], self.bits, g)
+            qv = packing.quantize_values(tail_v[:, :, j0 * g - nq0 : nq1 - nq0], self.bits, self.vgroup)
+            self.kq, self.vq, self.vs, self.vm = (torch.cat([a[:, :, drop * g :], b], dim=2)
+                                                  for a, b in zip((self.kq, self.vq, self.vs, self.vm), (qk[0], *qv)))
+            self.ks, self.km = (torch.cat([a[:, :, drop:], b], dim=2) for a, b in zip((self.ks, self.km), qk[1:]))
+            self.first_block = nq1 // g - self.ks.shape[2]
+        # clone: a slice would keep the whole prefill-sized tail storage alive
+        self.res_k, self.res_v = tail_k[:, :, nq1 - nq0 :].clone(), tail_v[:, :, nq1 - nq0 :].clone()
+        self._len = length
+        self.length_t.fill_(length)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         for t in (self.res_k, self.res_v, self.kq, self.ks, self.km, self.vq, self.vs, self.vm):

@@ -1,0 +1,63 @@
+"""Sliding-window layers (Mistral): exact while inside the window, a ring of the window's size beyond it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from openautoglm import _hf
+from openautoglm.kv import QuantizedKVCache, enable_fused_attention
+from openautoglm.kv.attention import disable_fused_attention
+
+WINDOW = 32
+
+
+def _tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+                        max_position_embeddings=256, pad_token_id=1)
+    return MistralForCausalLM(cfg).eval()
+
+
+def _logits(model, ids, cache, prefill):
+    with torch.no_grad():
+        _hf.forward_with_cache(model, ids[:, :prefill], cache, logits_to_keep=1)
+        return torch.cat([_hf.forward_with_cache(model, ids[:, i : i + 1], cache).logits
+                          for i in range(prefill, ids.shape[1])], 1)
+
+
+def test_window_layers_are_found():
+    model = _tiny_mistral()
+    assert _hf.layer_windows(model.config) == [WINDOW, WINDOW]
+    cache = QuantizedKVCache(8, 16, 16, config=model.config)
+    assert cache.is_sliding == [True, True] and cache.layers[0].slot.window == WINDOW
+
+
+def test_inside_the_window_it_is_the_full_attention_cache():
+    model = _tiny_mistral()
+    ids = torch.randint(2, 512, (1, WINDOW), generator=torch.Generator().manual_seed(1))
+    windowed = _logits(model, ids, QuantizedKVCache(4, 16, 0, config=model.config), 20)
+    full = _logits(model, ids, QuantizedKVCache(4, 16, 0, num_layers=2), 20)  # no config: no window
+    assert torch.equal(windowed, full)
+
+
+@pytest.mark.parametrize("cap", [None, 120])
+def test_beyond_the_window_matches_transformers_sliding_cache(cap):
+    model = _tiny_mistral()
+    ids = torch.randint(2, 512, (2, 110), generator=torch.Generator().manual_seed(2))
+    ref = _logits(model, ids, DynamicCache(config=model.config), 70)
+    outs = []
+    for fused in (False, True):
+        (enable_fused_attention if fused else disable_fused_attention)(model)
+        cache = QuantizedKVCache(8, 16, 16, config=model.config, max_cache_len=cap)
+        outs.append(_logits(model, ids, cache, 70))
+        slot = cache.layers[0].slot
+        assert slot.ks.shape[2] <= WINDOW // 16 + 1  # a ring of the window's size, not the whole context
+    disable_fused_attention(model)
+    assert F.cosine_similarity(outs[0].flatten(), ref.flatten(), 0) > 0.999
+    assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=1e-4)
