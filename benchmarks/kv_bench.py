@@ -54,7 +54,8 @@ def run_gpu(args) -> dict:
     weights_step = other + args.layers * layer_bytes
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    kinds = ["bf16-static", "int8", "int4", "int4+share25"] + (["hf-quanto-int4"] if res["hf_quantized_cache"]["available"] else [])
+    kinds = ["bf16-static", "int8", "int4", "int4+share25", "hf-bf16-static"] + \
+        (["hf-quanto-int4"] if res["hf_quantized_cache"]["available"] else [])
     res["decode"] = {}
     for ctx in contexts:
         for b in batches:
@@ -64,7 +65,8 @@ def run_gpu(args) -> dict:
                     res["decode"][key] = "skipped: time budget"
                     continue
                 try:
-                    row = g.decode_row(model, kind, b, ctx, args.steps, device, weights_step)
+                    fn = g.generator_row if kind in g.GENERATOR else g.decode_row
+                    row = fn(model, kind, b, ctx, args.steps, device, weights_step)
                 except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
                     row = {"error": repr(e)[:400]}
                     g.free_memory()

@@ -1,13 +1,20 @@
 """GPU part of the KV-cache benchmark: 7B-shaped random Llama (Llama-2-7B shapes, bf16).
 
 Caches compared, all filled with the same synthetic keys/values (so no prefill is timed):
-  bf16-static      transformers StaticCache + sdpa (what a user gets with cache_implementation="static")
-  int8 / int4      openautoglm QuantizedKVCache(max_cache_len=...) read by the fused Triton decode kernel
+
+Decode speed, in openautoglm.generate.Generator (one decoder layer compiled with torch.compile(fullgraph=True)
+and shared by every layer, the whole decode step captured in one CUDA graph):
+  bf16-static      the Generator's full-precision static K/V buffers + SDPA
+  int8 / int4      Generator(kv=KVCacheConfig(bits)): preallocated quantized stores, device append kernel and
+                   fused split-KV decode attention (Triton)
   int4+share25     the same with every fourth layer reading the previous layer's cache (25% fewer layers)
-  hf-quanto-int4   transformers QuantizedCache (quanto backend): its cache grows by torch.cat, so it runs
-                   the same step eagerly (it cannot be captured in a CUDA graph)
-The decode step (model forward, greedy argmax, position += 1) is captured once in a CUDA graph and
-replayed; the same harness for every cache.
+In the transformers forward (model(...) with a Cache object; the step captured in a CUDA graph where the cache
+allows it):
+  hf-bf16-static   transformers StaticCache + sdpa (what cache_implementation="static" gives)
+  hf-quanto-int4   transformers QuantizedCache (quanto backend): its cache grows by torch.cat, so the step
+                   runs eagerly (it cannot be captured in a CUDA graph)
+Largest batch: the transformers forward (one real decode step, eager) with StaticCache (bf16) or
+QuantizedKVCache(max_cache_len) + fused attention, then the step captured in a CUDA graph for the aggregate rate.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, 
 SMOKE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, head_dim=64, vocab_size=1024, max_position_embeddings=65536)
 OURS = ("int8", "int4", "int4+share25")
+GENERATOR = ("bf16-static", "int8", "int4", "int4+share25")
 CHUNK = 2048
 
 
@@ -100,7 +108,7 @@ def make_cache(kind: str, model, capacity: int):
     from transformers import QuantizedCache, StaticCache
 
     cfg = model.config
-    if kind == "bf16-static":
+    if kind in ("bf16-static", "hf-bf16-static"):
         return StaticCache(config=cfg, max_cache_len=capacity)
     if kind == "hf-quanto-int4":
         return QuantizedCache(backend="quanto", config=cfg, nbits=4, q_group_size=64, residual_length=128)
@@ -126,7 +134,7 @@ def fill(model, cache, kind: str, batch: int, ctx: int, device: str, random_stat
     if random_state:
         k1, v1 = _kv(model, batch, 1, device, 0)
         for i in range(n_layers):
-            if kind == "bf16-static":
+            if kind in ("bf16-static", "hf-bf16-static"):
                 layer = cache.layers[i]
                 cache.update(k1, v1, i)
                 layer.keys.normal_()
@@ -384,3 +392,99 @@ def per_sequence_bytes(model, kind: str, ctx: int, device: str) -> int:
     del cache
     free_memory()
     return n
+
+
+def kv_config(kind: str, n_layers: int):
+    from openautoglm.kv import KVCacheConfig
+
+    if kind == "bf16-static":
+        return None
+    share = tuple(share_pairs(n_layers)) if kind.endswith("share25") else ()
+    return KVCacheConfig(bits=int(kind[3]), group_size=64, residual_length=128, share_layers=share)
+
+
+@torch.no_grad()
+def generator_row(model, kind: str, batch: int, ctx: int, steps: int, device: str, weights_bytes: int) -> dict:
+    """Decode tokens/s in openautoglm.generate.Generator from ``ctx`` synthetic tokens (compiled, CUDA graph)."""
+    from openautoglm.generate import Generator
+
+    n = model.config.num_hidden_layers
+    kv = kv_config(kind, n)
+    gen = Generator(model, kv=kv)
+    gen.layers = gen.layers[:n]
+    length = ctx + steps + 16
+    st = gen._buffers(batch, length)
+    if kv is None:
+        for s in range(0, ctx, CHUNK):
+            m = min(CHUNK, ctx - s)
+            for i in range(n):
+                k, v = _kv(model, batch, m, device, 1000 * s + i)
+                st["k"][i][:, :, s : s + m], st["v"][i][:, :, s : s + m] = k, v
+        kv_bytes = sum(t.untyped_storage().nbytes() for t in st["k"] + st["v"])
+        rings = []
+    else:
+        stores = st["kv"]
+        stores.reset()
+        for s in range(0, ctx, CHUNK):
+            m = min(CHUNK, ctx - s)
+            for i in range(n):
+                if i not in stores.share:
+                    k, v = _kv(model, batch, m, device, 1000 * s + i)
+                    stores.stores[i].append(k, v)
+        kv_bytes = stores.nbytes()
+        rings = [(x, x.rk.clone(), x.rv.clone()) for i, x in enumerate(stores.stores) if i not in stores.share]
+    g = torch.Generator(device=device).manual_seed(7)
+    tok0 = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g, device=device)
+
+    def reset():
+        st["tok"].copy_(tok0)
+        st["pos"].fill_(ctx)
+        st["start"].fill_(ctx - 1)
+        for x, rk, rv in rings:
+            x.rk.copy_(rk)
+            x.rv.copy_(rv)
+            x.length_t.fill_(ctx)
+            x._host_len = None
+
+    sample = (1.0, None, 1.0, False)
+    reset()
+    t0 = time.perf_counter()
+    graph = device == "cuda"
+    if graph:
+        gen._capture(st, sample)
+    sync()
+    row = {"kind": kind, "batch": batch, "context": ctx, "layers": n, "harness": "Generator", "graph": graph,
+           "compile_and_capture_s": time.perf_counter() - t0, "kv_bytes": kv_bytes}
+    seqs = []
+    for use_graph in ((False, True) if graph else (False,)):
+        reset()
+        seq = []
+        for _ in range(4):
+            st["graph"].replay() if use_graph else gen._step(st, sample)
+            seq.append(st["tok"].clone())
+        seqs.append(torch.cat(seq, 1))
+    row["graph_matches_eager"] = bool(torch.equal(seqs[0], seqs[-1]))
+    res = []
+    for _ in range(3):
+        reset()
+        sync()
+        if graph:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(steps):
+                st["graph"].replay()
+            b.record()
+            b.synchronize()
+            res.append(a.elapsed_time(b) / 1000 / steps)
+        else:
+            t = time.perf_counter()
+            for _ in range(steps):
+                gen._step(st, sample)
+            res.append((time.perf_counter() - t) / steps)
+    t = sorted(res)[1]
+    row.update(ms_per_step=1000 * t, tokens_per_s=batch / t, steps=steps)
+    kv_read = kv_bytes * (4 / 3 if kind.endswith("share25") else 1)  # shared layers read their source again
+    row["achieved_gb_s"] = (weights_bytes + kv_read) / t / 1e9
+    del gen, st
+    free_memory()
+    return row

@@ -31,6 +31,7 @@ QUANT = {
     "int2": KVCacheConfig(bits=2),
     "int8-r128": KVCacheConfig(bits=8, residual_length=128),
     "int4-r128": KVCacheConfig(bits=4, residual_length=128),
+    "int2-r0": KVCacheConfig(bits=2, residual_length=0),
 }
 
 
@@ -60,7 +61,8 @@ def run(args, env, write_json, print_table) -> dict:
            "settings": {"seq_len": CONTEXT, "chunk": 64, "max_tokens": args.max_tokens, "attention_context": 1024,
                         "attention_probe": 32, "attention_windows": 2, "bleu_prompts": args.prompts,
                         "bleu_prompt_tokens": 384, "bleu_new_tokens": 128, "calibration_tokens": [-CONTEXT, None],
-                        "residual_auto": "largest multiple of the group <= context/64, at most 128 (0 at 2048)"}}
+                        "residual_auto": "largest multiple of the group <= context/64 (context/16 at 2 bits), "
+                                         "at most 128: 0 at 2048 for int8/int4, 128 for int2"}}
     out = Path(args.out)
 
     def save():
@@ -73,7 +75,7 @@ def run(args, env, write_json, print_table) -> dict:
     if "share" in sections:
         res["share_search"] = {}
         for strategy, kw in (("greedy", {}), ("kvsharer", {"tolerance": float("inf")})):
-            plan = search_sharing(model, calib, 3, strategy=strategy, seq_len=512, n_windows=2, progress=False, **kw)
+            plan = search_sharing(model, calib, 3, strategy=strategy, seq_len=512, n_windows=4, progress=False, **kw)
             res["share_search"][strategy] = plan.to_dict()
             print(f"share search {strategy}: {plan.pairs} calibration ppl +{plan.to_dict()['calibration_ppl_increase_pct']}",
                   flush=True)

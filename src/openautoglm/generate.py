@@ -18,6 +18,8 @@ next token) is captured in a CUDA graph and replayed per token. The model's own 
 inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, or ``cache_dir=``), so a second process starts
 faster; ``GenerateResult.compile_s`` reports the first call's compile and capture time.
 On the CPU (or ``compile=False``) the same step runs eagerly: identical tokens, no speed-up.
+With ``kv=KVCacheConfig(bits=4, ...)`` the layers keep a quantized KV cache instead and decode attends to it
+with the fused kernel (:mod:`openautoglm.kv.fast_decode`).
 """
 
 from __future__ import annotations
@@ -124,10 +126,12 @@ class Generator:
     compile : compile the layer step with ``torch.compile`` (default: on CUDA).
     cuda_graph : capture the decode step in a CUDA graph (default: on CUDA).
     cache_dir : inductor's on-disk cache folder (sets ``TORCHINDUCTOR_CACHE_DIR`` if unset).
+    kv : a quantized KV cache (:class:`openautoglm.kv.KVCacheConfig` with ``bits``, optionally
+        ``share_layers``) instead of full-precision K/V buffers.
     """
 
     def __init__(self, model: nn.Module, *, compile: bool | None = None, cuda_graph: bool | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, kv=None) -> None:
         cfg = _hf.text_config(model.config)
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"Generator supports {', '.join(SUPPORTED)} models, got model_type {cfg.model_type!r}; "
@@ -150,6 +154,13 @@ class Generator:
         self.cuda_graph = cuda if cuda_graph is None else (cuda_graph and cuda)
         if cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        self.kv = kv
+        if kv is not None:
+            from .kv import fast_decode
+
+            fast_decode.KVStores.check(kv)
+            self._dec_kv = (torch.compile(fast_decode.layer_decode, fullgraph=True, dynamic=False) if self.compile
+                            else fast_decode.layer_decode)
         if self.compile:
             self._dec = torch.compile(_layer_decode, fullgraph=True, dynamic=False)
             self._pre = torch.compile(_layer_prefill, fullgraph=True, dynamic=True)
@@ -164,18 +175,30 @@ class Generator:
         if key not in self._state:
             self._state.clear()  # one shape at a time: the caches are the big part
             n_kv, hd = _hf.num_kv_heads(self.cfg), _hf.head_dim(self.cfg)
-            kv = [torch.zeros(batch, n_kv, length, hd, device=self.device, dtype=self.dtype)
-                  for _ in range(2 * len(self.layers))]
+            kv = [] if self.kv is not None else [torch.zeros(batch, n_kv, length, hd, device=self.device, dtype=self.dtype)
+                                                 for _ in range(2 * len(self.layers))]
             self._state[key] = dict(k=kv[0::2], v=kv[1::2], ar=torch.arange(length, device=self.device),
                                     tok=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
                                     pos=torch.zeros(1, dtype=torch.long, device=self.device), graph=None,
                                     out=torch.zeros(batch, length, dtype=torch.long, device=self.device),
                                     start=torch.zeros(1, dtype=torch.long, device=self.device))
+            if self.kv is not None:
+                from .kv.fast_decode import KVStores
+
+                self._state[key]["kv"] = KVStores(self.kv, self.cfg, batch, length, self.device, self.dtype)
         return self._state[key]
 
     def _forward(self, st: dict, ids: torch.Tensor, pos: torch.Tensor, fn) -> torch.Tensor:
         h = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(h, pos.view(1, -1).expand(ids.shape[0], -1))
+        if "kv" in st:  # quantized cache: eager exact prefill, fused decode
+            exact: dict = {}
+            for i, layer in enumerate(self.layers):
+                if fn is self._pre:
+                    h = st["kv"].prefill_layer(i, layer, h, cos, sin, self.rope, exact)
+                else:
+                    h = self._dec_kv(layer, h, cos, sin, self.rope, *st["kv"].args(i))
+            return self._hd(self.base.norm, self.lm_head, h)
         mask = (st["ar"].view(1, -1) <= pos.view(-1, 1)).view(1, 1, pos.numel(), -1)
         for i, layer in enumerate(self.layers):
             h = fn(layer, h, cos, sin, st["k"][i], st["v"][i], pos, mask, self.rope)
@@ -237,6 +260,8 @@ class Generator:
         st = self._buffers(B, length)
         fresh = st["graph"] is None or st["graph_key"] != sample
         ids = input_ids.to(self.device)
+        if "kv" in st:
+            st["kv"].reset()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         logits = self._forward(st, ids, torch.arange(P, device=self.device), self._pre)

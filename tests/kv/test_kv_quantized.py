@@ -139,6 +139,7 @@ def test_residual_auto_sizes_the_window_to_the_context():
     assert resolve_residual("auto", 64, 2048) == 0
     assert resolve_residual("auto", 64, 8192) == 128 and resolve_residual("auto", 64, 4096) == 64
     assert resolve_residual("auto", 64, None) == 128 and resolve_residual(32, 64, 2048) == 32
+    assert resolve_residual("auto", 64, 2048, bits=2) == 128 and resolve_residual("auto", 64, 1024, bits=2) == 64
     # head_dim 16, int4, group 16: the quantized bytes alone, no window at a short context
     model = make_tiny_llama()
     cache = KVCacheConfig(bits=4, group_size=16).build(model.config, context=256)
@@ -227,3 +228,20 @@ def test_gather_matches_the_packed_math():
     kk, vv = ops.gather(st.view(), 0, 64, torch.float32)
     assert torch.equal(kk, packing.dequantize_keys(*packing.quantize_keys(k, 4, 32), 4, torch.float32))
     assert torch.equal(vv, packing.dequantize_values(*packing.quantize_values(v, 4, 32), 4, torch.float32))
+
+
+@pytest.mark.parametrize("bits,residual,static", [(8, 16, False), (4, "auto", False), (2, 32, True), (4, "auto", True)])
+def test_estimator_kv_term_matches_the_store(bits, residual, static):
+    """memory.estimate's KV term is the bytes the cache really holds (growing and preallocated stores)."""
+    from openautoglm.memory.estimate import estimate_memory
+
+    model = make_tiny_llama()
+    n = 150
+    kv = KVCacheConfig(bits=bits, group_size=16, residual_length=residual)
+    cache = kv.build(model.config, max_cache_len=n if static else None, context=n)
+    with torch.no_grad():
+        _hf.forward_with_cache(model, torch.randint(2, 8192, (2, n)), cache, logits_to_keep=1)
+    est = estimate_memory(model.config, mode="inference", batch=2, seq_len=n, dtype="fp32",
+                          kv_dtype=f"int{bits}", kv_group_size=16, kv_residual=residual, kv_static=static)
+    length_tensors = 8 * 4 if static else 0  # the static stores' device length (int64 per layer)
+    assert est.terms["kv_cache"] + length_tensors == cache.nbytes()

@@ -89,3 +89,31 @@ def test_compiled_decode_step_captures_the_fused_op():
             toks.append(torch.cat(seq, 1))
     assert torch.equal(*toks)
     assert int(caches[1].layers[0].slot.length_t) == 44
+
+
+def test_generator_with_quantized_cache():
+    """openautoglm.generate.Generator(kv=...): the same tokens as model.generate with the same quantized cache;
+    compiled, the fused decode layer graph is shared by the layers (one graph with a store, one reading another's)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from openautoglm.generate import Generator
+    from openautoglm.kv import KVCacheConfig
+    from openautoglm.kv import fast_decode
+
+    model = make_tiny_llama(num_hidden_layers=3)
+    ids = torch.randint(2, 8192, (2, 40), generator=torch.Generator().manual_seed(6))
+    kv = KVCacheConfig(bits=4, group_size=16, residual_length=16, share_layers=((0, 2),))
+    cache = kv.build(model.config)
+    ref = _hf.generate_with_cache(model, ids, cache, max_new_tokens=12, do_sample=False, pad_token_id=1)
+    torch._dynamo.reset()
+    counters.clear()
+    gen = Generator(model, compile=False, kv=kv)
+    gen._dec_kv = torch.compile(fast_decode.layer_decode, fullgraph=True, dynamic=False, backend="eager")
+    out = gen.generate(ids, max_new_tokens=12)
+    assert torch.equal(out.tokens, ref)
+    assert counters["stats"]["unique_graphs"] == 2  # layers 0, 1 (own store) and layer 2 (reads layer 0's)
+    st = next(iter(gen._state.values()))["kv"]
+    assert st.stores[2] is st.stores[0] and int(st.stores[0].length_t) == 40 + 11
+    with pytest.raises(ValueError, match="quantized cache"):
+        Generator(model, kv=KVCacheConfig(share=True))

@@ -14,7 +14,7 @@ class KVCacheConfig:
 
     bits : None (full precision), 8, 4 or 2 (KIVI quantization)
     group_size, residual_length : quantization group and full-precision window (see QuantizedKVCache);
-        ``residual_length="auto"`` sizes the window to the context (at most 1/64 of it, up to 128).
+        ``residual_length="auto"`` sizes the window to the context (at most 1/64 of it, 1/16 at 2 bits, up to 128).
     share : merge adjacent layers from ``share_start`` on (MiniCache, CrossLayerKVCache), ``share_threshold``
         the cosine above which a token's directions are shared
     share_layers : calibrated sharing, ``((source, layer), ...)``: ``layer`` keeps no cache and attends to
@@ -99,7 +99,7 @@ class KVCacheConfig:
             return CrossLayerKVCache(
                 self.share_start, self.share_threshold, config=model_config, bits=self.bits,
                 group_size=self.group_size,
-                residual_length=resolve_residual(self.residual_length, self.group_size, max_cache_len or context),
+                residual_length=resolve_residual(self.residual_length, self.group_size, max_cache_len or context, self.bits),
             )
         if self.bits is not None or self.share_layers:
             from .quantized import QuantizedKVCache

@@ -21,18 +21,21 @@ from .cache import CompressedKVCache, KVLayer, SharedSlot, layer_count, validate
 from .static_store import StaticQuantStore
 from .stores import FullStore, QuantStore
 
-AUTO_WINDOW_FRACTION = 64  # residual_length="auto": the full-precision window is at most 1/64 of the context
+# residual_length="auto": the full-precision window is at most this fraction of the context (2 bits: the window
+# carries much of the quality, so it may take a larger share), and at most 128 tokens (KIVI's window)
+AUTO_WINDOW_FRACTION = {8: 64, 4: 64, 2: 16}
 MAX_AUTO_RESIDUAL = 128
 
 
-def resolve_residual(residual_length, group_size: int, context: int | None) -> int:
-    """``"auto"``: the largest multiple of ``group_size`` that is at most ``context / 64`` (capped at 128);
-    128 when the context is unknown. An integer is returned as is."""
+def resolve_residual(residual_length, group_size: int, context: int | None, bits: int | None = 4) -> int:
+    """``"auto"``: the largest multiple of ``group_size`` that is at most ``context / 64`` (``/ 16`` at 2 bits),
+    capped at 128; 128 when the context is unknown. An integer is returned as is."""
     if residual_length != "auto":
         return residual_length
     if context is None:
         return MAX_AUTO_RESIDUAL
-    return min(MAX_AUTO_RESIDUAL, context // AUTO_WINDOW_FRACTION // group_size * group_size)
+    frac = AUTO_WINDOW_FRACTION.get(bits, 64)
+    return min(MAX_AUTO_RESIDUAL, context // frac // group_size * group_size)
 
 
 def validate_share(share, n_layers: int | None) -> dict[int, int]:
@@ -59,7 +62,8 @@ class QuantizedKVCache(CompressedKVCache):
     group_size : tokens per key block and (capped at head_dim) channels per value group; one of
         8, 16, 32, 64, 128, 256.
     residual_length : most recent tokens kept in full precision (>= 0), or ``"auto"`` (sized to the
-        context: ``max_cache_len`` or ``context``, see :func:`resolve_residual`).
+        context, ``max_cache_len`` or ``context``: at most 1/64 of it (1/16 at 2 bits) and 128 tokens, see
+        :func:`resolve_residual`).
     config : the model's config (optional): validates that its attention can be served (no MLA or
         cross-attention), finds sliding-window layers and creates one layer per decoder layer.
     num_layers : layer count when no config is given (otherwise layers are created on first use).
@@ -81,7 +85,7 @@ class QuantizedKVCache(CompressedKVCache):
         context: int | None = None,
         share=None,
     ) -> None:
-        residual = resolve_residual(residual_length, group_size, max_cache_len or context)
+        residual = resolve_residual(residual_length, group_size, max_cache_len or context, bits)
         if bits is not None:
             validate_quant_args(bits, group_size, residual)
         if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):

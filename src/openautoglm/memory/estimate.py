@@ -124,8 +124,9 @@ def estimate_memory(
     tp_degree: int = 1,
     logits: str | None = None,
     kv_group_size: int = 64,
-    kv_residual: int = 128,
+    kv_residual: int | str = 128,
     kv_shared_layers: int = 0,
+    kv_static: bool = False,
     device: str | torch.device | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of inference (prefill of ``seq_len`` tokens with a KV cache) or of one
@@ -150,7 +151,9 @@ def estimate_memory(
     logits : ``"all"`` positions or ``"last"`` (default: last for inference, as ``generate`` does; all for train).
         Inference peaks either in the decoder layers or at ``lm_head`` (the logits come after the layers' transients
         are freed): a plain ``model(ids)`` forward returns every position's logits, so estimate it with ``"all"``.
-    kv_group_size, kv_residual : quantized KV cache groups and full-precision recent window (KIVI-style).
+    kv_group_size, kv_residual : quantized KV cache groups and full-precision recent window (KIVI-style;
+        ``"auto"``: sized to ``seq_len`` as ``openautoglm.kv`` does).
+    kv_static : the quantized cache is preallocated for ``seq_len`` tokens (compiled decode, ``Generator(kv=...)``).
     kv_shared_layers : layers whose K/V blocks are freed by cross-layer KV sharing (they reuse a neighbour's).
     device : where training runs (default ``"cuda"``, or the optimizer's parameters' device): decides torch's
         default optimizer implementation.
@@ -205,6 +208,8 @@ def estimate_memory(
     settings = dict(model=s.name, mode=mode, batch=batch, seq_len=seq_len, dtype=str(dtype).replace("torch.", ""),
                     kv_dtype=kv_dtype, quantization=spec, optimizer=opt_spec.name, amp=amp,
                     grad_checkpointing=grad_checkpointing, grad_accum=grad_accum, tp_degree=tp, params=s.n_params)
+    if kv_static:
+        settings["kv_static"] = True
     fm: dict[str, str] = {}
     notes: list[str] = []
     if mode == "inference":
@@ -249,8 +254,11 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
         fm["weights"] = f"{float_params:,} params x {pb:g} B + {s.param_bytes - s.float_param_bytes:,} B as stored (buffers, quantized)"
     if spec:
         w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w, settings["tp_degree"])
-    kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual)
+    kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual, settings.get("kv_static", False))
     fm["kv_cache"] = f"2 x {len(kv_layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
+    if kv_dtype in ("int8", "int4", "int2"):
+        fm["kv_cache"] += (f" (openautoglm KIVI store{', preallocated' if settings.get('kv_static') else ''}: codes + fp16 "
+                           f"scale/min per {group}-token key block and value group + full-precision window {residual})")
     trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
     ids = 8 * T
     # Two moments of the forward; each holds the weights and the whole KV cache. In the decoder layers: the input

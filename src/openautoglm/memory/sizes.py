@@ -96,13 +96,30 @@ def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int, tp: 
     return int(full - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
 
 
-def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual: int) -> int:
+def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual,
+              static: bool = False) -> int:
+    """KV cache bytes. Quantized (int8/int4/int2): openautoglm's KIVI stores (``openautoglm.kv``), term by term:
+    codes ``bits/8`` B per element; float16 scale + minimum per key block of ``group`` tokens and channel
+    (``4 D / group`` B per token and head) and per value group of ``min(group, D)`` channels and token; the
+    full-precision window (``residual``, or ``"auto"``: sized to ``tokens``) holds the ``tokens - nq`` tokens not
+    yet in whole quantized blocks (``nq = group * floor((tokens - residual) / group)``), ``cb`` B per element.
+    ``static``: the preallocated store of ``tokens`` capacity (every block slot, plus a window ring of
+    ``residual + group`` tokens)."""
     if kv_dtype not in _KV_BITS:
         raise ValueError(f"kv_dtype={kv_dtype!r}; accepted: {', '.join(_KV_BITS)}")
     bits = _KV_BITS[kv_dtype]
     elems = sum(2 * L.kv_heads * L.head_dim for L in layers) * batch
     if bits >= 16 or kv_dtype == "fp8":
         return int(elems * tokens * bits / 8)
-    full = min(tokens, residual)           # recent tokens kept in full precision (KIVI residual window)
-    quant = tokens - full
-    return int(elems * (full * cb + quant * bits / 8 + quant * 2 * 2 / group))  # + fp16 scale and zero per group
+    from ..kv.packing import bytes_per_token
+    from ..kv.quantized import resolve_residual
+
+    r = resolve_residual(residual, group, tokens, bits)
+    if static:
+        nq, window = -(-tokens // group) * group, r + group
+    else:
+        nq = max(0, (tokens - r) // group) * group
+        window = tokens - nq
+    total = sum(L.kv_heads * (nq * bytes_per_token(bits, L.head_dim, group, min(group, L.head_dim))
+                              + window * 2 * L.head_dim * cb) for L in layers)
+    return int(total * batch)
