@@ -94,6 +94,9 @@ def run_gpu(args) -> dict:
             res["max_batch"][key] = row
             g.log(t0, "max batch", key, row)
             save()
+    if args.profile:
+        res["profile"] = g.profile_step(model, args.profile, device, weights_step)
+        save()
     summarize_gpu(res)
     save()
     return res
@@ -179,6 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=480.0, help="gpu: skip what is left after this many seconds")
     ap.add_argument("--max-batch-kinds", default="bf16-static,int8,int4,int4+share25")
     ap.add_argument("--max-batch-steps", type=int, default=8)
+    ap.add_argument("--profile", default="", help="gpu: kind@contextxbatch to profile one decode step (kernels)")
     ap.add_argument("--max-tokens", type=int, default=16384, help="quality: held-out tokens for perplexity")
     ap.add_argument("--prompts", type=int, default=8, help="quality: prompts for BLEU")
     ap.add_argument("--sections", default="bytes,ppl,share,attention,bleu", help="quality: what to measure")

@@ -488,3 +488,41 @@ def generator_row(model, kind: str, batch: int, ctx: int, steps: int, device: st
     del gen, st
     free_memory()
     return row
+
+
+@torch.no_grad()
+def profile_step(model, spec: str, device: str, weights_bytes: int, layers: int = 8) -> dict:
+    """Top CUDA kernels of a few Generator decode steps (eager replay of the compiled step) for ``kind@ctx x batch``."""
+    from openautoglm.generate import Generator
+
+    kind, shape = spec.split("@")
+    ctx, batch = (int(x) for x in shape.split("x"))
+    model.config.num_hidden_layers = layers
+    gen = Generator(model, kv=kv_config(kind, layers))
+    gen.layers = gen.layers[:layers]
+    st = gen._buffers(batch, ctx + 64)
+    if "kv" in st:
+        st["kv"].reset()
+        for i, x in enumerate(st["kv"].stores):
+            if i not in st["kv"].share:
+                x.append(*_kv(model, batch, ctx, device, i))
+    st["pos"].fill_(ctx)
+    st["start"].fill_(ctx - 1)
+    sample = (1.0, None, 1.0, False)
+    for _ in range(2):
+        gen._step(st, sample)
+    sync()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            gen._step(st, sample)
+        sync()
+    rows = []
+    dev_t = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
+    for e in sorted(prof.key_averages(), key=lambda e: -dev_t(e))[:15]:
+        rows.append({"kernel": e.key[:90], "calls": e.count, "cuda_us_total": dev_t(e)})
+    print("profile", spec, *rows, sep="\n  ", flush=True)
+    del gen, st
+    free_memory()
+    return {"spec": spec, "layers": layers, "steps": 3, "top_kernels": rows}
