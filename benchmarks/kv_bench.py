@@ -47,8 +47,10 @@ def run_gpu(args) -> dict:
     model = g.build_model(smoke, device)
     n_full = model.config.num_hidden_layers
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    embed = model.get_input_embeddings().weight
     other = sum(p.numel() * p.element_size() for p in model.parameters()) - n_full * layer_bytes
     res["weights_bytes"] = other + n_full * layer_bytes
+    other -= embed.numel() * embed.element_size()  # a decode step reads one embedding row per sequence
     res["decode_layers"] = args.layers
     g.use_layers(model, args.layers)
     weights_step = other + args.layers * layer_bytes
