@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SCALE_FLOOR = 6.103515625e-05  # smallest normal float16: a constant group keeps a non-zero scale
+SCALE_FLOOR = tl.constexpr(6.103515625e-05)  # smallest normal float16: a constant group keeps a non-zero scale
 
 
 @triton.jit
