@@ -23,6 +23,7 @@ from kv_bench_common import RESULTS, environment, print_table, write_json  # noq
 
 def run_gpu(args) -> dict:
     import kv_bench_checks as checks
+    import kv_bench_generator as gr
     import kv_bench_gpu as g
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,7 +68,7 @@ def run_gpu(args) -> dict:
                     res["decode"][key] = "skipped: time budget"
                     continue
                 try:
-                    fn = g.generator_row if kind in g.GENERATOR else g.decode_row
+                    fn = gr.generator_row if kind in g.GENERATOR else g.decode_row
                     row = fn(model, kind, b, ctx, args.steps, device, weights_step)
                 except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
                     row = {"error": repr(e)[:400]}
@@ -97,7 +98,7 @@ def run_gpu(args) -> dict:
             g.log(t0, "max batch", key, row)
             save()
     if args.profile:
-        res["profile"] = g.profile_step(model, args.profile, device, weights_step)
+        res["profile"] = gr.profile_step(model, args.profile, device, weights_step)
         save()
     summarize_gpu(res)
     save()

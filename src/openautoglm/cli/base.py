@@ -219,11 +219,12 @@ def generate(
         torch.manual_seed(seed)  # the same seed on every rank: sampled tokens agree
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-        if kv is None and tp == 1 and torch.device(dev).type == "cuda" and _fast_generate_ok(m):
+        fast_kv = kv is None or (kv.bits is not None and not kv.share)  # the helper keeps quantized caches too
+        if fast_kv and tp == 1 and torch.device(dev).type == "cuda" and _fast_generate_ok(m):
             from ..generate import Generator
 
-            res = Generator(m).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-                                        eos_token_id=tok.eos_token_id)
+            res = Generator(m, kv=kv).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature,
+                                               top_p=top_p, eos_token_id=tok.eos_token_id)
             out = res.tokens
             console.print(f"[dim]compile {res.compile_s:.1f}s, prefill {res.prefill_s * 1e3:.0f} ms, "
                           f"decode {res.tokens_per_s:.1f} tokens/s[/dim]")

@@ -68,6 +68,8 @@ class KVStores:
 
     def __init__(self, kv: KVCacheConfig, config, batch: int, length: int, device, dtype) -> None:
         self.check(kv)
+        # one decode graph per (batch, length) shape and per kind of layer (own store / shared): make room
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         n = _hf.num_layers(config)
         self.share = validate_share(list(kv.share_layers), n)
         residual = resolve_residual(kv.residual_length, kv.group_size, length, kv.bits)

@@ -145,10 +145,17 @@ def triton_available() -> bool:
         return False
 
 
+def channel_part(bits: int, head_dim: int, vgroup: int) -> int:
+    """Channels the decode kernel takes per part: within one packing slice and one value group."""
+    return min(head_dim * bits // 8, vgroup)
+
+
 def kernel_supports(view: StoreView, head_dim: int) -> bool:
-    """Layouts the Triton kernels take (tl.dot needs tiles of 16; aranges need powers of two)."""
+    """Layouts the Triton kernels take: powers of two, tiles of at least 16 for tl.dot, at most 4 channel parts."""
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return view.group >= 16 and head_dim >= 16 and pow2(head_dim) and pow2(view.group) and pow2(view.vgroup)
+    cp = channel_part(view.bits, head_dim, view.vgroup)
+    return (view.group >= 16 and cp >= 16 and head_dim // cp <= 4 and pow2(head_dim) and pow2(view.group)
+            and pow2(view.vgroup))
 
 
 def _use_triton(view: StoreView, t: torch.Tensor) -> bool:
@@ -186,7 +193,8 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
         part.stride(0), part.stride(1), lse.stride(0), lse.stride(1), nsplit,
         HKV=hkv, GRP=grp, BLOCK_H=max(16, triton_next_pow2(grp)), D=d, BITS=view.bits, G=view.group,
         BLOCK_N=min(view.group, 64), GV=view.vgroup, R=view.residual, WINDOW=view.window,
-        RING_FROM_NQ=view.ring_from_nq, HAS_MASK=mask is not None, num_warps=4,
+        RING_FROM_NQ=view.ring_from_nq, HAS_MASK=mask is not None, CP=channel_part(view.bits, d, view.vgroup),
+        num_warps=4,
     )
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     tk.reduce_kernel[(b * hq,)](part, lse, out, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),

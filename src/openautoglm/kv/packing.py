@@ -8,8 +8,10 @@ KIVI layout (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
   channels, each with its own scale and minimum.
 
 Storage (the same for keys and values, so one kernel reads both): every token's ``head_dim`` integer
-codes are packed along the channels, ``8 // bits`` codes a byte (byte ``j`` holds channels
-``j * per + i`` at bit ``bits * i``), giving ``(batch, heads, tokens, head_dim * bits // 8)`` uint8.
+codes are packed along the channels, ``per = 8 // bits`` codes a byte in *split* order: byte ``j`` holds
+channels ``j + i * head_dim / per`` at bit ``bits * i`` (INT4: the low nibbles are the first half of the
+channels, the high nibbles the second half), giving ``(batch, heads, tokens, head_dim * bits // 8)`` uint8.
+A kernel then reads a contiguous range of channels with one shift and one mask, no shuffles.
 Scales and minima are float16: keys ``(batch, heads, tokens // G, head_dim)`` (one row per block),
 values ``(batch, heads, tokens, head_dim // Gv)``. Codes are unsigned, ``round(x - min) / scale`` in
 ``[0, 2**bits - 1]``, rounded half up (``floor(y + 0.5)``, what the Triton kernels compute too).
@@ -30,26 +32,27 @@ def _check_bits(bits: int) -> None:
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integers ``q: (..., g)`` (uint8, values < 2**bits) into ``(..., g * bits // 8)`` bytes."""
+    """Pack unsigned integers ``q: (..., g)`` (uint8, values < 2**bits) into ``(..., g * bits // 8)`` bytes
+    (split order: byte ``j`` holds elements ``j + i * g / per`` at bit ``bits * i``)."""
     _check_bits(bits)
     if bits == 8:
         return q
     per = 8 // bits
     if q.shape[-1] % per:
         raise ValueError(f"last dimension {q.shape[-1]} is not a multiple of {per} for {bits}-bit packing")
-    q = q.view(*q.shape[:-1], q.shape[-1] // per, per)
-    out = q[..., 0].clone()
+    q = q.view(*q.shape[:-1], per, q.shape[-1] // per)
+    out = q[..., 0, :].clone()
     for i in range(1, per):
-        out |= q[..., i] << (bits * i)
+        out |= q[..., i, :] << (bits * i)
     return out
 
 
 def _unpack4(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
+    return torch.cat([p & 15, p >> 4], dim=-1)
 
 
 def _unpack2(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6], dim=-1).flatten(-2)
+    return torch.cat([p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6], dim=-1)
 
 
 # Literal shifts and masks: under torch.compile(dynamic=True) an integer computed from ``bits`` can be
@@ -131,11 +134,13 @@ def quantize_values(v: torch.Tensor, bits: int, group: int):
     returns packed (batch, heads, n, head_dim * bits // 8) uint8 and scale, min
     (batch, heads, n, head_dim // group) float16.
     """
+    _check_bits(bits)
     b, h, n, d = v.shape
     if d % group:
         raise ValueError(f"head_dim={d} is not a multiple of the value group size {group}")
-    packed, scale, mn = quantize(v.reshape(b, h, n, d // group, group), bits)
-    return packed.reshape(b, h, n, d * bits // 8), scale.squeeze(-1), mn.squeeze(-1)
+    x = v.float().reshape(b, h, n, d // group, group)
+    q, scale, mn = _codes(x, x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), bits)
+    return pack(q.reshape(b, h, n, d), bits), scale.squeeze(-1), mn.squeeze(-1)  # packed over the whole head
 
 
 def dequantize_values(packed, scale, mn, bits: int, dtype: torch.dtype) -> torch.Tensor:

@@ -96,7 +96,7 @@ class QuantizedKVCache(CompressedKVCache):
             raise ValueError("bits=None (full precision) is only useful with share=...; use DynamicCache instead")
         if max_cache_len is not None and bits is None:
             raise ValueError("max_cache_len (a preallocated store) needs bits=8, 4 or 2")
-        self.bits, self.group_size, self.residual_length, self.max_cache_len = bits, group_size, residual, max_cache_len
+        self.bits, self.group_size, self.residual_length, self.capacity = bits, group_size, residual, max_cache_len
         windows = _hf.layer_windows(config) if config is not None else None
         if n is None:
             if self.share:
@@ -117,14 +117,14 @@ class QuantizedKVCache(CompressedKVCache):
             if window:
                 raise ValueError("full-precision shared caches do not support sliding-window layers; set bits")
             return FullStore()
-        if self.max_cache_len is not None:
-            return StaticQuantStore(self.bits, self.group_size, self.residual_length, self.max_cache_len, window)
+        if self.capacity is not None:
+            return StaticQuantStore(self.bits, self.group_size, self.residual_length, self.capacity, window)
         return QuantStore(self.bits, self.group_size, self.residual_length, window)
 
     def __repr__(self) -> str:
         return (
             f"QuantizedKVCache(bits={self.bits}, group_size={self.group_size}, residual_length={self.residual_length}, "
-            f"max_cache_len={self.max_cache_len}, shared_layers={len(self.share)}, layers={len(self.layers)})"
+            f"max_cache_len={self.capacity}, shared_layers={len(self.share)}, layers={len(self.layers)})"
         )
 
     def stats(self) -> dict:
@@ -135,7 +135,7 @@ class QuantizedKVCache(CompressedKVCache):
             "bits": self.bits,
             "group_size": self.group_size,
             "residual_length": self.residual_length,
-            "max_cache_len": self.max_cache_len,
+            "max_cache_len": self.capacity,
             "tokens": tokens,
             "quantized_tokens": max(0, (tokens - self.residual_length) // self.group_size * self.group_size)
             if self.bits else 0,

@@ -3,18 +3,20 @@
 * ``decode_kernel``: one decode step of attention (one query token per sequence) read straight from the
   quantized store, flash-decoding style. Program ``(sequence x KV head, split)``: splits ``0..S-1`` each
   take a run of quantized blocks of ``G`` tokens, the last program takes the full-precision window
-  (a ring of ``W`` slots, or an exact-size tail). Codes are unpacked and dequantized in registers
-  (per-channel key scales of the block folded into the query, per-token value groups), scores and the value sum go through
-  ``tl.dot`` with the GQA group's query heads as the rows (padded to 16), and each program writes its
-  normalised partial output and log-sum-exp. ``reduce_kernel`` combines the ``S + 1`` partials.
-  Token validity: ``lo <= pos < L`` (``lo = L - window`` for sliding-window layers) and, optionally, a
-  boolean key mask (padding) indexed by absolute position.
+  (a ring of ``W`` slots, or an exact-size tail). The head dimension is processed in 1, 2 or 4 *parts* of
+  ``CP`` channels, each inside one packing slice (codes = one shift and one mask of contiguous bytes, no
+  shuffles) and one value group. Per-channel key scales are folded into the query
+  (``q.(c*s + m) = (q*s).c + q.m``), per-token value scales into the probabilities
+  (``p @ (c*s + m) = (p*s) @ c + p @ m``), so the codes go to ``tl.dot`` as they are; the rows of the dot are
+  the GQA group's query heads (padded to 16). Each program writes its normalised partial output and
+  log-sum-exp; ``reduce_kernel`` combines the ``S + 1`` partials. Token validity: ``lo <= pos < L``
+  (``lo = L - window`` for sliding-window layers) and, optionally, a boolean key mask (padding).
 * ``append_kernel``: writes one new token per sequence into the window ring and, when the window is
   full (``(L - R) % G == 0``), quantizes its oldest block into the store - the whole decode-time update
   of the static store in one launch, with the length read on the device (no host sync, CUDA-graph safe).
 
-Layouts: see :mod:`openautoglm.kv.packing` (codes packed along channels, byte ``j`` holding channels
-``j * per .. j * per + per - 1``); the store buffers are contiguous in their last two dimensions.
+Layouts: see :mod:`openautoglm.kv.packing` (split-order packing: byte ``j`` holds channels
+``j + i * D / per``); the store buffers are contiguous in their last two dimensions.
 """
 
 from __future__ import annotations
@@ -26,34 +28,59 @@ SCALE_FLOOR = tl.constexpr(6.103515625e-05)  # smallest normal float16: a consta
 
 
 @triton.jit
-def _unpack(p, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """(N, D * BITS // 8) uint8 -> (N, D) float32 codes (channel j * per + i at bits BITS * i of byte j)."""
+def _codes_part(base, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes of channels ``PART * CP .. + CP`` of tokens ``row`` (N,): (N, CP) int32, from split-packed bytes."""
+    DP: tl.constexpr = D * BITS // 8
+    C0: tl.constexpr = PART * CP
+    b = tl.load(base + row[:, None] * DP + (C0 % DP) + tl.arange(0, CP)[None, :])
     if BITS == 8:
-        return p.to(tl.float32)
-    elif BITS == 4:
-        lo = (p & 15).to(tl.float32)
-        hi = (p >> 4).to(tl.float32)
-        return tl.reshape(tl.join(lo, hi), (N, D))
+        return b.to(tl.int32)
     else:
-        c0 = (p & 3).to(tl.float32)
-        c1 = ((p >> 2) & 3).to(tl.float32)
-        c2 = ((p >> 4) & 3).to(tl.float32)
-        c3 = (p >> 6).to(tl.float32)
-        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (N, D))
+        SHIFT: tl.constexpr = (C0 // DP) * BITS
+        return (b.to(tl.int32) >> SHIFT) & ((1 << BITS) - 1)
 
 
 @triton.jit
-def _attend_tile(q, k, bias, v, valid, m_i, l_i, acc):
-    """Online-softmax update with one tile: q (H, D), k/v (N, D) in q's dtype, bias (H,), valid (N,)."""
-    s = tl.dot(q, tl.trans(k)) + bias[:, None]  # (H, N) fp32, q already carries the softmax scale
+def _score_part(q, kqb, ksb, kmb, row, slot, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                BITS: tl.constexpr, dt: tl.constexpr):
+    """Scores (H, N) and bias (H,) of one channel part: q.(c*s + m) = (q*s).c + q.m (key scales folded in q)."""
+    offs = PART * CP + tl.arange(0, CP)
+    ks = tl.load(ksb + slot * D + offs).to(tl.float32)
+    km = tl.load(kmb + slot * D + offs).to(tl.float32)
+    c = _codes_part(kqb, row, PART, CP, D, BITS).to(dt)
+    return tl.dot((q * ks[None, :]).to(dt), tl.trans(c)), tl.sum(q * km[None, :], 1)
+
+
+@triton.jit
+def _value_part(p, acc, vqb, vsb, vmb, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                BITS: tl.constexpr, GV: tl.constexpr, dt: tl.constexpr):
+    """acc (H, CP) += p @ (c * s + m) for one channel part (one value group): (p * s) @ c + (p @ m)."""
+    NVG: tl.constexpr = D // GV
+    g: tl.constexpr = PART * CP // GV
+    vs = tl.load(vsb + row * NVG + g).to(tl.float32)
+    vm = tl.load(vmb + row * NVG + g).to(tl.float32)
+    c = _codes_part(vqb, row, PART, CP, D, BITS).to(dt)
+    return acc + tl.dot((p * vs[None, :]).to(dt), c) + tl.sum(p * vm[None, :], 1)[:, None]
+
+
+@triton.jit
+def _online(s, valid, m_i, l_i):
+    """Softmax bookkeeping of one tile: probabilities (H, N), the rescale of older sums, new max and sum."""
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_part(o_ptr, acc, l_i, heads, hmask, split, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                so_b, so_h, b):
+    ok = l_i > 0
+    out = acc / tl.where(ok, l_i, 1.0)[:, None]
+    offs = PART * CP + tl.arange(0, CP)
+    tl.store(o_ptr + b * so_b + heads[:, None] * so_h + split * D + offs[None, :], out, mask=hmask[:, None])
 
 
 @triton.jit
@@ -63,44 +90,52 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
                   mask_len, so_b, so_h, sl_b, sl_h, n_split,
                   HKV: tl.constexpr, GRP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, GV: tl.constexpr, R: tl.constexpr,
-                  WINDOW: tl.constexpr, RING_FROM_NQ: tl.constexpr, HAS_MASK: tl.constexpr):
+                  WINDOW: tl.constexpr, RING_FROM_NQ: tl.constexpr, HAS_MASK: tl.constexpr, CP: tl.constexpr):
+    """Channels are processed in NP = D / CP parts (1, 2 or 4) of CP channels, each inside one packing slice
+    and one value group, with one accumulator each (acc0..acc3)."""
+    NP: tl.constexpr = D // CP
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
-    DP: tl.constexpr = D * BITS // 8
-    NVG: tl.constexpr = D // GV
     L = tl.load(len_ptr).to(tl.int32)
     nq = (tl.maximum(L - R, 0) // G) * G
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(L - WINDOW, 0)
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, D)
-    offs_p = tl.arange(0, DP)
+    offs_c = tl.arange(0, CP)
     hmask = offs_h < GRP
-    q = tl.load(q_ptr + b * sq_b + (hk * GRP + offs_h)[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None],
-                other=0.0)
-    dt = q.dtype
-    qf = q.to(tl.float32) * sm_scale
-    q = qf.to(dt)
+    heads = hk * GRP + offs_h
+    qb = q_ptr + b * sq_b + heads[:, None] * sq_h + offs_c[None, :]
+    q0 = tl.load(qb, mask=hmask[:, None], other=0.0)
+    dt = q0.dtype
+    q0 = q0.to(tl.float32) * sm_scale
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if NP > 1:
+        q1 = tl.load(qb + CP, mask=hmask[:, None], other=0.0).to(tl.float32) * sm_scale
+    if NP > 2:
+        q2 = tl.load(qb + 2 * CP, mask=hmask[:, None], other=0.0).to(tl.float32) * sm_scale
+        q3 = tl.load(qb + 3 * CP, mask=hmask[:, None], other=0.0).to(tl.float32) * sm_scale
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, D), tl.float32)
+    acc0 = tl.zeros((BLOCK_H, CP), tl.float32)
+    acc1 = tl.zeros((BLOCK_H, CP), tl.float32)
+    acc2 = tl.zeros((BLOCK_H, CP), tl.float32)
+    acc3 = tl.zeros((BLOCK_H, CP), tl.float32)
     if split < n_split:  # a run of quantized blocks
         start = lo // G + split * blocks_per_split
         stop = tl.minimum(start + blocks_per_split, nq // G)
         kqb = kq_ptr + b * skq_b + hk * skq_h
+        ksb = ks_ptr + b * sks_b + hk * sks_h
+        kmb = km_ptr + b * sks_b + hk * sks_h
         vqb = vq_ptr + b * svq_b + hk * svq_h
         vsb = vs_ptr + b * svs_b + hk * svs_h
         vmb = vm_ptr + b * svs_b + hk * svs_h
         for blk in range(start, stop):
             slot = (blk - blk_base) % n_block_slots
-            ks = tl.load(ks_ptr + b * sks_b + hk * sks_h + slot * D + offs_d).to(tl.float32)
-            km = tl.load(km_ptr + b * sks_b + hk * sks_h + slot * D + offs_d).to(tl.float32)
-            # per-channel key scales folded into the query: q.(c*s + m) = (q*s).c + q.m
-            qs = (qf * ks[None, :]).to(dt)
-            bias = tl.sum(qf * km[None, :], 1)
             for t in tl.static_range(G // BLOCK_N):
                 offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
                 pos = blk * G + offs_n
@@ -109,34 +144,62 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
                 if HAS_MASK:
                     mv = tl.load(mask_ptr + b * smask_b + pos, mask=pos < mask_len, other=0)
                     valid = valid & (mv != 0)
-                k = _unpack(tl.load(kqb + row[:, None] * DP + offs_p[None, :]), BLOCK_N, D, BITS).to(dt)
-                vc = _unpack(tl.load(vqb + row[:, None] * DP + offs_p[None, :]), BLOCK_N, D, BITS)
-                gidx = row[:, None] * NVG + (offs_d // GV)[None, :]
-                v = (vc * tl.load(vsb + gidx).to(tl.float32) + tl.load(vmb + gidx).to(tl.float32)).to(dt)
-                m_i, l_i, acc = _attend_tile(qs, k, bias, v, valid, m_i, l_i, acc)
+                s, bias = _score_part(q0, kqb, ksb, kmb, row, slot, 0, CP, D, BITS, dt)
+                if NP > 1:
+                    s1, b1 = _score_part(q1, kqb, ksb, kmb, row, slot, 1, CP, D, BITS, dt)
+                    s += s1
+                    bias += b1
+                if NP > 2:
+                    s2, b2 = _score_part(q2, kqb, ksb, kmb, row, slot, 2, CP, D, BITS, dt)
+                    s3, b3 = _score_part(q3, kqb, ksb, kmb, row, slot, 3, CP, D, BITS, dt)
+                    s += s2 + s3
+                    bias += b2 + b3
+                p, alpha, m_i, l_i = _online(s + bias[:, None], valid, m_i, l_i)
+                acc0 = _value_part(p, acc0 * alpha[:, None], vqb, vsb, vmb, row, 0, CP, D, BITS, GV, dt)
+                if NP > 1:
+                    acc1 = _value_part(p, acc1 * alpha[:, None], vqb, vsb, vmb, row, 1, CP, D, BITS, GV, dt)
+                if NP > 2:
+                    acc2 = _value_part(p, acc2 * alpha[:, None], vqb, vsb, vmb, row, 2, CP, D, BITS, GV, dt)
+                    acc3 = _value_part(p, acc3 * alpha[:, None], vqb, vsb, vmb, row, 3, CP, D, BITS, GV, dt)
     else:  # the full-precision window: positions max(nq, lo) .. L - 1
         r_lo = tl.maximum(nq, lo)
         rkb = rk_ptr + b * sr_b + hk * sr_h
         rvb = rv_ptr + b * sr_b + hk * sr_h
         for p0 in range(r_lo, L, BLOCK_N):
             pos = p0 + tl.arange(0, BLOCK_N)
-            valid = pos < L
+            inside = pos < L
+            valid = inside
             if HAS_MASK:
-                mv = tl.load(mask_ptr + b * smask_b + pos, mask=valid & (pos < mask_len), other=0)
+                mv = tl.load(mask_ptr + b * smask_b + pos, mask=inside & (pos < mask_len), other=0)
                 valid = valid & (mv != 0)
             if RING_FROM_NQ:
                 slot = pos - nq
             else:
                 slot = pos % ring_size
-            ptr = slot[:, None] * D + offs_d[None, :]
-            k = tl.load(rkb + ptr, mask=(pos < L)[:, None], other=0.0).to(dt)
-            v = tl.load(rvb + ptr, mask=(pos < L)[:, None], other=0.0).to(dt)
-            m_i, l_i, acc = _attend_tile(q, k, tl.zeros((BLOCK_H,), tl.float32), v, valid, m_i, l_i, acc)
+            kp = rkb + slot[:, None] * D + offs_c[None, :]
+            vp = rvb + slot[:, None] * D + offs_c[None, :]
+            s = tl.dot(q0.to(dt), tl.trans(tl.load(kp, mask=inside[:, None], other=0.0).to(dt)))
+            if NP > 1:
+                s += tl.dot(q1.to(dt), tl.trans(tl.load(kp + CP, mask=inside[:, None], other=0.0).to(dt)))
+            if NP > 2:
+                s += tl.dot(q2.to(dt), tl.trans(tl.load(kp + 2 * CP, mask=inside[:, None], other=0.0).to(dt)))
+                s += tl.dot(q3.to(dt), tl.trans(tl.load(kp + 3 * CP, mask=inside[:, None], other=0.0).to(dt)))
+            p, alpha, m_i, l_i = _online(s, valid, m_i, l_i)
+            pd = p.to(dt)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pd, tl.load(vp, mask=inside[:, None], other=0.0).to(dt))
+            if NP > 1:
+                acc1 = acc1 * alpha[:, None] + tl.dot(pd, tl.load(vp + CP, mask=inside[:, None], other=0.0).to(dt))
+            if NP > 2:
+                acc2 = acc2 * alpha[:, None] + tl.dot(pd, tl.load(vp + 2 * CP, mask=inside[:, None], other=0.0).to(dt))
+                acc3 = acc3 * alpha[:, None] + tl.dot(pd, tl.load(vp + 3 * CP, mask=inside[:, None], other=0.0).to(dt))
+    _store_part(o_ptr, acc0, l_i, heads, hmask, split, 0, CP, D, so_b, so_h, b)
+    if NP > 1:
+        _store_part(o_ptr, acc1, l_i, heads, hmask, split, 1, CP, D, so_b, so_h, b)
+    if NP > 2:
+        _store_part(o_ptr, acc2, l_i, heads, hmask, split, 2, CP, D, so_b, so_h, b)
+        _store_part(o_ptr, acc3, l_i, heads, hmask, split, 3, CP, D, so_b, so_h, b)
     ok = l_i > 0
-    out = acc / tl.where(ok, l_i, 1.0)[:, None]
     lse = tl.where(ok, m_i + tl.log(tl.where(ok, l_i, 1.0)), float("-inf"))
-    heads = hk * GRP + offs_h
-    tl.store(o_ptr + b * so_b + heads[:, None] * so_h + split * D + offs_d[None, :], out, mask=hmask[:, None])
     tl.store(lse_ptr + b * sl_b + heads * sl_h + split, lse, mask=hmask)
 
 
@@ -159,14 +222,14 @@ def reduce_kernel(o_ptr, lse_ptr, out_ptr, so_b, so_h, sl_b, sl_h, sout_b, sout_
 
 @triton.jit
 def _pack(codes, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """(N, D) int32 codes -> (N, D * BITS // 8) uint8 (inverse of ``_unpack``)."""
+    """(N, D) int32 codes -> (N, D * BITS // 8) uint8: byte j holds channels j + i * D / per at bits BITS * i."""
     if BITS == 8:
         return codes.to(tl.uint8)
     else:
         PER: tl.constexpr = 8 // BITS
-        c3 = tl.reshape(codes, (N, D // PER, PER))
+        c3 = tl.reshape(codes, (N, PER, D // PER))  # split order: slice i -> bits BITS * i
         shifts = tl.arange(0, PER) * BITS
-        return tl.sum(c3 << shifts[None, None, :], 2).to(tl.uint8)
+        return tl.sum(c3 << shifts[None, :, None], 1).to(tl.uint8)
 
 
 @triton.jit
