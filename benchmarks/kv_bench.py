@@ -147,7 +147,7 @@ def copy_bandwidth(device: str) -> float:
 
 
 def plot_gpu(path: Path) -> Path:
-    """PNG next to the GPU JSON: KV bytes vs context, decode tokens/s at 8k (first run)."""
+    """PNG next to the GPU JSON: decode tokens/s vs the bf16 static cache, and the largest batch that fits."""
     import json
 
     import matplotlib
@@ -155,18 +155,26 @@ def plot_gpu(path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = json.loads(path.read_text())["runs"]["run1"]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [2048, 8192, 32768]
-    for kind in ["bf16-dynamic", "int8", "int4", "int2", "hf-quanto-int4"]:
-        ax[0].plot(xs, [d["kv_bytes"][f"{kind}@{c}"]["bytes"] / 2**30 for c in xs], marker="o", label=kind)
-    ax[0].set_xscale("log", base=2)
-    ax[0].set(xlabel="context (tokens)", ylabel="KV cache GiB (allocated)", title="7B-shaped Llama, batch 1, H100")
-    ax[0].legend()
-    names = list(d["decode"])
-    ax[1].bar(names, [d["decode"][n]["tokens_per_s"] for n in names])
-    ax[1].set(ylabel="tokens/s", title="decode at 8k context, batch 1 (run 1, eager dequantize)")
-    ax[1].tick_params(axis="x", rotation=30)
+    d = json.loads(path.read_text())
+    kinds = ["int8", "int4", "int4+share25", "hf-bf16-static", "hf-quanto-int4"]
+    shapes = sorted({k.split("@")[1] for k in d["decode"]}, key=lambda s: [int(x) for x in s.split("x")])
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ys = [d["decode"].get(f"{kind}@{s}", {}).get("vs_bf16_static", float("nan")) for s in shapes]
+        ax[0].bar([j + i * w for j in range(len(shapes))], ys, w, label=kind)
+    ax[0].axhline(1.0, color="k", lw=0.8)
+    ax[0].set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))], [s.replace("x", " x b") for s in shapes])
+    ax[0].set(ylabel="decode tokens/s vs bf16 static (Generator)", title=f"7B-shaped, {d['decode_layers']} layers, H100")
+    ax[0].legend(fontsize=8)
+    mk = ["bf16-static", "int8", "int4", "int4+share25"]
+    ctxs = sorted({int(k.split("@")[1]) for k in d["max_batch"]})
+    for i, kind in enumerate(mk):
+        ys = [d["max_batch"].get(f"{kind}@{c}", {}).get("max_batch", 0) for c in ctxs]
+        ax[1].bar([j + i * 0.2 for j in range(len(ctxs))], ys, 0.2, label=kind)
+    ax[1].set_xticks([j + 0.3 for j in range(len(ctxs))], [f"{c // 1024}k context" for c in ctxs])
+    ax[1].set(ylabel="largest batch (80 GB, full 7B, one decode step)", title="sequences that fit")
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=100)
