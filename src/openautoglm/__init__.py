@@ -47,6 +47,9 @@ _register_lazy({
     "MemoryProfiler": "openautoglm.memory.profile",
     "plan_training": "openautoglm.memory.plan",
 })
+_register_lazy({  # KV cache: fused decode attention, calibrated cross-layer sharing
+    "enable_fused_attention": "openautoglm.kv.attention", "search_sharing": "openautoglm.kv.share_search",
+})
 _register_lazy({  # pruning
     "HeadPruneConfig": "openautoglm.prune", "sparsify": "openautoglm.prune", "SparsityConfig": "openautoglm.prune",
     "low_rank": "openautoglm.prune", "LowRankConfig": "openautoglm.prune", "recover": "openautoglm.prune",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -46,16 +45,16 @@ def test_inside_the_window_it_is_the_full_attention_cache():
     assert torch.equal(windowed, full)
 
 
-@pytest.mark.parametrize("cap", [None, 120])
-def test_beyond_the_window_matches_transformers_sliding_cache(cap):
+def test_beyond_the_window_matches_transformers_sliding_cache():
+    """Growing store (dequantize + sdpa) and preallocated store (fused decode): both a ring of the window."""
     model = _tiny_mistral()
-    ids = torch.randint(2, 512, (2, 110), generator=torch.Generator().manual_seed(2))
-    ref = _logits(model, ids, DynamicCache(config=model.config), 70)
+    ids = torch.randint(2, 512, (1, 90), generator=torch.Generator().manual_seed(2))
+    ref = _logits(model, ids, DynamicCache(config=model.config), 60)
     outs = []
-    for fused in (False, True):
-        (enable_fused_attention if fused else disable_fused_attention)(model)
+    for cap in (None, 96):
+        (enable_fused_attention if cap else disable_fused_attention)(model)
         cache = QuantizedKVCache(8, 16, 16, config=model.config, max_cache_len=cap)
-        outs.append(_logits(model, ids, cache, 70))
+        outs.append(_logits(model, ids, cache, 60))
         slot = cache.layers[0].slot
         assert slot.ks.shape[2] <= WINDOW // 16 + 1  # a ring of the window's size, not the whole context
     disable_fused_attention(model)
