@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _hf
+from ..quant.kernels import fused_decode
 from . import ops
 from .config import KVCacheConfig
 from .quantized import resolve_residual, validate_share
@@ -27,9 +28,10 @@ def _qkv(layer: nn.Module, h, cos, sin, rope):
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     hd = attn.head_dim
-    q = attn.q_proj(x).view(b, t, -1, hd)
-    k = attn.k_proj(x).view(b, t, -1, hd)
-    v = attn.v_proj(x).view(b, t, -1, hd)
+    qkv = fused_decode(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # quantized weights: one launch at batch 1
+    if qkv is None:
+        qkv = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q, k, v = (y.view(b, t, -1, hd) for y in qkv)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -38,9 +40,11 @@ def _qkv(layer: nn.Module, h, cos, sin, rope):
 
 def _finish(layer: nn.Module, h, o):
     """o: (batch, tokens, heads, head_dim) attention output -> the layer's output hidden states."""
+    from ..generate import _mlp  # the Generator's MLP step (gate/up in one launch for quantized weights)
+
     b, t = o.shape[:2]
     h = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
 
 
 def layer_decode(layer: nn.Module, h, cos, sin, rope, kq, ks, km, vq, vs, vm, rk, rv, length, layout: list,
