@@ -168,18 +168,31 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def n_splits(batch_heads: int, max_blocks: int, device: torch.device) -> int:
-    """Splits of the context so that about four programs per multiprocessor run (at least one block each)."""
-    return max(1, min(max_blocks, -(-4 * _multiprocessors(device) // max(batch_heads, 1)), 64))
+# Launch configuration of the decode kernel: ``per_sm`` programs per multiprocessor that the context splits aim
+# for, at most ``max_split`` splits, at least ``min_blocks`` quantized blocks per split; ``share_bytes``: load a
+# tile's packed bytes once for every channel part (INT4/INT2). Tuned on the H100 (benchmarks/kv_kernel_sweep.py).
+DECODE_CONFIG = dict(per_sm=4, max_split=64, min_blocks=1, num_warps=4, num_stages=3, share_bytes=False)
 
 
-def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def n_splits(batch_heads: int, max_blocks: int, device: torch.device, cfg: dict | None = None) -> int:
+    """Splits of the context so that about ``per_sm`` programs per multiprocessor run (at least ``min_blocks``
+    blocks each)."""
+    cfg = cfg or DECODE_CONFIG
+    most = max(1, max_blocks // max(cfg["min_blocks"], 1))
+    want = -(-cfg["per_sm"] * _multiprocessors(device) // max(batch_heads, 1))
+    return max(1, min(most, want, cfg["max_split"]))
+
+
+def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  cfg: dict | None = None) -> torch.Tensor:
+    """Fused decode attention; ``cfg`` overrides :data:`DECODE_CONFIG` (keys of the same names)."""
     from . import triton_kernels as tk
 
+    cfg = {**DECODE_CONFIG, **(cfg or {})}
     b, hq, _, d = q.shape
     hkv = view.rk.shape[1]
     grp = hq // hkv
-    nsplit = n_splits(b * hkv, max(view.max_blocks, 1), q.device)
+    nsplit = n_splits(b * hkv, max(view.max_blocks, 1), q.device, cfg)
     per_split = -(-max(view.max_blocks, 1) // nsplit)
     part = torch.empty(b, hq, nsplit + 1, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, nsplit + 1, device=q.device, dtype=torch.float32)
@@ -194,7 +207,7 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
         HKV=hkv, GRP=grp, BLOCK_H=max(16, triton_next_pow2(grp)), D=d, BITS=view.bits, G=view.group,
         BLOCK_N=min(view.group, 64), GV=view.vgroup, R=view.residual, WINDOW=view.window,
         RING_FROM_NQ=view.ring_from_nq, HAS_MASK=mask is not None, CP=channel_part(view.bits, d, view.vgroup),
-        num_warps=4,
+        SHARE_BYTES=bool(cfg["share_bytes"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     tk.reduce_kernel[(b * hq,)](part, lse, out, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),

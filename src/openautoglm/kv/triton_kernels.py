@@ -41,25 +41,42 @@ def _codes_part(base, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def _score_part(q, kqb, ksb, kmb, row, slot, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                BITS: tl.constexpr, dt: tl.constexpr):
+def _bytes_all(base, row, D: tl.constexpr, BITS: tl.constexpr):
+    """All packed bytes of tokens ``row`` (N,): (N, D * BITS // 8) int32 -- loaded once when every channel part
+    lives in the same bytes (INT4/INT2 with one part per packing slice)."""
+    DP: tl.constexpr = D * BITS // 8
+    return tl.load(base + row[:, None] * DP + tl.arange(0, DP)[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _part_codes(base, row, allb, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                SHARED: tl.constexpr):
+    if SHARED:  # CP == D * BITS // 8: part PART is slice PART of the same bytes
+        return (allb >> (PART * BITS)) & ((1 << BITS) - 1)
+    else:
+        return _codes_part(base, row, PART, CP, D, BITS)
+
+
+@triton.jit
+def _score_part(q, kqb, ksb, kmb, row, slot, kall, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                BITS: tl.constexpr, dt: tl.constexpr, SHARED: tl.constexpr):
     """Scores (H, N) and bias (H,) of one channel part: q.(c*s + m) = (q*s).c + q.m (key scales folded in q)."""
     offs = PART * CP + tl.arange(0, CP)
     ks = tl.load(ksb + slot * D + offs).to(tl.float32)
     km = tl.load(kmb + slot * D + offs).to(tl.float32)
-    c = _codes_part(kqb, row, PART, CP, D, BITS).to(dt)
+    c = _part_codes(kqb, row, kall, PART, CP, D, BITS, SHARED).to(dt)
     return tl.dot((q * ks[None, :]).to(dt), tl.trans(c)), tl.sum(q * km[None, :], 1)
 
 
 @triton.jit
-def _value_part(p, acc, vqb, vsb, vmb, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                BITS: tl.constexpr, GV: tl.constexpr, dt: tl.constexpr):
+def _value_part(p, acc, vqb, vsb, vmb, row, vall, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                BITS: tl.constexpr, GV: tl.constexpr, dt: tl.constexpr, SHARED: tl.constexpr):
     """acc (H, CP) += p @ (c * s + m) for one channel part (one value group): (p * s) @ c + (p @ m)."""
     NVG: tl.constexpr = D // GV
     g: tl.constexpr = PART * CP // GV
     vs = tl.load(vsb + row * NVG + g).to(tl.float32)
     vm = tl.load(vmb + row * NVG + g).to(tl.float32)
-    c = _codes_part(vqb, row, PART, CP, D, BITS).to(dt)
+    c = _part_codes(vqb, row, vall, PART, CP, D, BITS, SHARED).to(dt)
     return acc + tl.dot((p * vs[None, :]).to(dt), c) + tl.sum(p * vm[None, :], 1)[:, None]
 
 
@@ -90,10 +107,14 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
                   mask_len, so_b, so_h, sl_b, sl_h, n_split,
                   HKV: tl.constexpr, GRP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, GV: tl.constexpr, R: tl.constexpr,
-                  WINDOW: tl.constexpr, RING_FROM_NQ: tl.constexpr, HAS_MASK: tl.constexpr, CP: tl.constexpr):
+                  WINDOW: tl.constexpr, RING_FROM_NQ: tl.constexpr, HAS_MASK: tl.constexpr, CP: tl.constexpr,
+                  SHARE_BYTES: tl.constexpr):
     """Channels are processed in NP = D / CP parts (1, 2 or 4) of CP channels, each inside one packing slice
-    and one value group, with one accumulator each (acc0..acc3)."""
+    and one value group, with one accumulator each (acc0..acc3). ``SHARE_BYTES`` (only where
+    ``CP == D * BITS // 8``, INT4/INT2): a tile's packed bytes are loaded once and every part takes its bits
+    from them, instead of one load per part of the same bytes."""
     NP: tl.constexpr = D // CP
+    SHARED: tl.constexpr = SHARE_BYTES and (CP == D * BITS // 8) and BITS < 8
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -144,23 +165,31 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
                 if HAS_MASK:
                     mv = tl.load(mask_ptr + b * smask_b + pos, mask=pos < mask_len, other=0)
                     valid = valid & (mv != 0)
-                s, bias = _score_part(q0, kqb, ksb, kmb, row, slot, 0, CP, D, BITS, dt)
+                kall = 0
+                vall = 0
+                if SHARED:
+                    kall = _bytes_all(kqb, row, D, BITS)
+                    vall = _bytes_all(vqb, row, D, BITS)
+                s, bias = _score_part(q0, kqb, ksb, kmb, row, slot, kall, 0, CP, D, BITS, dt, SHARED)
                 if NP > 1:
-                    s1, b1 = _score_part(q1, kqb, ksb, kmb, row, slot, 1, CP, D, BITS, dt)
+                    s1, b1 = _score_part(q1, kqb, ksb, kmb, row, slot, kall, 1, CP, D, BITS, dt, SHARED)
                     s += s1
                     bias += b1
                 if NP > 2:
-                    s2, b2 = _score_part(q2, kqb, ksb, kmb, row, slot, 2, CP, D, BITS, dt)
-                    s3, b3 = _score_part(q3, kqb, ksb, kmb, row, slot, 3, CP, D, BITS, dt)
+                    s2, b2 = _score_part(q2, kqb, ksb, kmb, row, slot, kall, 2, CP, D, BITS, dt, SHARED)
+                    s3, b3 = _score_part(q3, kqb, ksb, kmb, row, slot, kall, 3, CP, D, BITS, dt, SHARED)
                     s += s2 + s3
                     bias += b2 + b3
                 p, alpha, m_i, l_i = _online(s + bias[:, None], valid, m_i, l_i)
-                acc0 = _value_part(p, acc0 * alpha[:, None], vqb, vsb, vmb, row, 0, CP, D, BITS, GV, dt)
+                acc0 = _value_part(p, acc0 * alpha[:, None], vqb, vsb, vmb, row, vall, 0, CP, D, BITS, GV, dt, SHARED)
                 if NP > 1:
-                    acc1 = _value_part(p, acc1 * alpha[:, None], vqb, vsb, vmb, row, 1, CP, D, BITS, GV, dt)
+                    acc1 = _value_part(p, acc1 * alpha[:, None], vqb, vsb, vmb, row, vall, 1, CP, D, BITS, GV, dt,
+                                       SHARED)
                 if NP > 2:
-                    acc2 = _value_part(p, acc2 * alpha[:, None], vqb, vsb, vmb, row, 2, CP, D, BITS, GV, dt)
-                    acc3 = _value_part(p, acc3 * alpha[:, None], vqb, vsb, vmb, row, 3, CP, D, BITS, GV, dt)
+                    acc2 = _value_part(p, acc2 * alpha[:, None], vqb, vsb, vmb, row, vall, 2, CP, D, BITS, GV, dt,
+                                       SHARED)
+                    acc3 = _value_part(p, acc3 * alpha[:, None], vqb, vsb, vmb, row, vall, 3, CP, D, BITS, GV, dt,
+                                       SHARED)
     else:  # the full-precision window: positions max(nq, lo) .. L - 1
         r_lo = tl.maximum(nq, lo)
         rkb = rk_ptr + b * sr_b + hk * sr_h

@@ -1,0 +1,158 @@
+"""Launch configurations of the fused quantized-KV decode kernel, one layer, against bf16 flash decoding.
+
+For each (bits, context, batch) of a 7B-shaped layer (32 KV heads x 128, group 64, residual 128): a static
+store filled with random codes/scales, the float reference checked once per configuration (relative error),
+then the kernel (decode + reduce) timed in a CUDA graph (median of replays) over store copies that exceed L2.
+The bf16 reference is ``scaled_dot_product_attention`` of one query over a bf16 K/V of the same context (what
+the static bf16 cache runs). Figures: microseconds, bytes read, GB/s, and the copy rate of the same run.
+
+    python benchmarks/kv_kernel_sweep.py --smoke          # CPU, Triton interpreter, tiny shapes
+    python benchmarks/kv_kernel_sweep.py --out $OUT       # H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from openautoglm.kv import ops  # noqa: E402
+from openautoglm.kv.static_store import StaticQuantStore  # noqa: E402
+
+
+def time_us(fns, reps: int = 7) -> float:
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t) / len(fns) * 1e6
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    calls = max(len(fns), 20 // len(fns) * len(fns))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(ts)
+
+
+def make_store(bits, batch, hkv, d, ctx, dev, dtype):
+    st = StaticQuantStore(bits, 64, 128, ctx + 64)
+    k1 = torch.zeros(batch, hkv, 1, d, device=dev, dtype=dtype)
+    st._check(k1, k1)
+    for t in (st.kq, st.vq):
+        t.random_(0, 256)
+    for t in (st.ks, st.vs):
+        t.uniform_(0.005, 0.05)
+    for t in (st.km, st.vm):
+        t.uniform_(-1.0, 0.0)
+    for t in (st.rk, st.rv):
+        t.normal_()
+    st.length_t.fill_(ctx)
+    st._host_len = ctx
+    return st
+
+
+def store_bytes(st) -> int:
+    return sum(t.numel() * t.element_size() for t in (st.kq, st.ks, st.km, st.vq, st.vs, st.vm, st.rk, st.rv))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    t0 = time.time()
+    if args.smoke:
+        hkv, d, cases = 2, 128, [(4, 512, 1), (8, 512, 1)]
+        grid = [dict(), dict(share_bytes=True, per_sm=16, num_warps=8, num_stages=2)]
+    else:
+        hkv, d = 32, 128
+        cases = [(b, c, n) for c, n in ((8192, 1), (8192, 8), (32768, 1), (32768, 8)) for b in (4, 8)]
+        grid = [dict(per_sm=ps, num_warps=nw, num_stages=ns, share_bytes=sb, max_split=256)
+                for ps, nw, ns, sb in itertools.product((4, 16, 64), (4, 8), (1, 3), (False, True))]
+        grid = [dict()] + grid
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "git_commit": os.environ.get("OAG_GIT_COMMIT", "?"),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "layer": f"{hkv} KV heads x {d}, 32 query heads, group 64, residual 128", "rows": []}
+    if dev.type == "cuda":
+        a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        b_ = torch.empty_like(a)
+        res["copy_GBps"] = 2 * a.numel() / time_us([lambda: b_.copy_(a)]) / 1e3
+        del a, b_
+        print("copy GB/s", round(res["copy_GBps"]))
+    for bits, ctx, batch in cases:
+        per = store_bytes(make_store(bits, batch, hkv, d, ctx, dev, dtype)) if dev.type == "cuda" else 1
+        ncopy = max(2, min(8, -(-120_000_000 // per))) if dev.type == "cuda" else 1
+        stores = [make_store(bits, batch, hkv, d, ctx, dev, dtype) for _ in range(ncopy)]
+        q = torch.randn(batch, 32, 1, d, device=dev, dtype=dtype)
+        scale = d ** -0.5
+        ref = ops.decode_reference(stores[0].view(), q, None, scale).float()
+        row = {"bits": bits, "context": ctx, "batch": batch, "bytes": store_bytes(stores[0]), "configs": []}
+        kk = [torch.randn(batch, 32, ctx, d, device=dev, dtype=dtype) for _ in range(max(2, min(4, -(-120_000_000 // (batch * 32 * ctx * d * 4)))))]
+        vv = [torch.randn_like(k) for k in kk]
+        if dev.type == "cuda":
+            row["bf16_sdpa_us"] = time_us([lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, scale=scale)
+                                           for k, v in zip(kk, vv)])
+            row["bf16_bytes"] = 2 * batch * 32 * ctx * d * 2
+            row["bf16_GBps"] = row["bf16_bytes"] / row["bf16_sdpa_us"] / 1e3
+        del kk, vv
+        best = None
+        for cfg in grid:
+            if time.time() - t0 > args.budget_s:
+                row["skipped_after_budget"] = True
+                break
+            try:
+                got = ops.decode_triton(stores[0].view(), q, None, scale, cfg).float()
+                err = float((got - ref).norm() / ref.norm())
+                us = time_us([lambda s=s: ops.decode_triton(s.view(), q, None, scale, cfg) for s in stores])
+            except Exception as e:  # noqa: BLE001 - a configuration that fails is recorded
+                row["configs"].append({"cfg": cfg, "error": repr(e)[:300]})
+                continue
+            gbps = row["bytes"] / us / 1e3
+            row["configs"].append({"cfg": cfg, "us": round(us, 2), "GBps": round(gbps, 1), "rel_err": err})
+            if err < 2e-2 and (best is None or us < best["us"]):
+                best = {"cfg": cfg, "us": us, "GBps": gbps, "rel_err": err}
+        row["default_us"] = row["configs"][0].get("us") if row["configs"] else None
+        row["best"] = best
+        if best and "bf16_sdpa_us" in row:
+            row["best_vs_bf16"] = row["bf16_sdpa_us"] / best["us"]
+        res["rows"].append(row)
+        print(f"int{bits} ctx {ctx} b{batch}: {row['bytes'] / 1e6:.1f} MB default {row['default_us']} us, best "
+              f"{best and round(best['us'], 1)} us ({best and round(best['GBps'])} GB/s) {best and best['cfg']}; "
+              f"bf16 sdpa {row.get('bf16_sdpa_us', 0):.1f} us ({row.get('bf16_GBps', 0):.0f} GB/s)", flush=True)
+        del stores
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    res["wall_s"] = time.time() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_kernel_sweep.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
