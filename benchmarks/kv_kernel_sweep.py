@@ -85,21 +85,21 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200.0)
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
     t0 = time.time()
     if args.smoke:
         hkv, d, cases = 2, 128, [(4, 512, 1), (8, 512, 1)]
-        grid = [dict(), dict(share_bytes=True, per_sm=16, num_warps=8, num_stages=2)]
+        grid = [dict(), dict(share_bytes=False, magic=False, per_sm=4, num_warps=8, num_stages=2)]
     else:
         hkv, d = 32, 128
         cases = [(b, c, n) for c, n in ((8192, 1), (8192, 8), (32768, 1), (32768, 8)) for b in (4, 8)]
-        grid = [dict(per_sm=ps, num_warps=nw, num_stages=ns, share_bytes=sb, max_split=256)
-                for ps, nw, ns, sb in itertools.product((4, 16, 64), (4, 8), (1, 3), (False, True))]
-        grid = [dict()] + grid
+        grid = [dict(per_sm=ps, num_warps=nw, share_bytes=sb, magic=mg)
+                for mg, sb, ps, nw in itertools.product((True, False), (True, False), (16, 4, 64), (4, 8))]
+        grid = [dict()] + grid  # the defaults (ops.DECODE_CONFIG) first
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "git_commit": os.environ.get("OAG_GIT_COMMIT", "?"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "layer": f"{hkv} KV heads x {d}, 32 query heads, group 64, residual 128", "rows": []}
+           "defaults": dict(ops.DECODE_CONFIG), "layer": f"{hkv} KV heads x {d}, 32 query heads, group 64, residual 128", "rows": []}
     if dev.type == "cuda":
         a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
         b_ = torch.empty_like(a)

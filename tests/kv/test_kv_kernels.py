@@ -64,6 +64,20 @@ SCRIPT = textwrap.dedent("""
         exact = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=m, scale=d ** -0.5)
         cos = float(torch.nn.functional.cosine_similarity(got.flatten(), exact.transpose(1, 2).flatten(), 0))
         assert cos > {8: 0.999, 4: 0.98, 2: 0.75}[bits], (bits, cos)
+    # half-precision queries: codes OR-ed into fp16 1024.0 (no int->float conversion), the offset taken off
+    # through the bias; must match the converting kernel and the reference (bf16 0x4300 is the same code with
+    # another constant; the interpreter's bf16 is not usable, the GPU benchmark checks it)
+    for bits, d, hkv, grp in ((4, 64, 2, 2), (2, 64, 1, 4), (8, 64, 2, 1)):
+        k, v = torch.randn(2, hkv, 200, d), torch.randn(2, hkv, 200, d)
+        st = StaticQuantStore(bits, 16, 16, 256)
+        st.append(k.half(), v.half())
+        q = torch.randn(2, hkv * grp, 1, d).half()
+        want = ops.decode_reference(st.view(), q, None, d ** -0.5).float()
+        assert ops.magic_bits(q.dtype, bits) == 0x6400 and ops.magic_bits(torch.bfloat16, 8) == 0
+        for cfg in (dict(magic=False), dict(magic=True, share_bytes=True)):
+            got = ops.decode_triton(st.view(), q, None, d ** -0.5, cfg).float()
+            rel = float((got - want).norm() / want.norm())
+            assert rel < 2e-3, (bits, cfg, rel)
     print("OK")
 """)
 

@@ -171,7 +171,19 @@ def _multiprocessors(device: torch.device) -> int:
 # Launch configuration of the decode kernel: ``per_sm`` programs per multiprocessor that the context splits aim
 # for, at most ``max_split`` splits, at least ``min_blocks`` quantized blocks per split; ``share_bytes``: load a
 # tile's packed bytes once for every channel part (INT4/INT2). Tuned on the H100 (benchmarks/kv_kernel_sweep.py).
-DECODE_CONFIG = dict(per_sm=4, max_split=64, min_blocks=1, num_warps=4, num_stages=3, share_bytes=False)
+DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=True)
+
+
+def magic_bits(dtype: torch.dtype, bits: int, enabled: bool = True) -> int:
+    """The float bits the decode kernel ORs codes into (0: convert them): bf16 128.0 for codes under 128,
+    fp16 1024.0 for any code width here; float32 inputs are converted (the GPU's float32 dot rounds to tf32)."""
+    if not enabled:
+        return 0
+    if dtype == torch.bfloat16 and bits <= 4:
+        return 0x4300
+    if dtype == torch.float16:
+        return 0x6400
+    return 0
 
 
 def n_splits(batch_heads: int, max_blocks: int, device: torch.device, cfg: dict | None = None) -> int:
@@ -207,7 +219,8 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
         HKV=hkv, GRP=grp, BLOCK_H=max(16, triton_next_pow2(grp)), D=d, BITS=view.bits, G=view.group,
         BLOCK_N=min(view.group, 64), GV=view.vgroup, R=view.residual, WINDOW=view.window,
         RING_FROM_NQ=view.ring_from_nq, HAS_MASK=mask is not None, CP=channel_part(view.bits, d, view.vgroup),
-        SHARE_BYTES=bool(cfg["share_bytes"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SHARE_BYTES=bool(cfg["share_bytes"]), MAGIC=magic_bits(q.dtype, view.bits, cfg["magic"]),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     tk.reduce_kernel[(b * hq,)](part, lse, out, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),

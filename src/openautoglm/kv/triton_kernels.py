@@ -28,56 +28,90 @@ SCALE_FLOOR = tl.constexpr(6.103515625e-05)  # smallest normal float16: a consta
 
 
 @triton.jit
-def _codes_part(base, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """Codes of channels ``PART * CP .. + CP`` of tokens ``row`` (N,): (N, CP) int32, from split-packed bytes."""
-    DP: tl.constexpr = D * BITS // 8
-    C0: tl.constexpr = PART * CP
-    b = tl.load(base + row[:, None] * DP + (C0 % DP) + tl.arange(0, CP)[None, :])
-    if BITS == 8:
-        return b.to(tl.int32)
+def _itype(MAGIC: tl.constexpr):
+    """Integer type the codes are unpacked in: int16 when they become 16-bit floats by their bits (MAGIC)."""
+    if MAGIC != 0:
+        return tl.int16
     else:
-        SHIFT: tl.constexpr = (C0 // DP) * BITS
-        return (b.to(tl.int32) >> SHIFT) & ((1 << BITS) - 1)
+        return tl.int32
 
 
 @triton.jit
-def _bytes_all(base, row, D: tl.constexpr, BITS: tl.constexpr):
-    """All packed bytes of tokens ``row`` (N,): (N, D * BITS // 8) int32 -- loaded once when every channel part
+def _codes_part(base, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                MAGIC: tl.constexpr):
+    """Codes of channels ``PART * CP .. + CP`` of tokens ``row`` (N,): (N, CP) integers, from split-packed bytes."""
+    DP: tl.constexpr = D * BITS // 8
+    C0: tl.constexpr = PART * CP
+    b = tl.load(base + row[:, None] * DP + (C0 % DP) + tl.arange(0, CP)[None, :]).to(_itype(MAGIC))
+    if BITS == 8:
+        return b
+    else:
+        SHIFT: tl.constexpr = (C0 // DP) * BITS
+        return (b >> SHIFT) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _to_dot(c, dt: tl.constexpr, MAGIC: tl.constexpr):
+    """Codes as the dot's input type. ``MAGIC`` (bf16 ``0x4300`` = 128.0 for codes under 128, fp16 ``0x6400`` =
+    1024.0 for codes under 1024): the code is OR-ed into the mantissa of that float, which reads as
+    ``OFF + code`` exactly -- no integer-to-float conversion (a quarter-rate instruction that bounded the kernel);
+    the callers take ``OFF`` off through the bias. Without MAGIC (float32), a conversion."""
+    if MAGIC != 0:
+        return (c | MAGIC).to(dt, bitcast=True)
+    else:
+        return c.to(dt)
+
+
+@triton.jit
+def _bytes_all(base, row, D: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """All packed bytes of tokens ``row`` (N,): (N, D * BITS // 8) integers -- loaded once when every channel part
     lives in the same bytes (INT4/INT2 with one part per packing slice)."""
     DP: tl.constexpr = D * BITS // 8
-    return tl.load(base + row[:, None] * DP + tl.arange(0, DP)[None, :]).to(tl.int32)
+    return tl.load(base + row[:, None] * DP + tl.arange(0, DP)[None, :]).to(_itype(MAGIC))
 
 
 @triton.jit
 def _part_codes(base, row, allb, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                SHARED: tl.constexpr):
+                SHARED: tl.constexpr, MAGIC: tl.constexpr):
     if SHARED:  # CP == D * BITS // 8: part PART is slice PART of the same bytes
         return (allb >> (PART * BITS)) & ((1 << BITS) - 1)
     else:
-        return _codes_part(base, row, PART, CP, D, BITS)
+        return _codes_part(base, row, PART, CP, D, BITS, MAGIC)
 
 
 @triton.jit
 def _score_part(q, kqb, ksb, kmb, row, slot, kall, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                BITS: tl.constexpr, dt: tl.constexpr, SHARED: tl.constexpr):
-    """Scores (H, N) and bias (H,) of one channel part: q.(c*s + m) = (q*s).c + q.m (key scales folded in q)."""
+                BITS: tl.constexpr, dt: tl.constexpr, SHARED: tl.constexpr, MAGIC: tl.constexpr, OFF: tl.constexpr):
+    """Scores (H, N) and bias (H,) of one channel part: q.(c*s + m) = (q*s).c + q.m (key scales folded in q).
+    With MAGIC the dot reads ``OFF + c``: the bias takes ``OFF * sum(q*s)`` off, summed over the same rounded
+    ``q*s`` the dot multiplies (so the large terms cancel up to float32 rounding)."""
     offs = PART * CP + tl.arange(0, CP)
     ks = tl.load(ksb + slot * D + offs).to(tl.float32)
     km = tl.load(kmb + slot * D + offs).to(tl.float32)
-    c = _part_codes(kqb, row, kall, PART, CP, D, BITS, SHARED).to(dt)
-    return tl.dot((q * ks[None, :]).to(dt), tl.trans(c)), tl.sum(q * km[None, :], 1)
+    qs = (q * ks[None, :]).to(dt)
+    c = _to_dot(_part_codes(kqb, row, kall, PART, CP, D, BITS, SHARED, MAGIC), dt, MAGIC)
+    bias = tl.sum(q * km[None, :], 1)
+    if MAGIC != 0:
+        bias -= OFF * tl.sum(qs.to(tl.float32), 1)
+    return tl.dot(qs, tl.trans(c)), bias
 
 
 @triton.jit
 def _value_part(p, acc, vqb, vsb, vmb, row, vall, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                BITS: tl.constexpr, GV: tl.constexpr, dt: tl.constexpr, SHARED: tl.constexpr):
-    """acc (H, CP) += p @ (c * s + m) for one channel part (one value group): (p * s) @ c + (p @ m)."""
+                BITS: tl.constexpr, GV: tl.constexpr, dt: tl.constexpr, SHARED: tl.constexpr, MAGIC: tl.constexpr,
+                OFF: tl.constexpr):
+    """acc (H, CP) += p @ (c * s + m) for one channel part (one value group): (p * s) @ c + (p @ m)
+    (with MAGIC, minus ``OFF * sum(p * s)`` per row, over the rounded ``p * s``)."""
     NVG: tl.constexpr = D // GV
     g: tl.constexpr = PART * CP // GV
     vs = tl.load(vsb + row * NVG + g).to(tl.float32)
     vm = tl.load(vmb + row * NVG + g).to(tl.float32)
-    c = _part_codes(vqb, row, vall, PART, CP, D, BITS, SHARED).to(dt)
-    return acc + tl.dot((p * vs[None, :]).to(dt), c) + tl.sum(p * vm[None, :], 1)[:, None]
+    ps = (p * vs[None, :]).to(dt)
+    c = _to_dot(_part_codes(vqb, row, vall, PART, CP, D, BITS, SHARED, MAGIC), dt, MAGIC)
+    corr = tl.sum(p * vm[None, :], 1)
+    if MAGIC != 0:
+        corr -= OFF * tl.sum(ps.to(tl.float32), 1)
+    return acc + tl.dot(ps, c) + corr[:, None]
 
 
 @triton.jit
@@ -108,13 +142,14 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
                   HKV: tl.constexpr, GRP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, GV: tl.constexpr, R: tl.constexpr,
                   WINDOW: tl.constexpr, RING_FROM_NQ: tl.constexpr, HAS_MASK: tl.constexpr, CP: tl.constexpr,
-                  SHARE_BYTES: tl.constexpr):
+                  SHARE_BYTES: tl.constexpr, MAGIC: tl.constexpr):
     """Channels are processed in NP = D / CP parts (1, 2 or 4) of CP channels, each inside one packing slice
     and one value group, with one accumulator each (acc0..acc3). ``SHARE_BYTES`` (only where
     ``CP == D * BITS // 8``, INT4/INT2): a tile's packed bytes are loaded once and every part takes its bits
     from them, instead of one load per part of the same bytes."""
     NP: tl.constexpr = D // CP
     SHARED: tl.constexpr = SHARE_BYTES and (CP == D * BITS // 8) and BITS < 8
+    OFF: tl.constexpr = 128.0 if MAGIC == 0x4300 else 1024.0
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -168,28 +203,28 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
                 kall = 0
                 vall = 0
                 if SHARED:
-                    kall = _bytes_all(kqb, row, D, BITS)
-                    vall = _bytes_all(vqb, row, D, BITS)
-                s, bias = _score_part(q0, kqb, ksb, kmb, row, slot, kall, 0, CP, D, BITS, dt, SHARED)
+                    kall = _bytes_all(kqb, row, D, BITS, MAGIC)
+                    vall = _bytes_all(vqb, row, D, BITS, MAGIC)
+                s, bias = _score_part(q0, kqb, ksb, kmb, row, slot, kall, 0, CP, D, BITS, dt, SHARED, MAGIC, OFF)
                 if NP > 1:
-                    s1, b1 = _score_part(q1, kqb, ksb, kmb, row, slot, kall, 1, CP, D, BITS, dt, SHARED)
+                    s1, b1 = _score_part(q1, kqb, ksb, kmb, row, slot, kall, 1, CP, D, BITS, dt, SHARED, MAGIC, OFF)
                     s += s1
                     bias += b1
                 if NP > 2:
-                    s2, b2 = _score_part(q2, kqb, ksb, kmb, row, slot, kall, 2, CP, D, BITS, dt, SHARED)
-                    s3, b3 = _score_part(q3, kqb, ksb, kmb, row, slot, kall, 3, CP, D, BITS, dt, SHARED)
+                    s2, b2 = _score_part(q2, kqb, ksb, kmb, row, slot, kall, 2, CP, D, BITS, dt, SHARED, MAGIC, OFF)
+                    s3, b3 = _score_part(q3, kqb, ksb, kmb, row, slot, kall, 3, CP, D, BITS, dt, SHARED, MAGIC, OFF)
                     s += s2 + s3
                     bias += b2 + b3
                 p, alpha, m_i, l_i = _online(s + bias[:, None], valid, m_i, l_i)
-                acc0 = _value_part(p, acc0 * alpha[:, None], vqb, vsb, vmb, row, vall, 0, CP, D, BITS, GV, dt, SHARED)
+                acc0 = _value_part(p, acc0 * alpha[:, None], vqb, vsb, vmb, row, vall, 0, CP, D, BITS, GV, dt, SHARED, MAGIC, OFF)
                 if NP > 1:
                     acc1 = _value_part(p, acc1 * alpha[:, None], vqb, vsb, vmb, row, vall, 1, CP, D, BITS, GV, dt,
-                                       SHARED)
+                                       SHARED, MAGIC, OFF)
                 if NP > 2:
                     acc2 = _value_part(p, acc2 * alpha[:, None], vqb, vsb, vmb, row, vall, 2, CP, D, BITS, GV, dt,
-                                       SHARED)
+                                       SHARED, MAGIC, OFF)
                     acc3 = _value_part(p, acc3 * alpha[:, None], vqb, vsb, vmb, row, vall, 3, CP, D, BITS, GV, dt,
-                                       SHARED)
+                                       SHARED, MAGIC, OFF)
     else:  # the full-precision window: positions max(nq, lo) .. L - 1
         r_lo = tl.maximum(nq, lo)
         rkb = rk_ptr + b * sr_b + hk * sr_h
