@@ -28,21 +28,16 @@ SCALE_FLOOR = tl.constexpr(6.103515625e-05)  # smallest normal float16: a consta
 
 
 @triton.jit
-def _itype(MAGIC: tl.constexpr):
-    """Integer type the codes are unpacked in: int16 when they become 16-bit floats by their bits (MAGIC)."""
-    if MAGIC != 0:
-        return tl.int16
-    else:
-        return tl.int32
-
-
-@triton.jit
 def _codes_part(base, row, PART: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                 MAGIC: tl.constexpr):
     """Codes of channels ``PART * CP .. + CP`` of tokens ``row`` (N,): (N, CP) integers, from split-packed bytes."""
     DP: tl.constexpr = D * BITS // 8
     C0: tl.constexpr = PART * CP
-    b = tl.load(base + row[:, None] * DP + (C0 % DP) + tl.arange(0, CP)[None, :]).to(_itype(MAGIC))
+    b = tl.load(base + row[:, None] * DP + (C0 % DP) + tl.arange(0, CP)[None, :])
+    if MAGIC != 0:  # the codes become 16-bit floats by their bits: unpack them in 16 bits
+        b = b.to(tl.int16)
+    else:
+        b = b.to(tl.int32)
     if BITS == 8:
         return b
     else:
@@ -67,7 +62,11 @@ def _bytes_all(base, row, D: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constex
     """All packed bytes of tokens ``row`` (N,): (N, D * BITS // 8) integers -- loaded once when every channel part
     lives in the same bytes (INT4/INT2 with one part per packing slice)."""
     DP: tl.constexpr = D * BITS // 8
-    return tl.load(base + row[:, None] * DP + tl.arange(0, DP)[None, :]).to(_itype(MAGIC))
+    b = tl.load(base + row[:, None] * DP + tl.arange(0, DP)[None, :])
+    if MAGIC != 0:
+        return b.to(tl.int16)
+    else:
+        return b.to(tl.int32)
 
 
 @triton.jit
