@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent("""
         q = torch.randn(2, hkv * grp, 1, d).half()
         want = ops.decode_reference(st.view(), q, None, d ** -0.5).float()
         assert ops.magic_bits(q.dtype, bits) == 0x6400 and ops.magic_bits(torch.bfloat16, 8) == 0
-        for cfg in (dict(magic=False), dict(magic=True, share_bytes=True)):
+        for cfg in (dict(magic=False), dict(magic=True, share_bytes=True), dict(magic=True, share_bytes=False)):
             got = ops.decode_triton(st.view(), q, None, d ** -0.5, cfg).float()
             rel = float((got - want).norm() / want.norm())
             assert rel < 2e-3, (bits, cfg, rel)

@@ -170,8 +170,12 @@ def _multiprocessors(device: torch.device) -> int:
 
 # Launch configuration of the decode kernel: ``per_sm`` programs per multiprocessor that the context splits aim
 # for, at most ``max_split`` splits, at least ``min_blocks`` quantized blocks per split; ``share_bytes``: load a
-# tile's packed bytes once for every channel part (INT4/INT2). Tuned on the H100 (benchmarks/kv_kernel_sweep.py).
-DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=True)
+# tile's packed bytes once for every channel part (INT4/INT2); ``magic``: codes become 16-bit floats by their
+# bits instead of a conversion. Chosen from benchmarks/results/kv_kernel_sweep.json (H100, 7B layer, INT4/INT8 at
+# 8k/32k, batch 1/8): 16 programs per SM and shared bytes were fastest or within 1% everywhere; ``magic`` was
+# no faster (and 20% slower combined with shared bytes), so it is off -- the kernel is not bound by the
+# conversions (see the README's KV section for where its time goes).
+DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=False)
 
 
 def magic_bits(dtype: torch.dtype, bits: int, enabled: bool = True) -> int:
