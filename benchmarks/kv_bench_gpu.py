@@ -376,9 +376,11 @@ def max_batch(model, kind: str, ctx: int, device: str, per_seq: int, time_steps:
            "tried": {str(k): v for k, v in sorted(tried.items())}, "predicted_per_seq_bytes": per_seq}
     if best:
         r = fits(model, kind, best, ctx, device, time_steps=time_steps)
-        if r is None and best > 1:  # the timed run (graph pool) did not fit: time one sequence less
-            r = fits(model, kind, best - 1, ctx, device, time_steps=time_steps)
-            res["timed_batch"] = best - 1
+        b = best
+        while r is None and b > max(1, best - 4):  # the timed run (graph pool) did not fit: fewer sequences
+            b -= 1
+            r = fits(model, kind, b, ctx, device, time_steps=time_steps)
+            res["timed_batch"] = b
         if r is not None:
             res.update({k: v for k, v in r.items() if k != "batch"})
     return res
