@@ -155,9 +155,9 @@ def test_include_exclude_patterns(include, exclude):
 from openautoglm.kv.cache import SUPPORTED_GROUP_SIZES  # noqa: E402
 
 KV = {
-    "bits": field(None, 2, 4, 8), "group_size": field(*SUPPORTED_GROUP_SIZES), "residual_length": field(0, 1, 8, 128),
-    "share": field(False, True), "share_start": field(None, 0, 1, 5), "share_threshold": field(0.9, -1.0, 1.0, 0),
-    "version": field(1),
+    "bits": field(None, 2, 4, 8), "group_size": field(*SUPPORTED_GROUP_SIZES),
+    "residual_length": field(0, 1, 8, 128, "auto"), "share": field(False, True), "share_start": field(None, 0, 1, 5),
+    "share_threshold": field(0.9, -1.0, 1.0, 0), "version": field(2),
 }
 
 

@@ -40,8 +40,9 @@ class KVCacheConfig:
         C.integer("share_start", self.share_start, min=0, optional=True)
         object.__setattr__(self, "share_threshold", C.number("share_threshold (a cosine)", self.share_threshold,
                                                              min=-1.0, max=1.0))
-        if not C._is_int(self.version) or self.version not in (1, 2):
-            raise ValueError(f"KVCacheConfig version {self.version!r} is not supported (this build reads 1 and 2)")
+        if not C._is_int(self.version) or self.version != 2:
+            raise ValueError(f"KVCacheConfig version {self.version!r} is not supported (this build writes 2; "
+                             "version-1 files are read by KVCacheConfig.from_dict)")
         try:
             pairs = tuple(tuple(int(x) for x in p) for p in self.share_layers)
         except (TypeError, ValueError):
@@ -81,7 +82,10 @@ class KVCacheConfig:
             raise ValueError(f"unknown KVCacheConfig keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
         d["share_layers"] = tuple(tuple(p) for p in d.get("share_layers", ()))
-        d["version"] = cls.version
+        version = d.get("version", 1)
+        if not C._is_int(version) or version not in (1, 2):
+            raise ValueError(f"KVCacheConfig version {version!r} is not supported (this build reads 1 and 2)")
+        d["version"] = cls.version  # version 1 (no share_layers, no "auto" window) reads as the same cache
         return cls(**d)
 
     def build(self, model_config, *, max_cache_len: int | None = None, context: int | None = None):
