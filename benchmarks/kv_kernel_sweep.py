@@ -89,13 +89,15 @@ def main() -> None:
     t0 = time.time()
     if args.smoke:
         hkv, d, cases = 2, 128, [(4, 512, 1), (8, 512, 1)]
-        grid = [dict(), dict(share_bytes=False, magic=False, per_sm=4, num_warps=8, num_stages=2)]
+        grid = [dict(), dict(vec=False, share_bytes=False, magic=False, per_sm=4, num_warps=8, num_stages=2),
+                dict(vec=True, vec_block_n=16, vec_per_sm=1)]
     else:
         hkv, d = 32, 128
         cases = [(b, c, n) for c, n in ((8192, 1), (8192, 8), (32768, 1), (32768, 8)) for b in (4, 8)]
-        grid = [dict(per_sm=ps, num_warps=nw, share_bytes=sb, magic=mg)
-                for mg, sb, ps, nw in itertools.product((True, False), (True, False), (16, 4, 64), (4, 8))]
-        grid = [dict()] + grid  # the defaults (ops.DECODE_CONFIG) first
+        dot = dict(vec=False, per_sm=16, num_warps=4, share_bytes=True, magic=False)  # the tl.dot kernel's defaults
+        grid = [dict(), dot, dict(dot, magic=True, share_bytes=False), dict(dot, per_sm=4)]
+        grid += [dict(vec=True, vec_block_n=bn, vec_num_warps=nw, vec_per_sm=ps)
+                 for bn, nw in ((32, 4), (64, 4), (64, 8)) for ps in (4, 16)]
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "git_commit": os.environ.get("OAG_GIT_COMMIT", "?"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -175,7 +175,9 @@ def _multiprocessors(device: torch.device) -> int:
 # 8k/32k, batch 1/8): 16 programs per SM and shared bytes were fastest or within 1% everywhere; ``magic`` was
 # no faster (and 20% slower combined with shared bytes), so it is off -- the kernel is not bound by the
 # conversions (see the README's KV section for where its time goes).
-DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=False)
+DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=False,
+                     vec=True, vec_block_n=64, vec_per_sm=16, vec_num_warps=4, vec_num_stages=3)
+# ``vec``: GQA group 1 takes :func:`.triton_vec.decode_vec_kernel` (no tl.dot; ``vec_*`` keys are its launch).
 
 
 def magic_bits(dtype: torch.dtype, bits: int, enabled: bool = True) -> int:
@@ -208,24 +210,34 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
     b, hq, _, d = q.shape
     hkv = view.rk.shape[1]
     grp = hq // hkv
+    vec = bool(cfg["vec"]) and grp == 1
+    if vec:
+        cfg = {**cfg, "per_sm": cfg["vec_per_sm"]}
     nsplit = n_splits(b * hkv, max(view.max_blocks, 1), q.device, cfg)
     per_split = -(-max(view.max_blocks, 1) // nsplit)
     part = torch.empty(b, hq, nsplit + 1, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, nsplit + 1, device=q.device, dtype=torch.float32)
     m = mask if mask is not None else view.length
-    tk.decode_kernel[(b * hkv, nsplit + 1)](
-        q, view.kq, view.ks, view.km, view.vq, view.vs, view.vm, view.rk, view.rv, view.length, m, part, lse,
-        scale, per_split, view.ring_size, view.n_block_slots, view.blk_base,
-        q.stride(0), q.stride(1), view.kq.stride(0), view.kq.stride(1), view.ks.stride(0), view.ks.stride(1),
-        view.vq.stride(0), view.vq.stride(1), view.vs.stride(0), view.vs.stride(1), view.rk.stride(0),
-        view.rk.stride(1), m.stride(0) if mask is not None else 0, m.shape[-1] if mask is not None else 0,
-        part.stride(0), part.stride(1), lse.stride(0), lse.stride(1), nsplit,
-        HKV=hkv, GRP=grp, BLOCK_H=max(16, triton_next_pow2(grp)), D=d, BITS=view.bits, G=view.group,
-        BLOCK_N=min(view.group, 64), GV=view.vgroup, R=view.residual, WINDOW=view.window,
-        RING_FROM_NQ=view.ring_from_nq, HAS_MASK=mask is not None, CP=channel_part(view.bits, d, view.vgroup),
-        SHARE_BYTES=bool(cfg["share_bytes"]), MAGIC=magic_bits(q.dtype, view.bits, cfg["magic"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args = (q, view.kq, view.ks, view.km, view.vq, view.vs, view.vm, view.rk, view.rv, view.length, m, part, lse,
+            scale, per_split, view.ring_size, view.n_block_slots, view.blk_base,
+            q.stride(0), q.stride(1), view.kq.stride(0), view.kq.stride(1), view.ks.stride(0), view.ks.stride(1),
+            view.vq.stride(0), view.vq.stride(1), view.vs.stride(0), view.vs.stride(1), view.rk.stride(0),
+            view.rk.stride(1), m.stride(0) if mask is not None else 0, m.shape[-1] if mask is not None else 0,
+            part.stride(0), part.stride(1), lse.stride(0), lse.stride(1), nsplit)
+    common = dict(HKV=hkv, D=d, BITS=view.bits, G=view.group, GV=view.vgroup, R=view.residual, WINDOW=view.window,
+                  RING_FROM_NQ=view.ring_from_nq, HAS_MASK=mask is not None,
+                  CP=channel_part(view.bits, d, view.vgroup))
+    if vec:
+        from . import triton_vec
+
+        triton_vec.decode_vec_kernel[(b * hkv, nsplit + 1)](
+            *args, BLOCK_N=min(view.group, int(cfg["vec_block_n"])), **common,
+            num_warps=cfg["vec_num_warps"], num_stages=cfg["vec_num_stages"])
+    else:
+        tk.decode_kernel[(b * hkv, nsplit + 1)](
+            *args, GRP=grp, BLOCK_H=max(16, triton_next_pow2(grp)), BLOCK_N=min(view.group, 64), **common,
+            SHARE_BYTES=bool(cfg["share_bytes"]), MAGIC=magic_bits(q.dtype, view.bits, cfg["magic"]),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     tk.reduce_kernel[(b * hq,)](part, lse, out, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),
                                 out.stride(0), out.stride(2), hq, nsplit + 1, D=d,
