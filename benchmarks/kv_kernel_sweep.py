@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--quick", action="store_true", help="the defaults, the tl.dot kernel and two vec launches only")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
@@ -98,6 +99,8 @@ def main() -> None:
         grid = [dict(), dot, dict(dot, magic=True, share_bytes=False), dict(dot, per_sm=4)]
         grid += [dict(vec=True, vec_block_n=bn, vec_num_warps=nw, vec_per_sm=ps)
                  for bn, nw in ((32, 4), (64, 4), (64, 8)) for ps in (4, 16)]
+        if args.quick:
+            grid = grid[:2] + [dict(vec_per_sm=16), dict(vec_block_n=32, vec_per_sm=16)]
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "git_commit": os.environ.get("OAG_GIT_COMMIT", "?"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -52,8 +52,9 @@ SCRIPT = textwrap.dedent("""
         assert ops.kernel_supports(st.view(), d)
         for s in (st, dyn):
             want = ops.decode_reference(s.view(), q, mask, d ** -0.5)
-            # the default launch, then bytes shared by the channel parts with more, shorter splits
-            for cfg in (None, dict(share_bytes=True, per_sm=64, min_blocks=1, num_warps=8)):
+            # the default launch (group 1: the tl.dot-free kernel), the tl.dot kernel, bytes shared by the
+            # channel parts with more, shorter splits
+            for cfg in (None, dict(vec=False), dict(share_bytes=True, per_sm=64, min_blocks=1, num_warps=8)):
                 got = ops.decode_triton(s.view(), q, mask, d ** -0.5, cfg)
                 rel = float((got - want).norm() / want.norm())
                 assert got.shape == (b, 1, hkv * grp, d) and rel < 1e-5, (bits, type(s).__name__, cfg, rel)
@@ -81,13 +82,56 @@ SCRIPT = textwrap.dedent("""
     print("OK")
 """)
 
+# GQA group 1 takes the tl.dot-free kernel (triton_vec): against the float reference for INT2/4/8, tiles of a
+# whole block or part of one, a padding mask, a sliding window (empty leading splits), a store shorter than
+# its window (only the full-precision program has work), many short splits and one long one; groups 4 and
+# 8 in the same store layouts keep the tl.dot kernel (vec on or off must not change them).
+VEC_SCRIPT = textwrap.dedent("""
+    import torch
+    from openautoglm.kv import ops
+    from openautoglm.kv.static_store import StaticQuantStore
+    from openautoglm.kv.stores import QuantStore
+    torch.manual_seed(1)
+    for bits, g, r, cap, win, hkv, grp, d, b, L, use_mask, bn in [
+            (4, 16, 16, 160, 0, 2, 1, 64, 2, 150, True, 16),
+            (8, 32, 16, 256, 0, 1, 1, 64, 1, 200, False, 16),
+            (2, 16, 16, 200, 48, 1, 1, 64, 1, 190, True, 16),
+            (4, 32, 0, 128, 0, 2, 1, 32, 1, 100, False, 32),
+            (4, 16, 16, 64, 0, 1, 1, 32, 1, 5, False, 16),
+            (8, 16, 16, 96, 0, 1, 4, 32, 1, 70, True, 16),
+            (4, 16, 16, 96, 0, 1, 8, 32, 1, 90, False, 16)]:
+        k = torch.randn(b, hkv, L, d); v = torch.randn(b, hkv, L, d); k[..., 1] *= 10
+        for st in (StaticQuantStore(bits, g, r, cap, win), QuantStore(bits, g, r, win)):
+            st.append(k, v)
+            q = torch.randn(b, hkv * grp, 1, d)
+            mask = None
+            if use_mask:
+                mask = torch.rand(b, L + 3) > 0.3; mask[:, L - 1] = True
+            assert ops.kernel_supports(st.view(), d)
+            want = ops.decode_reference(st.view(), q, mask, d ** -0.5)
+            for cfg in (None, dict(vec_block_n=bn, vec_per_sm=64, reduce_block_d=16),
+                        dict(vec_block_n=g, vec_per_sm=1)):
+                got = ops.decode_triton(st.view(), q, mask, d ** -0.5, cfg)
+                rel = float((got - want).norm() / want.norm())
+                assert got.shape == (b, 1, hkv * grp, d) and rel < 1e-5, (bits, grp, type(st).__name__, cfg, rel)
+    print("OK")
+""")
 
-def test_kv_kernels_in_interpreter():
+
+def _run_interpreted(script: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     probe = subprocess.run([sys.executable, "-c", "import triton"], env=env, capture_output=True)
     if probe.returncode:
         pytest.skip("triton is not installed")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     if "only 0-dimensional arrays" in r.stderr:
         pytest.skip("this numpy is too new for triton's interpreter")
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_kv_vec_kernel_in_interpreter():
+    _run_interpreted(VEC_SCRIPT)
+
+
+def test_kv_kernels_in_interpreter():
+    _run_interpreted(SCRIPT)

@@ -168,16 +168,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-# Launch configuration of the decode kernel: ``per_sm`` programs per multiprocessor that the context splits aim
+# Launch configuration of the decode kernels: ``per_sm`` programs per multiprocessor that the context splits aim
 # for, at most ``max_split`` splits, at least ``min_blocks`` quantized blocks per split; ``share_bytes``: load a
 # tile's packed bytes once for every channel part (INT4/INT2); ``magic``: codes become 16-bit floats by their
-# bits instead of a conversion. Chosen from benchmarks/results/kv_kernel_sweep.json (H100, 7B layer, INT4/INT8 at
-# 8k/32k, batch 1/8): 16 programs per SM and shared bytes were fastest or within 1% everywhere; ``magic`` was
-# no faster (and 20% slower combined with shared bytes), so it is off -- the kernel is not bound by the
-# conversions (see the README's KV section for where its time goes).
+# bits instead of a conversion. ``vec``: GQA group 1 takes :func:`.triton_vec.decode_vec_kernel` (no tl.dot),
+# launched with the ``vec_*`` keys; ``reduce_block_d``: channels per program of the reduce. Chosen from
+# benchmarks/results/kv_kernel_sweep.json (H100, 7B layer, INT4/INT8 at 8k/32k, batch 1/8): at group 1 the
+# vec kernel with 64-token tiles and 4 programs per SM was within 8% of the fastest launch in every case and
+# 0.87x / 0.75x the time of the tl.dot kernel at 8k batch 1 (INT4 / INT8); for the tl.dot kernel (groups > 1)
+# 16 programs per SM and shared bytes, ``magic`` no faster. Where the time goes: see the README's KV section.
 DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=False,
-                     vec=True, vec_block_n=64, vec_per_sm=16, vec_num_warps=4, vec_num_stages=3)
-# ``vec``: GQA group 1 takes :func:`.triton_vec.decode_vec_kernel` (no tl.dot; ``vec_*`` keys are its launch).
+                     vec=True, vec_block_n=64, vec_per_sm=4, vec_num_warps=4, vec_num_stages=3,
+                     reduce_block_d=32)
 
 
 def magic_bits(dtype: torch.dtype, bits: int, enabled: bool = True) -> int:
@@ -239,9 +241,10 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
             SHARE_BYTES=bool(cfg["share_bytes"]), MAGIC=magic_bits(q.dtype, view.bits, cfg["magic"]),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
-    tk.reduce_kernel[(b * hq,)](part, lse, out, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),
-                                out.stride(0), out.stride(2), hq, nsplit + 1, D=d,
-                                BLOCK_P=triton_next_pow2(nsplit + 1))
+    bd = min(d, int(cfg["reduce_block_d"]))
+    tk.reduce_kernel[(b * hq, d // bd)](part, lse, out, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),
+                                        out.stride(0), out.stride(2), hq, nsplit + 1, D=d,
+                                        BLOCK_P=triton_next_pow2(nsplit + 1), BLOCK_D=bd)
     return out
 
 

@@ -9,7 +9,8 @@
   (``q.(c*s + m) = (q*s).c + q.m``), per-token value scales into the probabilities
   (``p @ (c*s + m) = (p*s) @ c + p @ m``), so the codes go to ``tl.dot`` as they are; the rows of the dot are
   the GQA group's query heads (padded to 16). Each program writes its normalised partial output and
-  log-sum-exp; ``reduce_kernel`` combines the ``S + 1`` partials. Token validity: ``lo <= pos < L``
+  log-sum-exp; ``reduce_kernel`` combines the ``S + 1`` partials (a program per head and channel chunk).
+  Token validity: ``lo <= pos < L``
   (``lo = L - window`` for sliding-window layers) and, optionally, a boolean key mask (padding).
 * ``append_kernel``: writes one new token per sequence into the window ring and, when the window is
   full (``(L - R) % G == 0``), quantizes its oldest block into the store - the whole decode-time update
@@ -268,12 +269,15 @@ def decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, rk_ptr,
 
 @triton.jit
 def reduce_kernel(o_ptr, lse_ptr, out_ptr, so_b, so_h, sl_b, sl_h, sout_b, sout_h, n_heads, n_part,
-                  D: tl.constexpr, BLOCK_P: tl.constexpr):
+                  D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (sequence x query head, channel chunk): the ``n_part`` partials of ``BLOCK_D`` channels weighted
+    by their log-sum-exp (chunks spread the reduce over more programs: at batch 1 one program per head left
+    most multiprocessors idle)."""
     pid = tl.program_id(0)
     b = pid // n_heads
     h = pid % n_heads
     offs_s = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     smask = offs_s < n_part
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + offs_s, mask=smask, other=float("-inf"))
     mx = tl.max(lse, 0)
