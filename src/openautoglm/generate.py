@@ -9,8 +9,9 @@ ratios compare kernels, not harnesses)::
     out.tokens, out.tokens_per_s, out.compile_s
 
 How: the prompt is prefilled into per-layer K/V tensors of fixed length; one decoder layer's step
-(:func:`_layer_step`: norms, projections, rotary, cache write, SDPA, MLP; at batch 1 the quantized q/k/v and
-gate/up projections each run as one kernel launch, ``quant.kernels.fused_decode``) is compiled once with
+(:func:`_layer_step`: norms, projections, rotary, cache write, SDPA, MLP; the quantized q/k/v and gate/up
+projections each run as one kernel launch at batch 1 and as one dequantize + GEMM at prefill,
+``quant.kernels.fused_linears``) is compiled once with
 ``torch.compile(fullgraph=True)`` and reused by every layer (identical layers share one graph: regional
 compilation, seconds instead of minutes for a 7B model); the step (embedding -> layers -> head ->
 next token) is captured in a CUDA graph and replayed per token. The model's own modules run inside
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _hf
-from .quant.kernels import fused_decode
+from .quant.kernels import fused_linears
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -64,7 +65,7 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
     x = layer.input_layernorm(h)
     B, T, _ = x.shape
     hd = attn.head_dim
-    qkv = fused_decode(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # one launch at batch 1 (quantized layers)
+    qkv = fused_linears(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # quantized: one launch / one GEMM
     if qkv is None:
         qkv = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
     q, k, v = (t.view(B, T, -1, hd) for t in qkv)
@@ -80,9 +81,10 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
 
 
 def _mlp(mlp: nn.Module, x):
-    """The Llama-family gated MLP; gate and up in one launch at batch 1 when they are quantized layers."""
+    """The Llama-family gated MLP; gate and up in one launch at batch 1 (one GEMM at prefill) when they are
+    quantized layers."""
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        gu = fused_decode(x, (mlp.gate_proj, mlp.up_proj))
+        gu = fused_linears(x, (mlp.gate_proj, mlp.up_proj))
         if gu is not None:
             return mlp.down_proj(mlp.act_fn(gu[0]) * gu[1])
     return mlp(x)

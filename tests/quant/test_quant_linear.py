@@ -170,3 +170,27 @@ def test_tuned_gemv_configs_are_used():
     fmt, bucket, n, k = key
     cfg = ops.gemv_config(bucket, n, k, fmt, 128, torch.device("cpu"))
     assert {name: cfg[name] for name in ops.GEMV_TUNED[key]} == ops.GEMV_TUNED[key]
+
+
+def test_fused_prefill_dispatch():
+    """Which layers may share one dequantized matrix at prefill (kernels.prefill_group), and when the fused
+    path is taken (kernels.fused_linears): never on the CPU; on the GPU path only at one row (decode) or more
+    than DECODE_MAX_M rows of weight-only layers of one format, group and layout."""
+    from openautoglm.quant import kernels
+
+    def mk(scheme, n=32, **kw):
+        return LINEAR_CLASSES[scheme].from_linear(nn.Linear(256, n).half(), QuantConfig(scheme=scheme, **kw))
+
+    w4, w4b, w8 = [mk("w4"), mk("w4", 16)], mk("w4", group_size=32), [mk("w8"), mk("w8", 48)]
+    ops_ = kernels.prefill_group(w4)
+    assert ops_ is not None and [o[0] for o in ops_] == [m.qweight for m in w4] and ops_[0][3:] == (5, 128, True)
+    assert kernels.prefill_group(w8)[0][3:] == (8, 256, True)
+    assert kernels.prefill_group(w4 + [w4b]) is None                       # another group size
+    assert kernels.prefill_group([w4[0], w8[0]]) is None                    # another format
+    assert kernels.prefill_group([w4[0], mk("w4", layout="rows")]) is None  # another scale layout
+    assert kernels.prefill_group([mk("w8a8"), mk("w8a8")]) is None          # prefill quantizes activations
+    assert kernels.prefill_group([mk("w4", kernel="torch"), mk("w4", kernel="torch")]) is None
+    assert kernels.prefill_group([mk("w4", kernel="tinygemm"), mk("w4", kernel="tinygemm")]) is not None
+    assert kernels.prefill_group([w4[0]]) is None and kernels.prefill_group([w4[0], nn.Linear(256, 32)]) is None
+    x = torch.randn(1, 40, 256, dtype=torch.float16)
+    assert kernels.fused_linears(x, w4) is None  # CPU: each layer's own torch path

@@ -3,7 +3,8 @@
 Skipped where Triton is not installed; otherwise every kernel (the decode kernels of triton_decode, FMA and
 tensor-core, with and without split-K, in both scale layouts, int4 k32 / int8 / e4m3, several weights in one
 launch; the older int4 "pairs"
-GEMV and fused GEMM; dequantize of every code order; activation quantization) is checked
+GEMV and fused GEMM; dequantize of every code order, alone and several layers into one matrix; the fused
+prefill of layers sharing an input, eager and traced by dynamo; activation quantization) is checked
 against the float reference on fresh random inputs (the seed is printed), outputs poisoned with NaN first
 so an unwritten element fails. fp16 operands: the interpreter's bf16 dot is not exact.
 """
@@ -85,6 +86,24 @@ SCRIPT = textwrap.dedent("""
                                              torch.empty(1, w_.shape[0], dtype=x.dtype), cfg)
                              for w_, s_, z_ in zip(ws_[:nw], ss_[:nw], zs_[:nw])], 1)
             assert torch.equal(y, one), (scheme, nw)
+    # prefill of layers sharing an input (q/k/v, gate/up): dequantized into one matrix, one GEMM
+    # (kernels.fused_linears, the CUDA-only gate opened here); traced by dynamo with dynamic shapes, no break
+    kernels._fused_ok = lambda x: True
+    for scheme, ns, bias in (("w4", (48, 16, 32), False), ("w8", (32, 64), True)):
+        mods = [LINEAR_CLASSES[scheme].from_linear(torch.nn.Linear(K, n, bias=bias).half(), QuantConfig(scheme=scheme))
+                for n in ns]
+        cat = ops.dequant_cat([m.qweight for m in mods], [m.scale for m in mods], [m.zero for m in mods],
+                              *mods[0].dequant_operands()[3:], K, torch.float16)
+        assert torch.equal(cat, torch.cat([kernels.dequant_torch(m.qweight, m.scale, m.zero, m.bits, m.group,
+                                                                 torch.float16, True, m.k32) for m in mods])), scheme
+        x = torch.randn(2, 10, K, dtype=torch.float16)
+        ref = [m(x) for m in mods]  # the torch path of each layer (CPU tensors)
+        fused = torch.compile(kernels.fused_linears, fullgraph=True, dynamic=True, backend="eager")
+        for out in (kernels.fused_linears(x, mods), fused(x, mods)):
+            assert out is not None and len(out) == len(mods), scheme
+            for o, r in zip(out, ref):
+                assert o.shape == r.shape and float((o.float() - r.float()).abs().max()) < 2e-3, scheme
+        assert kernels.fused_linears(x[:, :4], mods) is None  # 8 rows: each layer's own decode kernel
     wq, ws = to_fp8(lin.weight.float())
     f8 = lambda x, y, c: ops.launch_gemv(x, wq, ws, None, 9, K, False, y, c)
     check(f8, 1, wq.float() * ws, fma(2, 4, 2), "fp8")

@@ -132,26 +132,64 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: tor
     return _finish(y, x, bias)
 
 
-def fused_decode(x: torch.Tensor, mods) -> list[torch.Tensor] | None:
-    """Several quantized Linears that read the same ``x`` (q/k/v, gate/up) at ONE activation row, in one kernel
-    launch (``ops.wq_gemv_multi``); ``None`` where that does not apply (CPU, more rows, mixed formats, a
-    kernel choice other than Triton), and the caller runs the modules one by one. Decided from static facts
-    (module classes and configs, the number of rows), so ``torch.compile`` traces it without a graph break."""
-    if not (x.is_cuda and TRITON_OK and x.dtype in (torch.bfloat16, torch.float16)) or x.numel() != x.shape[-1]:
+def _fused_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and TRITON_OK and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def fused_linears(x: torch.Tensor, mods) -> list[torch.Tensor] | None:
+    """Several quantized Linears that read the same ``x`` (q/k/v, gate/up) computed together, or ``None`` where
+    that does not apply (CPU, mixed formats or classes, a kernel choice other than Triton, batch > 1 decode)
+    and the caller runs the modules one by one:
+
+    * ONE activation row (decode): one launch of the decode kernel over all weights (``ops.wq_gemv_multi``);
+    * more than ``DECODE_MAX_M`` rows (prefill) of weight-only layers (w4 / w8): all weights dequantized into one
+      ``(sum N_i, K)`` matrix (``ops.dequant_cat``) and ONE cuBLAS GEMM instead of one per layer.
+
+    Decided from static facts (module classes and configs, the number of rows), so ``torch.compile`` traces it
+    without a graph break. Returns the modules' outputs ``(..., N_i)`` (views of one ``(..., sum N_i)`` result).
+    """
+    if not _fused_ok(x):
         return None
-    ops_ = [getattr(m, "decode_operands", lambda: None)() for m in mods]
-    if any(o is None for o in ops_) or len({o[3:] for o in ops_}) != 1 or ops_[0][3] not in (ops.FMT_INT4_K32, 8, 9):
-        return None
-    fmt, group, gm = ops_[0][3:]
     K = x.shape[-1]
-    y = ops.wq_gemv_multi(x.reshape(1, K), [o[0] for o in ops_], [o[1] for o in ops_], [o[2] for o in ops_], fmt,
-                          group, gm)
+    M = x.numel() // K
+    if M == 1:
+        ops_ = [getattr(m, "decode_operands", lambda: None)() for m in mods]
+        if any(o is None for o in ops_) or len({o[3:] for o in ops_}) != 1 or ops_[0][3] not in (ops.FMT_INT4_K32, 8, 9):
+            return None
+        fmt, group, gm = ops_[0][3:]
+        y = ops.wq_gemv_multi(x.reshape(1, K), [o[0] for o in ops_], [o[1] for o in ops_], [o[2] for o in ops_], fmt,
+                              group, gm)
+    elif M > DECODE_MAX_M and FUSE_PREFILL:
+        ops_ = prefill_group(mods)
+        if ops_ is None:
+            return None
+        fmt, group, gm = ops_[0][3:]
+        w = ops.dequant_cat([o[0] for o in ops_], [o[1] for o in ops_], [o[2] for o in ops_], fmt, group, gm, K, x.dtype)
+        y = F.linear(x.reshape(M, K), w)
+    else:
+        return None
     outs = []
     for part, m in zip(torch.split(y, [m.out_features for m in mods], dim=-1), mods):
         if m.bias is not None:
             part = part + m.bias
         outs.append(part.reshape(*x.shape[:-1], m.out_features))
     return outs
+
+
+fused_decode = fused_linears  # the name of the decode-only version (kv.fast_decode)
+
+# Prefill of q/k/v and gate/up of weight-only layers through one dequantized matrix and one GEMM
+# (fused_linears); False: one dequantize + GEMM per layer (benchmarks compare both in one run).
+FUSE_PREFILL = True
+
+
+def prefill_group(mods) -> list[tuple] | None:
+    """``dequant_operands()`` of every module when they can be dequantized into one matrix (all weight-only,
+    same format, group size and scale layout, Triton kernels allowed), else ``None``."""
+    ops_ = [getattr(m, "dequant_operands", lambda: None)() for m in mods]
+    if len(ops_) < 2 or any(o is None for o in ops_) or len({o[3:] for o in ops_}) != 1:
+        return None
+    return ops_
 
 
 def _int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:

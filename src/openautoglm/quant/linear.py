@@ -88,6 +88,11 @@ class QuantLinear(nn.Module):
         when this layer does not decode through them; used to fuse layers that share an input."""
         return None
 
+    def dequant_operands(self) -> tuple | None:
+        """The same tuple for the prefill's dequantize + GEMM (``ops.dequant_cat``): only layers whose prefill
+        is exactly that (weight-only formats on the Triton path), else ``None``."""
+        return None
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._prepare_device()
@@ -325,6 +330,11 @@ class WeightOnlyLinear(QuantLinear):
 
     def decode_operands(self):
         if self.config.kernel not in ("auto", "triton"):
+            return None
+        return self.dequant_operands()
+
+    def dequant_operands(self):
+        if self.config.kernel == "torch":
             return None
         fmt = (5 if self.k32 else 4) if self.bits == 4 else 8
         return self.qweight, self.scale, self.zero, fmt, self.group, self.groups_major

@@ -5,6 +5,8 @@ model calls them without graph breaks and CUDA graphs capture them as plain kern
 
 * ``openautoglm::wq_gemv``: decode GEMV, M <= 16 (:mod:`.triton_gemv`).
 * ``openautoglm::wq_gemm``: prefill GEMM with dequantization fused into the tiles (:mod:`.triton_gemm`).
+* ``openautoglm::dequant`` / ``dequant_cat``: codes to a dense 16-bit weight (one layer, or several layers that
+  share an input stacked into one matrix) for the prefill's cuBLAS GEMM (:mod:`.triton_kernels`).
 
 Both take the codes ``w`` (int4 two a byte ``(N, K/2)`` uint8, int8 ``(N, K)`` or e4m3 ``(N, K)``), the scales
 ``s`` and the optional packed zero points ``z`` in either layout (``groups_major``: ``s (G, N)``,
@@ -329,20 +331,18 @@ def _(x, w, s, z, fmt, group, groups_major):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-@torch.library.custom_op("openautoglm::dequant", mutates_args=())
-def dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: int, group: int, groups_major: bool,
-            in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``(N, K)`` weight of the given 16-bit dtype from int4 (``fmt`` 4: two a byte, 5: k32 order) or
-    int8 (``fmt`` 8) codes (Triton)."""
+def launch_dequant(w, s, z, fmt: int, group: int, groups_major: bool, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize codes ``w`` (``N`` rows) into ``out (N, K)`` (a 16-bit matrix, or a block of rows of a larger
+    one: only its row stride is used) with the Triton kernel."""
     from .triton_kernels import dequant_kernel
 
-    N, K = w.shape[0], in_features
-    out = torch.empty((N, K), device=w.device, dtype=dtype)
+    N, K = out.shape
     sn, sg, zn, zg = _meta_strides(s, z, groups_major)
     row_bytes = w.stride(0) * w.element_size()
-    if w.stride(-1) != 1 or row_bytes % 16 or w.data_ptr() % 16 or N % 16:
-        raise ValueError(f"dequant needs 16-byte aligned rows of codes and N % 16 == 0, got {tuple(w.shape)} "
-                         f"strides {w.stride()}")
+    if (w.stride(-1) != 1 or row_bytes % 16 or w.data_ptr() % 16 or N % 16 or w.shape[0] != N
+            or out.stride(-1) != 1 or (out.stride(0) * out.element_size()) % 16 or out.data_ptr() % 16):
+        raise ValueError(f"dequant needs 16-byte aligned rows of codes and of the output and N % 16 == 0, got codes "
+                         f"{tuple(w.shape)} strides {w.stride()}, output {tuple(out.shape)} strides {out.stride()}")
     cpt = 16 if fmt == FMT_INT8 else 32
     tb = 8
     while (K // cpt) % tb:
@@ -354,9 +354,37 @@ def dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: int, 
     return out
 
 
+@torch.library.custom_op("openautoglm::dequant", mutates_args=())
+def dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: int, group: int, groups_major: bool,
+            in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``(N, K)`` weight of the given 16-bit dtype from int4 (``fmt`` 4: two a byte, 5: k32 order) or
+    int8 (``fmt`` 8) codes (Triton)."""
+    out = torch.empty((w.shape[0], in_features), device=w.device, dtype=dtype)
+    return launch_dequant(w, s, z, fmt, group, groups_major, out)
+
+
 @dequant.register_fake
 def _(w, s, z, bits, group, groups_major, in_features, dtype):
     return w.new_empty((w.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.custom_op("openautoglm::dequant_cat", mutates_args=())
+def dequant_cat(ws: list[torch.Tensor], ss: list[torch.Tensor], zs: list[torch.Tensor | None], fmt: int, group: int,
+                groups_major: bool, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Several weights of one K and format (q/k/v, gate/up) dequantized into ONE ``(sum N_i, K)`` matrix, weight
+    ``i`` in rows ``[N_0 + .. + N_{i-1}, ...)``: the prefill then runs one GEMM for all of them (fewer, larger
+    cuBLAS launches; the dequantized matrix is a transient, so nothing is kept)."""
+    out = torch.empty((sum(w.shape[0] for w in ws), in_features), device=ws[0].device, dtype=dtype)
+    off = 0
+    for w, s, z in zip(ws, ss, zs):
+        launch_dequant(w, s, z, fmt, group, groups_major, out[off:off + w.shape[0]])
+        off += w.shape[0]
+    return out
+
+
+@dequant_cat.register_fake
+def _(ws, ss, zs, fmt, group, groups_major, in_features, dtype):
+    return ws[0].new_empty((sum(w.shape[0] for w in ws), in_features), dtype=dtype)
 
 
 @torch.library.custom_op("openautoglm::quant_rows", mutates_args=())
