@@ -3,16 +3,21 @@
 Sections, in priority order, each started only if its estimated time still fits the budget (``--budget-s``;
 skipped sections are listed in the JSON), the JSON rewritten after every row:
 
-1. per-layer kernels (:mod:`quant_tune`): tune and time our decode kernels against cuBLAS bf16 and tinygemm
-   at M = 1 and 8 on 7B and 1B Llama shapes, GB/s against a device copy measured in the same run; prefill
-   layers at 2048 tokens. The tuned launch configurations are used by everything after.
+1. per-layer kernels (:mod:`quant_tune`): tune (the formats of ``--retune``; the others timed with the shipped
+   table's configuration) and time our decode kernels against cuBLAS bf16 and tinygemm at M = 1 and 8 on 7B
+   and 1B Llama shapes, GB/s against a device copy measured in the same run; prefill layers at 2048 tokens,
+   and q/k/v, gate/up dequantized into one matrix + one GEMM vs one per layer. The tuned launch
+   configurations are used by everything after.
 2. 7B-shaped random Llama through ``openautoglm.generate.Generator`` (static cache, compiled layer, CUDA
    graph): bf16, w4, w8, w8a8 (fp8 on the H100): decode batch 1 and 8 (prompt 128, 256 new tokens),
-   prefill 2048, weight bytes, logits cosine vs bf16; a torch.profiler breakdown of one w4 decode step.
+   prefill 2048 (GPU time by CUDA events, w4/w8 also without the q/k/v, gate/up prefill fusion, a
+   torch.profiler breakdown by kernel kind), weight bytes, logits cosine vs bf16; a profile of one w4 decode step.
 3. ``model.generate(..., cache_implementation="static")`` (transformers compiles the model, fullgraph) for
-   bf16 and w4 (then w8).
-4. torchao 0.17 in the same harness: int4 weight-only (tinygemm), int8 weight-only, fp8 dynamic.
-5. the same for the 1B-shaped model; 6. Nsight Compute metrics of the w4 decode kernel (one 7B layer).
+   bf16, w4 and w8.
+4. torchao 0.17 in the same harness: int4 weight-only (tinygemm), int8 weight-only, fp8 dynamic; each of our
+   variants against its matching torchao config (``x_torchao``).
+5. the same for the 1B-shaped model (``--shapes 7b`` leaves it out); 6. Nsight Compute metrics of the w4
+   decode kernel (one 7B layer).
 
     python benchmarks/quant_speed.py --budget-s 330     # GPU; writes $OUT or benchmarks/results/
     python benchmarks/quant_speed.py --smoke            # CPU, tiny model, Triton interpreter for the kernels
@@ -46,14 +51,18 @@ T0 = time.time()
 LAYERS = {"7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
           "1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)], "smoke": [(512, 256), (256, 512)]}
 FUSED = {"7b": [(12288, 4096), (22016, 4096)], "1b": [(2560, 2048), (11264, 2048)], "smoke": [(1024, 256)]}  # qkv, gate+up
-# (kind, model, variant, decode batches, estimated seconds on the H100), in priority order. Estimates from the
-# H100 run of quant_speed_h100_run2.json: 7B rows 12-30 s, model.generate 37-46 s; a torchao int4 row took > 60 s.
-PLAN = [("model", "7b", "bf16", (1, 8), 28), ("model", "7b", "w4", (1, 8), 30), ("gen", "7b", "bf16", (), 45),
-        ("gen", "7b", "w4", (), 45), ("model", "7b", "w8", (1,), 15), ("model", "7b", "ao-int4wo", (1,), 60),
-        ("model", "7b", "w8a8", (1,), 16), ("model", "7b", "ao-int8wo", (1,), 60), ("model", "7b", "ao-fp8dq", (1,), 50),
-        ("model", "1b", "bf16", (1, 8), 18), ("model", "1b", "w4", (1, 8), 18), ("model", "1b", "w8", (1,), 12),
-        ("model", "1b", "w8a8", (1,), 12), ("gen", "7b", "w8", (), 45), ("model", "1b", "ao-int4wo", (1,), 45),
-        ("model", "1b", "ao-int8wo", (1,), 45), ("model", "1b", "ao-fp8dq", (1,), 40), ("ncu", "7b", "w4", (), 30)]
+GROUPS = {"7b": [((4096, 4096, 4096), 4096), ((11008, 11008), 4096)],  # q/k/v and gate/up read one input
+          "1b": [((2048, 256, 256), 2048), ((5632, 5632), 2048)], "smoke": [((512, 256, 256), 256)]}
+# (kind, model, variant, decode batches, estimated seconds on the H100), in priority order: the 7B set complete
+# (every variant at batch 1 and 8, model.generate of bf16/w4/w8), then the 1B rows. Estimates from the H100 runs
+# (quant_speed_h100_run3.json, _torchao.json): 7B rows 15-30 s, a torchao row 60-70 s, model.generate 40-45 s.
+PLAN = [("model", "7b", "bf16", (1, 8), 30), ("model", "7b", "w4", (1, 8), 35), ("model", "7b", "w8", (1, 8), 28),
+        ("model", "7b", "w8a8", (1, 8), 25), ("gen", "7b", "bf16", (), 45), ("gen", "7b", "w4", (), 45),
+        ("gen", "7b", "w8", (), 45), ("model", "7b", "ao-int4wo", (1, 8), 65), ("model", "7b", "ao-int8wo", (1, 8), 60),
+        ("model", "7b", "ao-fp8dq", (1, 8), 55),
+        ("model", "1b", "bf16", (1, 8), 18), ("model", "1b", "w4", (1, 8), 18), ("model", "1b", "w8", (1, 8), 14),
+        ("model", "1b", "w8a8", (1, 8), 14), ("model", "1b", "ao-int4wo", (1, 8), 45),
+        ("model", "1b", "ao-int8wo", (1, 8), 45), ("model", "1b", "ao-fp8dq", (1, 8), 40), ("ncu", "7b", "w4", (), 30)]
 
 
 def log(*a):
@@ -171,9 +180,15 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     ap.add_argument("--only", default="", help="comma-separated plan rows to run, e.g. 'model 7b bf16,model 7b ao-int4wo'")
+    ap.add_argument("--shapes", default="7b,1b", help="models to run (rows and per-layer shapes), e.g. '7b'")
+    ap.add_argument("--retune", default="8,9", help="decode formats to tune in this run (5 int4 k32, 8 int8, 9 e4m3; "
+                                                    "'all'); the others are timed with gemv_tuned.json's configurations")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    shapes = ["smoke"] if args.smoke else ["7b", "1b"]
+    shapes = ["smoke"] if args.smoke else [x.strip() for x in args.shapes.split(",") if x.strip()]
+    if not args.smoke and (not shapes or set(shapes) - {"7b", "1b"}):
+        ap.error(f"--shapes takes 7b and/or 1b, got {args.shapes!r}")
+    retune = None if args.retune == "all" else {int(v) for v in args.retune.split(",") if v.strip()}
     if args.smoke:
         args.prompt, args.new, args.prefill = 8, 8, 64
     out = Path(args.out)
@@ -195,12 +210,14 @@ def main() -> None:
            "harness": "openautoglm.generate.Generator: static KV cache, one decoder layer compiled (fullgraph), the "
                       "whole decode step in one CUDA graph; prefill through the same compiled layer",
            "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "budget_s": args.budget_s,
+           "retuned_formats": "all" if retune is None else sorted(retune), "argv": sys.argv[1:],
            "models": {}}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
     layer_shapes = [(n, k, ms) for sh in shapes for lst, ms in ((LAYERS[sh], [1, 8]), (FUSED[sh], [1]))
                     for n, k in lst]
     try:
-        res["kernels"] = quant_tune.run(dev, dtype, layer_shapes, LAYERS[shapes[0]], args.prefill, args.tune_s, log)
+        res["kernels"] = quant_tune.run(dev, dtype, layer_shapes, LAYERS[shapes[0]], args.prefill, args.tune_s, log,
+                                        retune=retune, prefill_groups=GROUPS[shapes[0]])
     except Exception as e:  # noqa: BLE001 - the model rows still run, on the heuristic configurations
         log("kernels FAILED", traceback.format_exc()[-1500:])
         res["kernels"] = {"error": repr(e)[:400], "rows": [], "prefill": [], "tuned": {},

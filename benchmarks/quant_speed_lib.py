@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +16,8 @@ from openautoglm.memory.estimate import model_bytes
 from openautoglm.quant import DynamicQuantizer, QuantConfig, quantize
 
 REFS: dict = {}  # shape -> bf16 logits of a fixed prompt (cosine of every variant against it)
+PEERS = {"w4": "ao-int4wo", "w8": "ao-int8wo", "w8a8": "ao-fp8dq"}  # our variant -> torchao's matching config
+PROFILE_PREFILL = ("bf16", "w4", "w8", "w8a8", "ao-int8wo")  # prefill rows broken down by kernel kind (torch.profiler)
 
 
 def sync():
@@ -71,7 +74,22 @@ def decode_row(model, shape, variant, dev, args, batches, log, profile=False) ->
         log(shape, variant, f"b{b}", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r[f"decode_b{b}"].items()})
         if b == 1 and profile:
             r["profile_b1"] = profile_step(gen, log)
-    r["prefill_ms"] = prefill_ms(gen, _prompt(1, args.prefill, dev, vocab, 3))
+    pids = _prompt(1, args.prefill, dev, vocab, 3)
+    pf = prefill_ms(gen, pids)
+    r["prefill_ms"], r["prefill_runs"] = pf.pop("ms"), pf
+    if dev.type == "cuda" and shape != "smoke" and variant in PROFILE_PREFILL:
+        r["prefill_profile"] = profile_prefill(gen, pids)
+        log(shape, variant, "prefill profile", {k: round(v, 2) for k, v in r["prefill_profile"]["by_kind_ms"].items()})
+    if variant in ("w4", "w8"):  # the same prefill with one dequantize + GEMM per layer (no q/k/v, gate/up fusion)
+        from openautoglm.quant import kernels
+
+        kernels.FUSE_PREFILL = False
+        try:
+            pf = prefill_ms(gen, pids)
+            r["prefill_unfused_ms"], r["prefill_unfused_runs"] = pf.pop("ms"), pf
+        finally:
+            kernels.FUSE_PREFILL = True
+        log(shape, variant, "prefill ms unfused", round(r["prefill_unfused_ms"], 2))
     del gen
     ids = _prompt(1, 64, dev, vocab, 7)
     with torch.no_grad():
@@ -86,21 +104,66 @@ def decode_row(model, shape, variant, dev, args, batches, log, profile=False) ->
     return r
 
 
-def prefill_ms(gen: Generator, ids: torch.Tensor) -> float:
-    """Median of 3 prefills of ``ids (1, P)`` through the helper's compiled layer (what ``generate`` runs first),
-    timed without the decode graph a full ``generate`` call would capture for this cache length."""
+def prefill_ms(gen: Generator, ids: torch.Tensor, reps: int = 5) -> dict:
+    """Prefills of ``ids (1, P)`` through the helper's compiled layer (what ``generate`` runs first), timed
+    without the decode graph a full ``generate`` call would capture for this cache length: two warm-up calls
+    (compilation), then ``reps`` timed ones. GPU time between CUDA events and host wall time of each; the
+    median GPU time is the figure (wall time well above it would mean the host, not the GPU, sets the pace)."""
     P = ids.shape[1]
     st = gen._buffers(1, -(-(P + 1) // 256) * 256)
     pos = torch.arange(P, device=ids.device)
-    ts = []
+    gpu, wall = [], []
+    cuda = ids.is_cuda
     with torch.no_grad():
-        for _ in range(4):
+        for i in range(2 + reps):
             sync()
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
             t = time.perf_counter()
             gen._forward(st, ids, pos, gen._pre)
+            if cuda:
+                b.record()
             sync()
-            ts.append(time.perf_counter() - t)
-    return 1e3 * sorted(ts[1:])[1]
+            if i >= 2:
+                wall.append(1e3 * (time.perf_counter() - t))
+                gpu.append(a.elapsed_time(b) if cuda else wall[-1])
+    return {"ms": statistics.median(gpu), "gpu_ms_runs": gpu, "wall_ms_runs": wall}
+
+
+def profile_prefill(gen: Generator, ids: torch.Tensor) -> dict:
+    """Kernel time of one (warm) prefill by kind: cuBLAS GEMMs, our dequantize, attention, inductor's fused
+    kernels, the rest; against the prefill's GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    P = ids.shape[1]
+    st = gen._buffers(1, -(-(P + 1) // 256) * 256)
+    pos = torch.arange(P, device=ids.device)
+    with torch.no_grad():
+        gen._forward(st, ids, pos, gen._pre)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            gen._forward(st, ids, pos, gen._pre)
+            sync()
+    kinds: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        n = e.name.lower()
+        kind = ("dequantize (ours)" if "dequant" in n
+                else "attention" if ("flash" in n or "attention" in n or "fmha" in n or "sdpa" in n)
+                else "fp8 / int8 GEMM" if ("scaled_mm" in n or "f8" in n or "e4m3" in n or "s8s8" in n or "imma" in n or "int8" in n)
+                else "GEMM (cuBLAS / CUTLASS)" if ("gemm" in n or "sm90" in n or "nvjet" in n or "cutlass" in n
+                                                   or "xmma" in n)
+                else "activation quantization (ours)" if "quant_rows" in n
+                else "inductor fused (norms, rope, residual, silu)" if n.startswith("triton_")
+                else "other")
+        kinds[kind] += us
+        counts[kind] += 1
+    return {"kernel_busy_ms": sum(kinds.values()) / 1e3, "by_kind_ms": {k: v / 1e3 for k, v in kinds.items()},
+            "launches": dict(counts)}
 
 
 def profile_step(gen: Generator, log, steps: int = 5) -> dict:
@@ -191,6 +254,20 @@ def _ratios(res: dict) -> None:
                     r[k]["x_bf16"] = r[k]["tokens_per_s"] / base[k]["tokens_per_s"]
             if r.get("prefill_ms") and base.get("prefill_ms"):
                 r["prefill_x_bf16"] = base["prefill_ms"] / r["prefill_ms"]
+            if r.get("prefill_unfused_ms") and base.get("prefill_ms"):
+                r["prefill_unfused_x_bf16"] = base["prefill_ms"] / r["prefill_unfused_ms"]
+        by = {r["variant"]: r for r in rows if "weight_bytes" in r}
+        for ours, peer in PEERS.items():
+            a, b = by.get(ours), by.get(peer)
+            if a is None or b is None:
+                continue
+            cmp = {"peer": peer}
+            for k in ("decode_b1", "decode_b8"):
+                if "tokens_per_s" in a.get(k, {}) and "tokens_per_s" in b.get(k, {}):
+                    cmp[k] = a[k]["tokens_per_s"] / b[k]["tokens_per_s"]
+            if a.get("prefill_ms") and b.get("prefill_ms"):
+                cmp["prefill"] = b["prefill_ms"] / a["prefill_ms"]
+            a["x_torchao"] = cmp
     gens = res.get("generate", {})
     for k, g in gens.items():
         b = gens.get(k.split("/")[0] + "/bf16", {})

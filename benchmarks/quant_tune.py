@@ -36,6 +36,9 @@ FMA1 = ([dict(kernel="fma", R=r, T=8, num_warps=4, waves=w, PF=pf) for pf in (1,
            dict(kernel="fma", R=4, T=8, num_warps=8, waves=4, PF=1), dict(kernel="fma", R=8, T=8, num_warps=4, waves=4, PF=1),
            dict(kernel="fma", R=4, T=16, num_warps=4, waves=4, PF=1)])
 DOT = [dict(kernel="dot", BLOCK_N=bn, TW=16, num_warps=4, num_stages=2, waves=w) for bn in (64, 128) for w in (2, 4)]
+# M = 1, int8 / e4m3 only: the row-major GEMV of triton_gemv (16-byte loads of 2-D tiles), their kernel so far
+V1 = [dict(kernel="v1", BLOCK_N=bn, BLOCK_K=256, num_warps=nw, num_stages=2, DOT=False, waves=w)
+      for bn, nw in ((16, 4), (32, 8), (32, 4)) for w in (2, 4)]
 
 
 def time_us(fns, dev, reps: int = 5) -> float:
@@ -113,7 +116,17 @@ def tinygemm_operands(w, s, z):
     return packed, sz
 
 
-def sweep_shape(N: int, K: int, ms, dev, dtype, res: dict, log, deadline: float) -> None:
+def candidates(M: int, N: int, K: int, fmt: int, group: int, dev, retune) -> list[dict]:
+    """Launch configurations to try: the sweep for the formats in ``retune`` (``None``: all), else only the one
+    ``ops.gemv_config`` picks today (the tuned table), timed for the per-layer figures."""
+    if retune is not None and fmt not in retune:
+        return [dict(ops.gemv_config(M, N, K, fmt, group, dev), fixed=True)]
+    if M != 1:
+        return DOT
+    return FMA1 + DOT[:1] + (V1 if fmt in (ops.FMT_INT8, ops.FMT_E4M3) else [])
+
+
+def sweep_shape(N: int, K: int, ms, dev, dtype, res: dict, log, deadline: float, retune=None) -> None:
     torch.manual_seed(N * 7 + K)
     lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=dtype).requires_grad_(False)
     fm = formats(lin, K)
@@ -136,10 +149,11 @@ def sweep_shape(N: int, K: int, ms, dev, dtype, res: dict, log, deadline: float)
         for fmt, (w, s, z, group, gm, dense, nbytes) in fm.items():
             ref = x.float() @ dense.t()
             best = None
-            for cand in (FMA1 + DOT[:1]) if M == 1 else DOT:
-                if time.time() > deadline:
+            for cand in candidates(M, N, K, fmt, group, dev, retune):
+                if time.time() > deadline and not cand.get("fixed"):
                     break
-                cfg = _concrete(cand, M, N, K, fmt, group, dev)
+                cfg = ({k: v for k, v in cand.items() if k != "fixed"} if cand.get("fixed")
+                       else _concrete(cand, M, N, K, fmt, group, dev))
                 if cfg is None:
                     continue
                 y = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
@@ -164,7 +178,8 @@ def sweep_shape(N: int, K: int, ms, dev, dtype, res: dict, log, deadline: float)
                             f"f{fmt}_GBps": nbytes / us / 1e3, f"f{fmt}_x_bf16": row["bf16_us"] / us})
                 key = (fmt, 1 if M == 1 else 16, N, K)
                 ops.GEMV_TUNED[key] = cfg
-                res["tuned"][",".join(map(str, key))] = cfg
+                if retune is None or fmt in retune:
+                    res["tuned"][",".join(map(str, key))] = cfg
         res["rows"].append(row)
         log({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
              if not k.endswith("_cfg") and not k.endswith("_all")})
@@ -194,8 +209,34 @@ def prefill_layer(N: int, K: int, M: int, dev, dtype, res: dict, log) -> None:
     log({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def run(dev, dtype, shapes, prefill_shapes, prefill_m, budget_s: float, log) -> dict:
-    """``shapes``: ``(N, K, rows list)``, tuned in this order until ``budget_s``; prefill layers after."""
+def prefill_group(ns, K: int, M: int, dev, dtype, res: dict, log) -> None:
+    """Prefill of layers that read one input (q/k/v: ``ns`` = 3 x 4096; gate/up: 2 x 11008): bf16 (one GEMM per
+    layer), dequantize + GEMM per layer, and all weights dequantized into one matrix + ONE GEMM
+    (``ops.dequant_cat``, what ``kernels.fused_linears`` runs), for w4 and w8."""
+    torch.manual_seed(sum(ns) + K)
+    lins = [torch.nn.Linear(K, n, bias=False, device=dev, dtype=dtype).requires_grad_(False) for n in ns]
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    row = {"Ns": list(ns), "K": K, "M": M,
+           "bf16_us": time_us([lambda: [F.linear(x, lin.weight) for lin in lins]] * 2, dev)}
+    for fmt, scheme in ((ops.FMT_INT4_K32, "w4"), (ops.FMT_INT8, "w8")):
+        mods = [LINEAR_CLASSES[scheme].from_linear(lin, QuantConfig(scheme=scheme)) for lin in lins]
+        w, s, z = [m.qweight for m in mods], [m.scale for m in mods], [m.zero for m in mods]
+        g, gm = mods[0].group, mods[0].groups_major
+        cat = ops.dequant_cat(w, s, z, fmt, g, gm, K, dtype)
+        one = torch.cat([ops.dequant(*o, fmt, g, gm, K, dtype) for o in zip(w, s, z)])
+        row[f"f{fmt}_cat_exact"] = bool(torch.equal(cat, one))
+        row[f"f{fmt}_separate_us"] = time_us(
+            [lambda: [F.linear(x, ops.dequant(*o, fmt, g, gm, K, dtype)) for o in zip(w, s, z)]] * 2, dev)
+        row[f"f{fmt}_cat_us"] = time_us([lambda: F.linear(x, ops.dequant_cat(w, s, z, fmt, g, gm, K, dtype))] * 2, dev)
+        row[f"f{fmt}_separate_x_bf16"] = row["bf16_us"] / row[f"f{fmt}_separate_us"]
+        row[f"f{fmt}_cat_x_bf16"] = row["bf16_us"] / row[f"f{fmt}_cat_us"]
+    res.setdefault("prefill_groups", []).append(row)
+    log({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def run(dev, dtype, shapes, prefill_shapes, prefill_m, budget_s: float, log, retune=None, prefill_groups=()) -> dict:
+    """``shapes``: ``(N, K, rows list)``, tuned in this order until ``budget_s``; prefill layers after.
+    ``retune``: the formats to tune (``None``: all); the others are timed with today's configuration."""
     res = {"timing": "CUDA graph over weight copies > L2, median of 5 replays", "copy_GBps": copy_gbps(dev),
            "rows": [], "prefill": [], "tuned": {}}
     log("copy GB/s", round(res["copy_GBps"]))
@@ -205,9 +246,11 @@ def run(dev, dtype, shapes, prefill_shapes, prefill_m, budget_s: float, log) -> 
             log("tune budget: skipping", N, K)
             res.setdefault("skipped", []).append([N, K])
             continue
-        sweep_shape(N, K, ms, dev, dtype, res, log, deadline)
+        sweep_shape(N, K, ms, dev, dtype, res, log, deadline, retune)
     for N, K in prefill_shapes:
         prefill_layer(N, K, prefill_m, dev, dtype, res, log)
+    for ns, K in prefill_groups:
+        prefill_group(ns, K, prefill_m, dev, dtype, res, log)
     for r in res["rows"]:
         r["fraction_of_copy"] = {f"f{f}": r[f"f{f}_GBps"] / res["copy_GBps"] for f in (5, 8, 9) if f"f{f}_GBps" in r}
     return res
@@ -221,7 +264,8 @@ if __name__ == "__main__":
     if smoke:
         FMA1[:] = [dict(kernel="fma", R=1, T=4, num_warps=1, waves=1, PF=pf) for pf in (0, 1)]
         DOT[:] = [dict(kernel="dot", BLOCK_N=16, TW=16, num_warps=1, num_stages=1, waves=1)]
-        out = run(dev, torch.float16, [(32, 256, [1, 4])], [(32, 256)], 32, 60, print)
+        out = run(dev, torch.float16, [(32, 256, [1, 4])], [(32, 256)], 32, 60, print,
+                  prefill_groups=[((32, 16, 48), 256)])
     else:
         out = run(dev, torch.bfloat16, [(n, k, [1, 8]) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))],
                   [(11008, 4096)], 2048, 120, print)
