@@ -55,11 +55,12 @@ GROUPS = {"7b": [((4096, 4096, 4096), 4096), ((11008, 11008), 4096)],  # q/k/v a
           "1b": [((2048, 256, 256), 2048), ((5632, 5632), 2048)], "smoke": [((512, 256, 256), 256)]}
 # (kind, model, variant, decode batches, estimated seconds on the H100), in priority order: the 7B set complete
 # (every variant at batch 1 and 8, model.generate of bf16/w4/w8), then the 1B rows. Estimates from the H100 runs
-# (quant_speed_h100_run3.json, _torchao.json): 7B rows 15-30 s, a torchao row 60-70 s, model.generate 40-45 s.
+# (run 4, quant_speed_h100_run4_log.txt): 7B rows 25-30 s, model.generate 35-40 s, torchao int4 143 s at batch 1 and
+# 8 (its compiles and 0.9 s prefills), torchao int8 > 107 s.
 PLAN = [("model", "7b", "bf16", (1, 8), 30), ("model", "7b", "w4", (1, 8), 35), ("model", "7b", "w8", (1, 8), 28),
         ("model", "7b", "w8a8", (1, 8), 25), ("gen", "7b", "bf16", (), 45), ("gen", "7b", "w4", (), 45),
-        ("gen", "7b", "w8", (), 45), ("model", "7b", "ao-int4wo", (1, 8), 65), ("model", "7b", "ao-int8wo", (1, 8), 60),
-        ("model", "7b", "ao-fp8dq", (1, 8), 55),
+        ("gen", "7b", "w8", (), 45), ("model", "7b", "ao-int4wo", (1, 8), 145), ("model", "7b", "ao-int8wo", (1, 8), 130),
+        ("model", "7b", "ao-fp8dq", (1, 8), 110),
         ("model", "1b", "bf16", (1, 8), 18), ("model", "1b", "w4", (1, 8), 18), ("model", "1b", "w8", (1, 8), 14),
         ("model", "1b", "w8a8", (1, 8), 14), ("model", "1b", "ao-int4wo", (1, 8), 45),
         ("model", "1b", "ao-int8wo", (1, 8), 45), ("model", "1b", "ao-fp8dq", (1, 8), 40), ("ncu", "7b", "w4", (), 30)]
