@@ -9,6 +9,7 @@ Writes benchmarks/results/kv_bench_quality.json and kv_bench_gpu.json (or --out)
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -30,7 +31,9 @@ def run_gpu(args) -> dict:
     smoke = args.smoke
     t0 = time.time()
     out = Path(args.out)
-    res = {"environment": environment(), "settings": vars(args).copy()}
+    from openautoglm.kv import ops
+
+    res = {"environment": environment(), "settings": vars(args).copy(), "decode_config": dict(ops.DECODE_CONFIG)}
     res["model"] = "SMOKE tiny random Llama (not a result)" if smoke else \
         "random Llama, Llama-2-7B shapes (32 layers, 32 KV heads x 128, bf16)"
 
@@ -197,8 +200,18 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=16384, help="quality: held-out tokens for perplexity")
     ap.add_argument("--prompts", type=int, default=8, help="quality: prompts for BLEU")
     ap.add_argument("--sections", default="bytes,ppl,share,attention,bleu", help="quality: what to measure")
+    ap.add_argument("--decode-config", default="", help="gpu: JSON of ops.DECODE_CONFIG keys to launch the "
+                    "decode kernels with (default: the library's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.decode_config:
+        from openautoglm.kv import ops
+
+        cfg = json.loads(args.decode_config)
+        unknown = set(cfg) - set(ops.DECODE_CONFIG)
+        if unknown:
+            raise ValueError(f"--decode-config keys {sorted(unknown)} are not in ops.DECODE_CONFIG")
+        ops.DECODE_CONFIG.update(cfg)
     if args.mode == "plot":
         print(plot_gpu(Path(args.out or RESULTS / "kv_bench_gpu.json")))
         return

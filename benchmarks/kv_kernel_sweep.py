@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--quick", action="store_true", help="the defaults, the tl.dot kernel and two vec launches only")
+    ap.add_argument("--variants", action="store_true",
+                    help="vec kernel: eager/lazy rescaling, byte/word code reads, tiles and programs per SM")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
@@ -91,7 +93,8 @@ def main() -> None:
     if args.smoke:
         hkv, d, cases = 2, 128, [(4, 512, 1), (8, 512, 1)]
         grid = [dict(), dict(vec=False, share_bytes=False, magic=False, per_sm=4, num_warps=8, num_stages=2),
-                dict(vec=True, vec_block_n=16, vec_per_sm=1)]
+                dict(vec=True, vec_block_n=16, vec_per_sm=1),
+                dict(vec=True, vec_block_n=16, vec_per_sm=1, vec_lazy=8.0, vec_words=2)]
     else:
         hkv, d = 32, 128
         cases = [(b, c, n) for c, n in ((8192, 1), (8192, 8), (32768, 1), (32768, 8)) for b in (4, 8)]
@@ -101,6 +104,12 @@ def main() -> None:
                  for bn, nw in ((32, 4), (64, 4), (64, 8)) for ps in (4, 16)]
         if args.quick:
             grid = grid[:2] + [dict(vec_per_sm=16), dict(vec_block_n=32, vec_per_sm=16)]
+        if args.variants:  # the first tuned vec kernel against lazy rescaling and word-wide code reads
+            old = dict(vec_lazy=0.0, vec_words=0, vec_block_n=64, vec_per_sm=4)
+            new = dict(vec_lazy=8.0, vec_words=2, vec_block_n=64, vec_per_sm=4)
+            grid = [old, dict(old, vec_lazy=8.0), dict(old, vec_words=2), new, dict(new, vec_words=4)]
+            grid += [dict(new, vec_per_sm=ps) for ps in (3, 8, 16)]
+            grid += [dict(new, vec_block_n=32, vec_per_sm=ps) for ps in (4, 16)]
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "git_commit": os.environ.get("OAG_GIT_COMMIT", "?"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

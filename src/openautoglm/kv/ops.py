@@ -172,14 +172,19 @@ def _multiprocessors(device: torch.device) -> int:
 # for, at most ``max_split`` splits, at least ``min_blocks`` quantized blocks per split; ``share_bytes``: load a
 # tile's packed bytes once for every channel part (INT4/INT2); ``magic``: codes become 16-bit floats by their
 # bits instead of a conversion. ``vec``: GQA group 1 takes :func:`.triton_vec.decode_vec_kernel` (no tl.dot),
-# launched with the ``vec_*`` keys; ``reduce_block_d``: channels per program of the reduce. Chosen from
-# benchmarks/results/kv_kernel_sweep.json (H100, 7B layer, INT4/INT8 at 8k/32k, batch 1/8): at group 1 the
-# vec kernel with 64-token tiles and 4 programs per SM was within 8% of the fastest launch in every case and
-# 0.87x / 0.75x the time of the tl.dot kernel at 8k batch 1 (INT4 / INT8); for the tl.dot kernel (groups > 1)
-# 16 programs per SM and shared bytes, ``magic`` no faster. Where the time goes: see the README's KV section.
+# launched with the ``vec_*`` keys: ``vec_words`` (0, 2 or 4) reads the codes as int32 words, that many a thread
+# (0: bytes), ``vec_lazy`` > 0 rescales its accumulators only when the running maximum grows by more than that
+# many natural-log units; ``reduce_block_d``: channels per program of the reduce. Chosen from
+# benchmarks/results/kv_kernel_sweep.json (H100, 7B layer, INT4/INT8 at 8k/32k, batch 1/8): the vec kernel
+# with 64-token tiles, words 2 a thread, lazy rescaling at 8 and 8 programs per SM (167 registers: 3 programs
+# resident per multiprocessor instead of 2; about 710 instead of 1020 instructions per tile,
+# results/kv_kernel_regs.json) takes 0.84x / 0.75x / 0.74x the time of the first tuned vec launch at INT4
+# 8k x 1 / 32k x 1 / 32k x 8; 4 programs per SM is faster still at batch 8 (0.92x at 32k x 8) and slower at
+# batch 1. For the tl.dot kernel (groups > 1) 16 programs per SM and shared bytes, ``magic`` no faster.
+# Where the time goes: see the README's KV section.
 DECODE_CONFIG = dict(per_sm=16, max_split=256, min_blocks=1, num_warps=4, num_stages=3, share_bytes=True, magic=False,
-                     vec=True, vec_block_n=64, vec_per_sm=4, vec_num_warps=4, vec_num_stages=3,
-                     reduce_block_d=32)
+                     vec=True, vec_block_n=64, vec_per_sm=8, vec_num_warps=4, vec_num_stages=3, vec_lazy=8.0,
+                     vec_words=2, reduce_block_d=32)
 
 
 def magic_bits(dtype: torch.dtype, bits: int, enabled: bool = True) -> int:
@@ -215,6 +220,8 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
     vec = bool(cfg["vec"]) and grp == 1
     if vec:
         cfg = {**cfg, "per_sm": cfg["vec_per_sm"]}
+        if int(cfg["vec_words"]) not in (0, 2, 4):
+            raise ValueError(f"vec_words={cfg['vec_words']!r}: use 0 (bytes), 2 or 4 (int32 words a thread)")
     nsplit = n_splits(b * hkv, max(view.max_blocks, 1), q.device, cfg)
     per_split = -(-max(view.max_blocks, 1) // nsplit)
     part = torch.empty(b, hq, nsplit + 1, d, device=q.device, dtype=torch.float32)
@@ -233,7 +240,8 @@ def decode_triton(view: StoreView, q: torch.Tensor, mask: torch.Tensor | None, s
         from . import triton_vec
 
         triton_vec.decode_vec_kernel[(b * hkv, nsplit + 1)](
-            *args, BLOCK_N=min(view.group, int(cfg["vec_block_n"])), **common,
+            *args, (127 + view.bits) << 23, BLOCK_N=min(view.group, int(cfg["vec_block_n"])), **common,
+            LAZY=float(cfg["vec_lazy"]), WORDS=int(cfg["vec_words"]),
             num_warps=cfg["vec_num_warps"], num_stages=cfg["vec_num_stages"])
     else:
         tk.decode_kernel[(b * hkv, nsplit + 1)](
