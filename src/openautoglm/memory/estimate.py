@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import _hf
 from ..units import format_bytes
 from . import formulas as F
 from . import optimizers as O
+from . import mixed
 from .formulas import LayerShape
 from .shapes import ModelShape, model_shape
 from .sizes import (  # noqa: F401  (dtype_bytes, model_bytes, kv_cache_bytes: public here too)
@@ -138,8 +140,11 @@ def estimate_memory(
     mode : ``"inference"`` or ``"train"``.
     batch, seq_len : sequences per forward (the micro-batch in training) and tokens per sequence.
     dtype : parameter dtype (default: the checkpoint's; ``train`` with ``amp`` uses fp32 master weights).
-    kv_dtype : KV cache element type: bf16, fp16, fp32, fp8, int8, int4, int2 (default: ``dtype``).
-    quantization : weight quantization, e.g. ``"w4"``, ``{"bits": 4, "group_size": 128}`` (inference only).
+    kv_dtype : KV cache element type: bf16, fp16, fp32, fp8, int8, int4, int2 (default: ``dtype``), or a list
+        with one entry per decoder layer (bits 8/4/2 or names; None = full precision) for a per-layer cache.
+    quantization : weight quantization, e.g. ``"w4"``, ``{"bits": 4, "group_size": 128}`` (inference only), or
+        a per-module recipe: a list of ``QuantConfig`` (or their dicts) with include/exclude patterns, each
+        Linear taking the first config that selects it (:mod:`.mixed`; weight bytes exact, meta device).
     optimizer : ``"adamw"`` = what ``torch.optim.AdamW(params)`` runs by default on ``device`` (foreach on CUDA,
         for-loop on CPU); ``"adamw_fused"``, ``"adamw_foreach"``, ``"adamw_forloop"`` pin the implementation;
         ``"sgd"`` (momentum), ``"adafactor"``; or a live ``torch.optim`` optimizer, whose settings
@@ -156,7 +161,7 @@ def estimate_memory(
     kv_static : the quantized cache is preallocated for ``seq_len`` tokens (compiled decode, ``Generator(kv=...)``).
     kv_shared_layers : layers whose K/V blocks are freed by cross-layer KV sharing (they reuse a neighbour's).
     device : where training runs (default ``"cuda"``, or the optimizer's parameters' device): decides torch's
-        default optimizer implementation.
+        default optimizer implementation; at inference, where quantized layers run (their prefill transients differ).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; accepted: {', '.join(MODES)}")
@@ -172,6 +177,18 @@ def estimate_memory(
         raise ValueError(f"amp={amp!r}; accepted: bf16, fp16, none")
     O.check_device(device)
     opt_spec = O.resolve(optimizer, device)
+    configs = mixed.as_config_list(quantization)
+    if configs is not None:  # per-module recipe: rebuild the model on the meta device with those modules
+        if mode == "train":
+            raise ValueError("training a quantized model is not supported; estimate mode='inference' or drop quantization")
+        if isinstance(model_or_config_or_path, ModelShape):
+            raise TypeError("a per-module quantization list needs the model, its config or its path, not a ModelShape")
+        want = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if want is None and isinstance(model_or_config_or_path, nn.Module):  # the model's own float dtype
+            want = next((p.dtype for p in model_or_config_or_path.parameters() if p.is_floating_point()), None)
+        meta = mixed.meta_copy(model_or_config_or_path, want)
+        mixed.apply_quant_structure(meta, configs)
+        model_or_config_or_path, quantization = meta, None
     s = model_or_config_or_path if isinstance(model_or_config_or_path, ModelShape) else model_shape(model_or_config_or_path)
     held = None if tp_degree == 1 or isinstance(model_or_config_or_path, ModelShape) else \
         _tp_held(model_or_config_or_path, tp_degree)
@@ -195,7 +212,9 @@ def estimate_memory(
         spec = _quant_spec(recorded[-1])
     if mode == "train" and (spec or recorded):
         raise ValueError("training a quantized model is not supported; estimate mode='inference' or drop quantization")
-    kv_dtype = kv_dtype or {2: "bf16" if dtype == torch.bfloat16 else "fp16", 4: "fp32"}[cb]
+    kv_full = {2: "bf16" if dtype == torch.bfloat16 else "fp16", 4: "fp32"}[cb]
+    kv_list = mixed.kv_dtype_list(kv_dtype, len(s.layers) - (kv_shared_layers if mode == "inference" else 0))
+    kv_dtype = [d or kv_full for d in kv_list] if kv_list is not None else (kv_dtype or kv_full)
     tp = tp_degree
     # KV heads fewer than ranks are replicated: one per rank (as openautoglm.parallel splits them)
     layers = held["layers"] if held else [
@@ -217,7 +236,8 @@ def estimate_memory(
             raise ValueError(f"kv_shared_layers={kv_shared_layers} must be below the number of layers {len(layers)}")
         kv_layers = layers[: len(layers) - kv_shared_layers]
         return _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, kv_group_size, kv_residual,
-                          logits or "last", float_params, settings, fm, notes, held)
+                          logits or "last", float_params, settings, fm, notes, held,
+                          device is None or torch.device(device).type != "cpu")
     return _train(s, layers, pb, cb, h, V, T, autocast, opt_spec, grad_checkpointing, grad_accum, lin,
                   float_params, settings, fm, notes)
 
@@ -243,7 +263,7 @@ def _tp_held(obj, tp: int) -> dict | None:
 
 
 def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_dtype, group, residual, logits, float_params,
-               settings, fm, notes, held=None) -> MemoryEstimate:
+               settings, fm, notes, held=None, cuda=True) -> MemoryEstimate:
     # float parameters follow the dtype; buffers and quantized codes/scales (frozen) stay as stored
     if held and not spec:
         w = int(held["float_params"] * pb + held["other_bytes"])
@@ -254,10 +274,18 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
         fm["weights"] = f"{float_params:,} params x {pb:g} B + {s.param_bytes - s.float_param_bytes:,} B as stored (buffers, quantized)"
     if spec:
         w, fm["weights"] = quantized_weight_bytes(s, spec, pb, w, settings["tp_degree"])
-    kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual, settings.get("kv_static", False))
-    fm["kv_cache"] = f"2 x {len(kv_layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
-    if kv_dtype in ("int8", "int4", "int2"):
-        fm["kv_cache"] += (f" (openautoglm KIVI store{', preallocated' if settings.get('kv_static') else ''}: codes + fp16 "
+    static = settings.get("kv_static", False)
+    if isinstance(kv_dtype, list):  # one KV element type per layer
+        kv = sum(_kv_bytes([L], seq_len, batch, d, cb, group, residual, static) for L, d in zip(kv_layers, kv_dtype))
+        names = ", ".join(f"{kv_dtype.count(d)} x {d}" for d in dict.fromkeys(kv_dtype))
+        fm["kv_cache"] = f"sum over layers of 2 x kv heads x {layers[0].head_dim} x {T:,} tokens x its dtype ({names})"
+        quantized_kv = any(d in ("int8", "int4", "int2") for d in kv_dtype)
+    else:
+        kv = _kv_bytes(kv_layers, seq_len, batch, kv_dtype, cb, group, residual, static)
+        fm["kv_cache"] = f"2 x {len(kv_layers)} layers x {layers[0].kv_heads} kv heads x {layers[0].head_dim} x {T:,} tokens x {kv_dtype}"
+        quantized_kv = kv_dtype in ("int8", "int4", "int2")
+    if quantized_kv:
+        fm["kv_cache"] += (f" (openautoglm KIVI store{', preallocated' if static else ''}: codes + fp16 "
                            f"scale/min per {group}-token key block and value group + full-precision window {residual})")
     trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
     ids = 8 * T
@@ -276,6 +304,9 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
     fm["logits"] = f"{'tokens' if logits == 'all' else 'batch (last position)'} x vocab {V:,} x {cb} B"
     body = {"weights": w, "kv_cache": kv, "activations": act, "logits": 0}
     head = {"weights": w, "kv_cache": kv, "activations": head_act, "logits": lg}
+    ws = mixed.prefill_workspace(s, spec, T, n_logits, cb, h, layers, cuda)
+    if ws:  # quantized layers: the decoder's largest transient at the layers, a quantized lm_head's at the head
+        body["workspace"], head["workspace"], fm["workspace"] = ws
     phases = {"prefill: decoder layers": sum(body.values()), "prefill: lm_head": sum(head.values())}
     phase = max(phases, key=phases.get)
     terms = body if phase == "prefill: decoder layers" else head

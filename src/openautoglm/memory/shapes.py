@@ -45,6 +45,7 @@ class ModelShape:
     float_params: int = 0           # floating-point parameters (tied once): these follow the requested dtype
     float_param_bytes: int = 0      # their bytes as built/stored
     quantized_modules: int = 0      # modules of openautoglm.quant (rebuilt from the recorded transform)
+    quantized_linears: list[tuple[str, int, int]] = field(default_factory=list)  # (scheme, in, out) of each
     transforms: list[dict] = field(default_factory=list)
 
     @property
@@ -198,7 +199,8 @@ def model_shape(model_or_config_or_path) -> ModelShape:
             largest = max(largest, p.numel() if p.ndim == 2 else 0)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and out is not None and out.weight is emb.weight
+    out_w = getattr(out, "weight", None)  # None for a quantized lm_head (codes, not a float weight)
+    tied = emb is not None and out_w is not None and out_w is emb.weight
     dec = _hf.decoder_layers(model)
     layer_params = [sum(p.numel() for p in lay.parameters() if p.is_floating_point()) for lay in dec]
     layer_linear = [sum(m.weight.numel() for m in lay.modules() if _is_linear(m) and m.weight.is_floating_point())
@@ -207,6 +209,8 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     ada = sum((p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
     fl = [p for p in params if p.is_floating_point() and p.requires_grad]
     nq = sum(1 for m in model.modules() if type(m).__module__.startswith("openautoglm.quant"))
+    qlin = [(m.scheme, int(m.in_features), int(m.out_features)) for m in model.modules()
+            if type(m).__module__.startswith("openautoglm.quant") and getattr(m, "scheme", "")]
     from .sizes import model_bytes
 
     return ModelShape(
@@ -215,7 +219,7 @@ def model_shape(model_or_config_or_path) -> ModelShape:
         linear_params=linear, largest_matrix=largest, dtype=_main_dtype(fl),
         transforms=hub.applied_transforms(config), layer_params=layer_params, layer_linear_params=layer_linear,
         embed_params=emb.weight.numel() if emb is not None else 0,
-        head_params=0 if tied or out is None else out.weight.numel(), adafactor_elems=ada, n_tensors=len(params),
+        head_params=0 if tied or out_w is None else out_w.numel(), adafactor_elems=ada, n_tensors=len(params),
         float_params=sum(p.numel() for p in fl), float_param_bytes=sum(p.numel() * p.element_size() for p in fl),
-        quantized_modules=nq,
+        quantized_modules=nq, quantized_linears=qlin,
     )
