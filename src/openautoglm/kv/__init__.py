@@ -8,9 +8,10 @@ to a forward loop. ``KVCacheConfig`` describes either (or both) and builds a fre
 
 from .attention import disable_fused_attention, enable_fused_attention
 from .config import KVCacheConfig
+from .mixed import MixedKVCache
 from .quantized import QuantizedKVCache
 from .share_search import SharingPlan, search_sharing
 from .sharing import CrossLayerKVCache
 
-__all__ = ["KVCacheConfig", "QuantizedKVCache", "CrossLayerKVCache", "enable_fused_attention",
+__all__ = ["KVCacheConfig", "MixedKVCache", "QuantizedKVCache", "CrossLayerKVCache", "enable_fused_attention",
            "disable_fused_attention", "search_sharing", "SharingPlan"]

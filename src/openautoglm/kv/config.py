@@ -12,7 +12,8 @@ from .cache import validate_quant_args
 class KVCacheConfig:
     """Which KV cache to build for a model.
 
-    bits : None (full precision), 8, 4 or 2 (KIVI quantization)
+    bits : None (full precision), 8, 4 or 2 (KIVI quantization), or one of those per decoder layer
+        (a list/tuple: :class:`.mixed.MixedKVCache`)
     group_size, residual_length : quantization group and full-precision window (see QuantizedKVCache);
         ``residual_length="auto"`` sizes the window to the context (at most 1/64 of it, 1/16 at 2 bits, up to 128).
     share : merge adjacent layers from ``share_start`` on (MiniCache, CrossLayerKVCache), ``share_threshold``
@@ -31,11 +32,18 @@ class KVCacheConfig:
     version: int = 2
 
     def __post_init__(self) -> None:
-        if self.residual_length != "auto":
-            if self.bits is not None:
-                validate_quant_args(self.bits, self.group_size, self.residual_length)
+        residual = 0 if self.residual_length == "auto" else self.residual_length
+        if isinstance(self.bits, (list, tuple)):
+            from .mixed import normalize_layer_bits
+
+            object.__setattr__(self, "bits", normalize_layer_bits(self.bits))
+            for b in self.bits:
+                if b is not None:
+                    validate_quant_args(b, self.group_size, residual)
+            if self.share or self.share_layers:
+                raise ValueError("per-layer KV bits and cross-layer sharing cannot be combined; pick one")
         elif self.bits is not None:
-            validate_quant_args(self.bits, self.group_size, 0)
+            validate_quant_args(self.bits, self.group_size, residual)
         C.boolean("share", self.share)
         C.integer("share_start", self.share_start, min=0, optional=True)
         object.__setattr__(self, "share_threshold", C.number("share_threshold (a cosine)", self.share_threshold,
@@ -57,11 +65,15 @@ class KVCacheConfig:
 
     @property
     def compressed(self) -> bool:
+        if isinstance(self.bits, tuple):
+            return any(b is not None for b in self.bits)
         return self.bits is not None or self.share or bool(self.share_layers)
 
     def label(self) -> str:
         parts = []
-        if self.bits is not None:
+        if isinstance(self.bits, tuple):
+            parts.append("per-layer[" + ",".join("bf" if b is None else f"int{b}" for b in self.bits) + "]")
+        elif self.bits is not None:
             parts.append(f"int{self.bits}")
         if self.share:
             parts.append(f"minicache(start={self.share_start},thr={self.share_threshold})")
@@ -72,6 +84,8 @@ class KVCacheConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["share_layers"] = [list(p) for p in self.share_layers]
+        if isinstance(self.bits, tuple):
+            d["bits"] = list(self.bits)
         return d
 
     @classmethod
@@ -105,6 +119,11 @@ class KVCacheConfig:
                 group_size=self.group_size,
                 residual_length=resolve_residual(self.residual_length, self.group_size, max_cache_len or context, self.bits),
             )
+        if isinstance(self.bits, tuple):
+            from .mixed import MixedKVCache
+
+            return MixedKVCache(self.bits, self.group_size, self.residual_length, config=model_config,
+                                context=max_cache_len or context)
         if self.bits is not None or self.share_layers:
             from .quantized import QuantizedKVCache
 
