@@ -7,6 +7,7 @@ else in openautoglm calls these helpers instead of reaching into transformers it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -241,6 +242,57 @@ def own_config(model: nn.Module) -> None:
             object.__setattr__(cfg, "_oag_base", copies.get(id(base), base))
         elif cfg is not None and id(cfg) in copies:
             module.config = copies[id(cfg)]
+
+
+# ----------------------------------------------------------------------------- one layer's attention, replaced
+
+OVERRIDE_ATTENTION = "openautoglm_override"
+
+
+class _OverrideConfigView:
+    """The attention module's config (or its per-module view) with ``_attn_implementation`` naming the override."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_oag_inner", config)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_oag_inner":
+            raise AttributeError(name)
+        return getattr(self._oag_inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._oag_inner, name, value)
+
+    @property
+    def _attn_implementation(self):
+        return OVERRIDE_ATTENTION
+
+
+def _override_attention(module, query, key, value, attention_mask, **kwargs):
+    return module._oag_attn_override(module, query, key, value, attention_mask, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_override() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(OVERRIDE_ATTENTION, _override_attention)
+
+
+@contextlib.contextmanager
+def override_attention(attn: nn.Module, fn):
+    """Inside the block, ``attn`` computes its attention with ``fn(module, query, key, value, attention_mask,
+    scaling=..., **kw) -> (output (batch, seq, heads, head_dim), weights or None)``; query (batch, n_q, seq, d),
+    key/value (batch, n_kv, kv_seq, d) after RoPE, exactly what the model's attention function would get."""
+    _register_override()
+    old = attn.config
+    attn.config = _OverrideConfigView(old)
+    attn._oag_attn_override = fn
+    try:
+        yield attn
+    finally:
+        attn.config = old
+        del attn._oag_attn_override
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
