@@ -49,6 +49,10 @@ _register_lazy({
 })
 _register_lazy({  # KV cache: fused decode attention, calibrated cross-layer sharing
     "enable_fused_attention": "openautoglm.kv.attention", "search_sharing": "openautoglm.kv.share_search",
+    "MixedKVCache": "openautoglm.kv.mixed",
+})
+_register_lazy({  # budget-driven compression
+    "compress_to_budget": "openautoglm.auto", "apply_recipe": "openautoglm.auto", "load_recipe": "openautoglm.auto",
 })
 _register_lazy({  # pruning
     "HeadPruneConfig": "openautoglm.prune", "sparsify": "openautoglm.prune", "SparsityConfig": "openautoglm.prune",

@@ -163,6 +163,7 @@ def eval_(
     kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold, kv_share_layers)
     with _loaded(model, dtype, device, tp) as (m, _, lead):
         tok = hub.load_tokenizer(model)
+        kv = kv or _recorded_kv(m)
         if kv is None:
             res = perplexity(m, tok, text, max_tokens=max_tokens or None, seq_len=seq_len, batch_size=batch_size,
                              progress=lead)
@@ -216,6 +217,7 @@ def generate(
     kv = _kv_config(kv_bits, kv_group_size, kv_residual, kv_share, kv_share_start, kv_share_threshold, kv_share_layers)
     with _loaded(model, dtype, device, tp) as (m, dev, lead), torch.no_grad():
         tok = hub.load_tokenizer(model)
+        kv = kv or _recorded_kv(m)
         torch.manual_seed(seed)  # the same seed on every rank: sampled tokens agree
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
@@ -274,6 +276,14 @@ def _loaded(model: str, dtype: str, device: str, tp: int):
             console.quiet = True
             logging.getLogger().setLevel(logging.ERROR)
         yield parallel.from_pretrained(model, tp_size=tp, dtype=dtype, device=dev), dev, lead
+
+
+def _recorded_kv(model):
+    """The KV cache a compressed model records (``compress --budget``), used when no --kv-* option is given."""
+    kv = getattr(model, "kv_cache_config", None)
+    if kv is not None:
+        logging.getLogger(__name__).info("KV cache %s (recorded in the model's config)", kv.label())
+    return kv
 
 
 def _kv_config(bits, group_size, residual, share, share_start, share_threshold, share_layers=None):

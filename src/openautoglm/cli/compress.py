@@ -108,14 +108,36 @@ def compress(
     low_rank: float = typer.Option(None, "--low-rank", help=PRUNE_HELP["low_rank"]),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="pruning: " + PRUNE_HELP["calib_samples"]),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already holds a model."),
+    budget: str = typer.Option(None, "--budget", help="Search the least lossy recipe that fits this memory "
+                               "(12GiB, 512MB, or auto = free memory of the GPU) and write a report."),
+    context: int = typer.Option(None, "--context", min=1, help="--budget: tokens per sequence to serve."),
+    batch: int = typer.Option(1, "--batch", min=1, help="--budget: sequences served at once."),
+    recipe: Path = typer.Option(None, "--recipe", help="Replay a recipe (.json/.yaml, or a folder made by --budget)."),
+    headroom: float = typer.Option(0.03, "--headroom", help="--budget: fraction kept free for fragmentation."),
+    budget_terms: str = typer.Option("all", "--budget-terms", help="--budget: what must fit: all, or weights+kv."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", min=2, help="--budget: calibration tokens."),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", min=2, help="--budget: held-out tokens for the report."),
+    report: bool = typer.Option(True, "--report/--no-report", help="--budget: quality check, measured memory, report."),
 ) -> None:
     """Compress MODEL (prune, then quantize: each only when its options are given) and save a checkpoint that
-    reloads without the recipe. Quantization runs only with --bits or --scheme.
+    reloads without the recipe. Quantization runs only with --bits or --scheme; --budget searches the recipe
+    (mixed precision per layer, KV bits, head pruning) that fits a memory budget; --recipe replays one.
 
     Quantization alone streams: shards are read tensor by tensor, each Linear is quantized on --device as it
     arrives and each finished layer is written out, so a model larger than the machine's memory compresses in
     about one layer of memory. Pruning needs the whole model in memory.
     """
+    if budget is not None or recipe is not None:
+        from . import auto
+
+        auto.check_exclusive(budget, recipe, {
+            "--bits": bits, "--scheme": scheme, "--group-size": group_size, "--include": include, "--exclude": exclude,
+            "--observer": observer, "--prune-heads": prune_heads, "--sparsity": sparsity, "--low-rank": low_rank})
+        if recipe is not None:
+            return auto.run_recipe(model, out, recipe=recipe, device=device, dtype=dtype)
+        return auto.run_budget(model, out, budget=budget, context=context, batch=batch, device=device, dtype=dtype,
+                               headroom=headroom, budget_terms=budget_terms, calib_tokens=calib_tokens,
+                               eval_tokens=eval_tokens, report=report)
     bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,

@@ -68,7 +68,7 @@ def _import_plugins() -> None:
     # Each capability registers its rebuilder on import; import them lazily so `import openautoglm` stays light.
     import importlib
 
-    for mod in ("openautoglm.quant", "openautoglm.prune"):
+    for mod in ("openautoglm.quant", "openautoglm.prune", "openautoglm.auto"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # capability not present in this build

@@ -1,0 +1,232 @@
+"""``compress_to_budget(model, "12GiB", context=16384, batch=4)``: the least lossy recipe that fits, applied.
+
+1. measure single-change sensitivities on calibration text (:mod:`.sensitivity`, cached on disk);
+2. byte tables of every choice from the estimator's pieces, per pruning level (:mod:`.space`);
+3. the knapsack optimum per pruning level under the budget, every uniform recipe, and the trade-off curve
+   (:mod:`.search`); nothing fits -> :class:`BudgetError` naming the smallest budget that does;
+4. the ``top_k`` best-predicted candidates that fit (the best uniform one always among them) measured together
+   on the calibration text, as decoded through their cache; the lowest measured NLL is the pick;
+5. the pick applied in place (:func:`.recipe.apply_recipe`), its memory re-estimated and measured, and its
+   quality checked against the original on held-out text (:mod:`.quality`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from .. import _hf
+from ..kv.config import KVCacheConfig
+from ..memory.estimate import estimate_memory
+from ..memory.mixed import meta_copy
+from ..prune.heads import mask_heads, remove_heads
+from . import search
+from .budget import BudgetError, fmt_bytes, parse_budget
+from .recipe import apply_recipe, make_recipe
+from .result import AutoResult
+from .sensitivity import measure, nll, swapped
+from .space import BUDGET_TERMS, KV_OPTIONS, PRUNE_LEVELS, WEIGHT_OPTIONS, find_units, level_tables
+
+log = logging.getLogger(__name__)
+DEFAULT_SCHEMES = ("bf16", "w8", "w4g128", "w4g64", "w4g32")
+# w8a8 stores the same int8 weight codes as w8 with fp32 instead of 16-bit scales and adds activation rounding
+# and a large int8-GEMM prefill transient: it never wins on memory or quality, only (on some GPUs) on speed.
+DOMINATED = {"w8a8": "w8"}
+
+
+def _kv_name(b) -> str:
+    return "bf16" if b is None else f"int{b}"
+
+
+def _token_ids(tokenizer, text: str | None, part: str) -> torch.Tensor:
+    from ..evaluate import heldout_token_ids
+
+    ids = heldout_token_ids(tokenizer, text)
+    if text is None:  # bundled held-out text: calibrate on its second half, evaluate on its first
+        half = ids.numel() // 2
+        ids = ids[half:] if part == "calib" else ids[:half]
+    return ids
+
+
+def _windows(ids: torch.Tensor, tokens: int, seq: int, what: str) -> torch.Tensor:
+    n = min(tokens, ids.numel()) // seq
+    if n < 1:
+        raise ValueError(f"{what} text has {ids.numel()} tokens, fewer than one window of {seq}")
+    return ids[: n * seq].view(n, seq)
+
+
+def candidate_recipe(c: search.Candidate, units, options, kv_options, removed, *, kv_group, kv_residual, **target) -> dict:
+    """The recipe (list of configs) of candidate ``c``."""
+    steps = []
+    if removed:
+        steps.append({"type": "prune_heads", "removed": {str(k): v for k, v in sorted(removed.items())},
+                      "ratio": c.ratio, "importance": "taylor", "granularity": "kv_group"})
+    by_opt: dict[int, list[str]] = {}
+    for u, o in zip(units, c.weights):
+        if options[o].scheme is not None:
+            by_opt.setdefault(o, []).append(u.pattern)
+    for o, pats in sorted(by_opt.items()):
+        steps.append({"type": "quantize", "config": options[o].config(pats).to_dict()})
+    bits = [kv_options[b] for b in c.kv]
+    if any(b is not None for b in bits):
+        kv = KVCacheConfig(bits=tuple(bits), group_size=kv_group, residual_length=kv_residual)
+        steps.append({"type": "kv_cache", "config": kv.to_dict()})
+    return make_recipe(steps, target=target)
+
+
+@contextlib.contextmanager
+def _applied(model, c: search.Candidate, units, options, removed):
+    """The candidate's weights and head masks applied to ``model`` inside the block (undone after)."""
+    plan = {n: options[o] for u, o in zip(units, c.weights) for n in u.modules}
+    with mask_heads(model, removed), swapped(model, plan):
+        yield model
+
+
+def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1, tokenizer=None,
+                       calib_text: str | None = None, calib_tokens: int = 4096, eval_text: str | None = None,
+                       eval_tokens: int = 8192, schemes=DEFAULT_SCHEMES, kv_bits=KV_OPTIONS, prune_ratios=PRUNE_LEVELS,
+                       budget_terms=BUDGET_TERMS, headroom: float = 0.03, device: str | None = None,
+                       top_k: int = 4, kv_group_size: int = 64, kv_residual: int = 128,
+                       verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
+                       new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True) -> AutoResult:
+    """Compress ``model`` in place to the recipe with the least quality loss whose inference memory at
+    ``batch`` x ``context`` fits ``budget``; returns an :class:`AutoResult` (recipe, candidates, report data).
+
+    Parameters
+    ----------
+    budget : ``"12GiB"``, ``"512MB"``, a number of bytes, or ``"auto"`` (free memory of the model's GPU).
+    context, batch : the serving shape: KV cache of ``context`` tokens for ``batch`` sequences, prefill peak.
+    tokenizer : needed for text (default: the tokenizer of the folder the model was loaded from).
+    calib_text, eval_text : calibration / held-out text (default: the bundled held-out text's second / first half).
+    calib_tokens, eval_tokens : tokens of each used (windows of ``min(context, model context, 2048)``).
+    schemes : weight options per unit: bf16, w8, w8a8, w4g128, w4g64, w4g32.
+    kv_bits : KV widths per layer (None = full precision, 8, 4, 2); prune_ratios : fractions of GQA groups removed.
+    budget_terms : which estimator terms must fit (default all: weights, kv_cache, activations, logits, workspace).
+    headroom : fraction of the budget kept free (allocator fragmentation, the estimator's error); the search
+        fits ``budget * (1 - headroom)``.
+    device : ``"cuda"`` or ``"cpu"``: where the model will serve (quantized layers' prefill transients differ);
+        default: where ``model`` is.
+    top_k : candidates measured together on the calibration text before the pick.
+    verify, measure_memory : held-out quality against the original, and the measured peak, for the report.
+    """
+    t_start = time.perf_counter()
+    dev = next(model.parameters()).device
+    budget_bytes = parse_budget(budget, device=dev)
+    for name, v in (("context", context), ("batch", batch), ("top_k", top_k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0.0 <= headroom < 0.5:
+        raise ValueError(f"headroom={headroom!r} must be a fraction in [0, 0.5)")
+    device = device or dev.type
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}; accepted: cuda, cpu")
+    fit = int(budget_bytes * (1 - headroom))
+    terms = tuple(budget_terms)
+    if not terms or set(terms) - set(BUDGET_TERMS):
+        raise ValueError(f"budget_terms={budget_terms!r}; accepted: a non-empty subset of {BUDGET_TERMS}")
+    names = list(dict.fromkeys(["bf16", *schemes]))
+    bad = [n for n in names if n not in WEIGHT_OPTIONS]
+    if bad:
+        raise ValueError(f"unknown weight options {bad}; accepted: {', '.join(WEIGHT_OPTIONS)}")
+    kv_options = list(dict.fromkeys([None, *kv_bits]))
+    if any(b not in KV_OPTIONS for b in kv_options):
+        raise ValueError(f"kv_bits={kv_bits!r}; accepted: None (full precision), 8, 4, 2")
+    ratios = sorted({0.0, *[float(r) for r in prune_ratios]})
+    if any(not 0.0 <= r < 1.0 for r in ratios):
+        raise ValueError(f"prune_ratios={prune_ratios!r} must lie in [0, 1)")
+    notes = [f"{n} not searched: dominated by {DOMINATED[n]} (same int8 weight codes, more bytes, activation "
+             "rounding, larger prefill transient); ask for it alone if you need its GEMM" for n in names
+             if n in DOMINATED and DOMINATED[n] in names]
+    names = [n for n in names if not (n in DOMINATED and DOMINATED[n] in names)]
+    options = [WEIGHT_OPTIONS[n] for n in names]
+    if tokenizer is None:
+        from ..hub import load_tokenizer
+
+        src = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        if not src:
+            raise ValueError("compress_to_budget needs tokenizer= (the model does not say where it was loaded from)")
+        tokenizer = load_tokenizer(src)
+    seq = min(context, int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
+    calib = _windows(_token_ids(tokenizer, calib_text, "calib"), calib_tokens, seq, "calibration")
+    eval_ids = _windows(_token_ids(tokenizer, eval_text, "eval"), eval_tokens, seq, "evaluation").reshape(-1)
+    units = find_units(model)
+    n_layers = len(_hf.decoder_layers(model))
+
+    sens = measure(model, calib, units, options, kv_options, ratios, kv_group=kv_group_size, kv_residual=kv_residual,
+                   cache=cache_dir, use_cache=use_cache, progress=progress)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    levels = []
+    for r, removed in zip(sens.ratios, sens.removed):
+        meta = meta_copy(model, dtype)
+        if removed:
+            remove_heads(meta, removed)
+        levels.append(level_tables(meta, units, options, kv_options, ratio=r, removed=removed, batch=batch,
+                                   context=context, terms=terms, group=kv_group_size, residual=kv_residual,
+                                   cuda=device == "cuda"))
+    allowed = [True] * len(options)
+    smallest = search.smallest(levels, sens, terms, allowed)
+    base_ppl = math.exp(sens.base_nll)
+    auto = [c for c in (search.solve_level(t, sens, fit, terms, allowed) for t in levels) if c is not None]
+    if not auto:
+        need = math.ceil(smallest.bytes / (1 - headroom))
+        raise BudgetError(
+            f"nothing fits in {fmt_bytes(budget_bytes)} at batch {batch} x context {context}: the smallest recipe of "
+            f"the search space needs {fmt_bytes(need)} ({fmt_bytes(smallest.bytes)} estimated + {100 * headroom:g}% "
+            f"headroom; estimated perplexity {base_ppl:.2f} -> "
+            f"{base_ppl * math.exp(smallest.predicted):.2f}, +{100 * math.expm1(smallest.predicted):.1f}%); raise "
+            "the budget or lower the batch or context", need, base_ppl * math.exp(smallest.predicted))
+    uniform = search.uniform_candidates(levels, sens, names, [_kv_name(b) for b in kv_options], terms)
+    hi = max(c.bytes for c in uniform)
+    front = search.front_candidates(levels, sens, terms, allowed, smallest.bytes, hi)
+    fitting_uniform = sorted((c for c in uniform if c.bytes <= fit), key=lambda c: c.predicted)
+    shortlist = sorted(auto, key=lambda c: c.predicted)[:top_k]
+    if fitting_uniform:
+        shortlist = shortlist[: max(1, top_k - 1)] + fitting_uniform[:1]
+    t_search = time.perf_counter()
+    removed_of = dict(zip(sens.ratios, sens.removed))
+    for c in shortlist:  # measured together, through the candidate's own cache
+        bits = tuple(kv_options[b] for b in c.kv)
+        kv = KVCacheConfig(bits=bits, group_size=kv_group_size, residual_length=kv_residual)
+        with _applied(model, c, units, options, removed_of[c.ratio]):
+            c.measured = nll(model, calib, kv) - sens.base_nll
+        log.info("verified %s: predicted %+.4f, measured %+.4f nats", c.label or c.kind, c.predicted, c.measured)
+    pick = min(shortlist, key=lambda c: (c.measured, c.bytes))
+    target = {"budget": budget_bytes, "context": context, "batch": batch, "budget_terms": list(terms),
+              "headroom": headroom, "device": device}
+    recipe = candidate_recipe(pick, units, options, kv_options, removed_of[pick.ratio], kv_group=kv_group_size,
+                              kv_residual=kv_residual, **target)
+    recipe["predicted"] = {"bytes": pick.bytes, "nll_increase": pick.measured,
+                           "calibration_perplexity": base_ppl * math.exp(pick.measured)}
+    before = estimate_memory(model, mode="inference", batch=batch, seq_len=context, kv_group_size=kv_group_size,
+                             kv_residual=kv_residual, device=device)
+    from . import quality
+
+    prompts = []
+    if verify and n_prompts:
+        from ..evaluate import heldout_prompts
+
+        prompts = heldout_prompts(tokenizer, n_prompts) if eval_text is None else []
+    probe = dict(probe=min(32, seq // 4), probe_context=min(512, seq - min(32, seq // 4)))  # attention rows compared
+    base = quality.baseline(model, tokenizer, eval_ids, seq_len=seq, prompts=prompts,
+                            new_tokens=new_tokens, **probe) if verify else None
+    t_apply = time.perf_counter()
+    kv = apply_recipe(model, recipe)
+    after = estimate_memory(model, mode="inference", batch=batch, seq_len=context, kv_group_size=kv_group_size,
+                            kv_residual=kv_residual, kv_dtype=[kv_options[b] for b in pick.kv], device=device)
+    got = sum(v for k, v in after.terms.items() if k in terms)
+    if got != pick.bytes:
+        log.warning("estimate of the applied recipe (%d B) differs from the search tables (%d B)", got, pick.bytes)
+    qual = quality.compare(model, tokenizer, eval_ids, base, kv, seq_len=seq, new_tokens=new_tokens,
+                           removed=removed_of[pick.ratio], **probe) if verify else {}
+    measured = quality.measure_memory(model, kv, batch=batch, context=context) if measure_memory else None
+    seconds = {"sensitivity": sens.seconds, "search_and_verify": time.perf_counter() - t_search,
+               "total": time.perf_counter() - t_start, "apply_and_evaluate": time.perf_counter() - t_apply}
+    return AutoResult(recipe=recipe, budget=budget_bytes, fit=fit, context=context, batch=batch, budget_terms=terms, pick=pick,
+                      auto=auto, uniform=uniform, front=front, shortlist=shortlist, smallest=smallest, units=units,
+                      options=names, kv_options=kv_options, sensitivities=sens, estimate_before=before,
+                      estimate_after=after, quality=qual, measured=measured, notes=notes, seconds=seconds)

@@ -1,0 +1,96 @@
+"""``AutoResult``: what :func:`compress_to_budget` chose, what it compared it with, and what it measured."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..memory.estimate import MemoryEstimate
+from .search import Candidate
+from .sensitivity import Sensitivities
+from .space import Unit
+
+
+@dataclass
+class AutoResult:
+    recipe: dict
+    budget: int
+    fit: int                           # budget less the headroom: what the search fitted
+    context: int
+    batch: int
+    budget_terms: tuple
+    pick: Candidate
+    auto: list[Candidate]              # knapsack optimum per pruning level under the budget
+    uniform: list[Candidate]           # every single uniform recipe (fitting or not)
+    front: list[Candidate]             # knapsack optima over a sweep of budgets (the trade-off curve)
+    shortlist: list[Candidate]         # measured together on the calibration text
+    smallest: Candidate
+    units: list[Unit]
+    options: list[str]
+    kv_options: list
+    sensitivities: Sensitivities
+    estimate_before: MemoryEstimate
+    estimate_after: MemoryEstimate
+    quality: dict
+    measured: dict | None
+    notes: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def kv_config(self):
+        from .recipe import kv_config_of
+
+        return kv_config_of(self.recipe)
+
+    def describe(self, c: Candidate) -> str:
+        """``"w4g64 x 10, w8 x 6; KV int4 x 5, int8 x 3; prune 0.125"``."""
+        w = Counter(self.options[o] for o in c.weights)
+        kv = Counter("bf16" if self.kv_options[b] is None else f"int{self.kv_options[b]}" for b in c.kv)
+        text = ", ".join(f"{k} x {n}" for k, n in w.most_common()) + "; KV " + ", ".join(
+            f"{k} x {n}" for k, n in kv.most_common())
+        return text + (f"; prune {c.ratio:g}" if c.ratio else "")
+
+    def perplexity(self, c: Candidate, measured: bool = True) -> float:
+        """Calibration perplexity of a candidate: measured if it was, else predicted by the additive model."""
+        d = c.measured if (measured and c.measured is not None) else c.predicted
+        return math.exp(self.sensitivities.base_nll + d)
+
+    def best_uniform(self) -> Candidate | None:
+        fit = [c for c in self.uniform if c.bytes <= self.fit]
+        return min(fit, key=lambda c: c.predicted) if fit else None
+
+    def summary(self) -> dict:
+        q = self.quality
+        return {
+            "budget": self.budget, "context": self.context, "batch": self.batch, "budget_terms": list(self.budget_terms),
+            "pick": self.describe(self.pick), "estimated_bytes": self.pick.bytes,
+            "estimated_terms": self.pick.terms, "measured": self.measured,
+            "calibration_perplexity": self.perplexity(self.pick), "heldout_perplexity": q.get("perplexity"),
+            "heldout_perplexity_original": q.get("perplexity_original"), "bleu4": q.get("bleu4"),
+            "attention_cosine": q.get("attention_cosine"), "seconds": self.seconds, "notes": self.notes,
+        }
+
+    def to_dict(self) -> dict:
+        def cand(c: Candidate) -> dict:
+            return {"kind": c.kind, "label": c.label or self.describe(c), "ratio": c.ratio, "bytes": c.bytes,
+                    "predicted_nll_increase": c.predicted, "measured_nll_increase": c.measured,
+                    "weights": [self.options[o] for o in c.weights],
+                    "kv": [self.kv_options[b] for b in c.kv], "terms": c.terms}
+
+        return {**self.summary(), "recipe": self.recipe, "quality": self.quality,
+                "units": [u.name for u in self.units], "pick_detail": cand(self.pick),
+                "shortlist": [cand(c) for c in self.shortlist], "smallest": cand(self.smallest),
+                "uniform": [cand(c) for c in self.uniform], "front": [cand(c) for c in self.front],
+                "sensitivities": {"base_nll": self.sensitivities.base_nll,
+                                  "weight": self.sensitivities.weight, "kv": self.sensitivities.kv,
+                                  "prune": dict(zip(map(str, self.sensitivities.ratios), self.sensitivities.prune)),
+                                  "calibration": self.sensitivities.calibration, "cached": self.sensitivities.cached},
+                "estimate_before": self.estimate_before.to_dict(), "estimate_after": self.estimate_after.to_dict()}
+
+    def write_report(self, out_dir, title: str | None = None) -> Path:
+        """Write ``report.md``, ``report.html`` (plots embedded) and the PNGs into ``out_dir``; returns the md path."""
+        from .report import write_report
+
+        return write_report(self, Path(out_dir), title=title)

@@ -1,0 +1,188 @@
+"""Combining the measured signals: an additive model of the NLL increase, solved as a knapsack.
+
+The predicted increase of a candidate's mean NLL (nats/token; perplexity is ``exp`` of it) is the sum of the
+increases measured when each of its choices was applied alone (:mod:`.sensitivity`): one per weight unit, one
+per KV layer, one for the pruning level. Under a byte budget this is a *multiple-choice knapsack* (pick one
+option per group, minimise the summed cost under the summed size), solved exactly by dynamic programming over
+bytes rounded *up* to ``resolution`` steps, so a solution never exceeds the budget. The prefill workspace is a
+maximum, not a sum: the solver is run once per workspace ceiling, allowing only choices below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .space import LevelTables
+from .sensitivity import Sensitivities
+
+
+@dataclass
+class Candidate:
+    """A point of the search: pruning level, weight option index per unit, KV option index per layer."""
+
+    ratio: float
+    weights: tuple[int, ...]
+    kv: tuple[int, ...]
+    bytes: int                         # budgeted terms, from the byte tables (= the estimator's total)
+    predicted: float                   # predicted NLL increase (nats/token)
+    kind: str = "auto"                 # "auto" (knapsack), "uniform", "local" (local-search neighbour)
+    measured: float | None = None      # measured NLL increase on the calibration text, once verified
+    label: str = ""
+    terms: dict[str, int] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.ratio, self.weights, self.kv)
+
+
+def candidate_bytes(t: LevelTables, w: tuple[int, ...], kv: tuple[int, ...], budget_terms) -> tuple[int, dict]:
+    """Budgeted bytes of one candidate and its terms."""
+    terms = dict(t.fixed_terms)
+    terms["weights"] = terms["weights"] + sum(t.weights[u][o] for u, o in enumerate(w))
+    terms["kv_cache"] = sum(t.kv[layer][b] for layer, b in enumerate(kv))
+    terms["workspace"] = max([t.workspace[u][o] for u, o in enumerate(w)] + [0])
+    return sum(v for k, v in terms.items() if k in budget_terms), terms
+
+
+def predicted_cost(s: Sensitivities, ratio: float, w: tuple[int, ...], kv: tuple[int, ...]) -> float:
+    return (s.prune[s.ratios.index(ratio)] + sum(s.weight[u][o] for u, o in enumerate(w))
+            + sum(s.kv[layer][b] for layer, b in enumerate(kv)))
+
+
+def mckp(costs: list[np.ndarray], sizes: list[np.ndarray], capacity: int, resolution: int = 2048):
+    """Minimise ``sum(costs[g][choice[g]])`` with ``sum(sizes[g][choice[g]]) <= capacity``.
+
+    Options with ``inf`` cost are not allowed. Returns ``(cost, choice)`` or ``(inf, None)`` when nothing fits,
+    plus the table ``best[r]``: the least cost within ``base + r * step`` bytes (``base``, ``step`` returned)."""
+    base = sum(int(np.min(np.where(np.isfinite(c), s, np.inf))) for c, s in zip(costs, sizes))
+    room = capacity - base
+    if room < 0:
+        return np.inf, None, None, base, 1.0
+    step = max(room / resolution, 1.0)
+    R = int(room // step)
+    dp = np.zeros(R + 1)
+    picks = []
+    for c, s in zip(costs, sizes):
+        smin = int(np.min(np.where(np.isfinite(c), s, np.inf)))
+        new = np.full(R + 1, np.inf)
+        arg = np.full(R + 1, -1, dtype=np.int32)
+        for o, (co, so) in enumerate(zip(c, s)):
+            if not np.isfinite(co):
+                continue
+            k = int(np.ceil((so - smin) / step))
+            if k > R:
+                continue
+            cand = np.full(R + 1, np.inf)
+            cand[k:] = dp[: R + 1 - k] + co
+            better = cand < new
+            new[better], arg[better] = cand[better], o
+        dp = new
+        picks.append((arg, smin))
+    if not np.isfinite(dp[R]):
+        return np.inf, None, dp, base, step
+    choice, r = [], R
+    for (arg, smin), s in zip(reversed(picks), reversed(sizes)):
+        o = int(arg[r])
+        choice.append(o)
+        r -= int(np.ceil((s[o] - smin) / step))
+    return float(dp[R]), tuple(reversed(choice)), dp, base, step
+
+
+def solve_level(t: LevelTables, s: Sensitivities, budget: int, budget_terms, allowed_w: list[bool],
+                resolution: int = 2048) -> Candidate | None:
+    """The knapsack optimum at one pruning level (best over workspace ceilings), or None if nothing fits."""
+    n_u, n_l = len(t.weights), len(t.kv)
+    ws_levels = sorted({t.workspace[u][o] for u in range(n_u) for o in range(len(allowed_w))
+                        if allowed_w[o] and t.weights[u][o] is not None} | {0})
+    best = None
+    for W in ws_levels:
+        costs, sizes = [], []
+        for u in range(n_u):
+            ok = [allowed_w[o] and t.weights[u][o] is not None and t.workspace[u][o] <= W for o in range(len(allowed_w))]
+            costs.append(np.array([s.weight[u][o] if ok[o] else np.inf for o in range(len(ok))]))
+            sizes.append(np.array([t.weights[u][o] if ok[o] else 0 for o in range(len(ok))], dtype=np.int64))
+        for layer in range(n_l):
+            costs.append(np.array(s.kv[layer], dtype=float))
+            sizes.append(np.array(t.kv[layer], dtype=np.int64))
+        fixed = t.fixed + (W if "workspace" in budget_terms else 0)
+        kv_in = "kv_cache" in budget_terms
+        if not kv_in:  # KV not budgeted: its sizes do not count
+            sizes[n_u:] = [np.zeros_like(z) for z in sizes[n_u:]]
+        if "weights" not in budget_terms:
+            sizes[:n_u] = [np.zeros_like(z) for z in sizes[:n_u]]
+        cost, choice, *_ = mckp(costs, sizes, budget - fixed, resolution)
+        if choice is None:
+            continue
+        w, kv = tuple(choice[:n_u]), tuple(choice[n_u:])
+        b, terms = candidate_bytes(t, w, kv, budget_terms)
+        c = Candidate(t.ratio, w, kv, b, cost + s.prune[s.ratios.index(t.ratio)], terms=terms)
+        if b <= budget and (best is None or c.predicted < best.predicted):
+            best = c
+    return best
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (memory, cost) not dominated by another (less or equal on both, less on one)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], np.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _ws_levels(t: LevelTables, allowed_w: list[bool]) -> list[int]:
+    return sorted({t.workspace[u][o] for u in range(len(t.weights)) for o in range(len(allowed_w))
+                   if allowed_w[o] and t.weights[u][o] is not None} | {0})
+
+
+def smallest(levels: list[LevelTables], s: Sensitivities, budget_terms, allowed_w: list[bool]) -> Candidate:
+    """The candidate needing the least memory (ties: the least predicted cost)."""
+    best = None
+    for t in levels:
+        for W in _ws_levels(t, allowed_w):
+            w = []
+            for u in range(len(t.weights)):
+                ok = [o for o in range(len(allowed_w)) if allowed_w[o] and t.weights[u][o] is not None
+                      and t.workspace[u][o] <= W]
+                w.append(min(ok, key=lambda o: (t.weights[u][o] if "weights" in budget_terms else 0, s.weight[u][o])))
+            kv = tuple(min(range(len(t.kv[layer])), key=lambda b: (t.kv[layer][b] if "kv_cache" in budget_terms else 0,
+                                                                    s.kv[layer][b])) for layer in range(len(t.kv)))
+            b, terms = candidate_bytes(t, tuple(w), kv, budget_terms)
+            c = Candidate(t.ratio, tuple(w), kv, b, predicted_cost(s, t.ratio, tuple(w), kv), "smallest", terms=terms)
+            if best is None or (c.bytes, c.predicted) < (best.bytes, best.predicted):
+                best = c
+    return best
+
+
+def uniform_candidates(levels: list[LevelTables], s: Sensitivities, option_names: list[str], kv_names: list[str],
+                       budget_terms) -> list[Candidate]:
+    """Every single uniform recipe: one weight option for all units (units it cannot apply to stay in the model
+    dtype), one KV width for all layers, one pruning level."""
+    keep = option_names.index("bf16")
+    out = []
+    for t in levels:
+        for o, oname in enumerate(option_names):
+            w = tuple(o if t.weights[u][o] is not None else keep for u in range(len(t.weights)))
+            for b, bname in enumerate(kv_names):
+                kv = (b,) * len(t.kv)
+                size, terms = candidate_bytes(t, w, kv, budget_terms)
+                out.append(Candidate(t.ratio, w, kv, size, predicted_cost(s, t.ratio, w, kv), "uniform",
+                                     label=f"{oname} + KV {bname} + prune {t.ratio:g}", terms=terms))
+    return out
+
+
+def front_candidates(levels: list[LevelTables], s: Sensitivities, budget_terms, allowed_w: list[bool],
+                     lo: int, hi: int, n: int = 24) -> list[Candidate]:
+    """Knapsack optima for ``n`` budgets between ``lo`` and ``hi`` (the trade-off curve of the search)."""
+    seen, out = set(), []
+    for B in np.linspace(lo, hi, n):
+        for t in levels:
+            c = solve_level(t, s, int(B), budget_terms, allowed_w)
+            if c is not None and c.key() not in seen:
+                seen.add(c.key())
+                c.kind = "front"
+                out.append(c)
+    return out

@@ -1,0 +1,211 @@
+"""Cheap measured quality signals: how much the calibration NLL rises when *one* thing is compressed.
+
+* weight unit ``u`` stored as option ``o`` (the real quantized modules swapped in, everything else intact):
+  teacher-forced mean NLL on the calibration windows minus the unmodified model's;
+* KV layer ``l`` at ``b`` bits: the NLL of a token-by-token decode through a cache quantizing only that layer,
+  computed in one pass by :func:`openautoglm.kv.emulate.kivi_emulation` (equal to the real cache fed one token
+  at a time);
+* pruning level ``r`` (Taylor head importance, whole GQA groups): the heads masked at ``o_proj``'s input.
+
+Results are cached on disk as JSON, keyed by a fingerprint of the model (config, tensor names, shapes and a
+strided sample of every tensor's values), of the calibration token ids and of the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..evaluate import perplexity
+from ..kv.config import KVCacheConfig
+from ..kv.emulate import decode_perplexity
+from ..prune.heads import HeadPruneConfig, HeadPruner, mask_heads
+from ..quant.api import _set_module
+from ..quant.linear import LINEAR_CLASSES
+from .space import Unit, WeightOption
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sensitivities:
+    """NLL increases (nats/token) on the calibration text, each with only that one change applied."""
+
+    units: list[str]
+    options: list[str]
+    kv_options: list
+    ratios: list[float]
+    base_nll: float                          # teacher-forced (= decode through a full-precision cache)
+    weight: list[list[float]]                # [unit][option]; inf where the option does not apply
+    kv: list[list[float]]                    # [layer][kv option]
+    prune: list[float]                       # [ratio]
+    removed: list[dict[int, list[int]]]      # [ratio] query heads removed per layer
+    calibration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["removed"] = [{str(k): v for k, v in r.items()} for r in self.removed]
+        d["weight"] = [[None if x == float("inf") else x for x in row] for row in self.weight]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Sensitivities:
+        d = json.loads(text)
+        d["removed"] = [{int(k): v for k, v in r.items()} for r in d["removed"]]
+        d["weight"] = [[float("inf") if x is None else x for x in row] for row in d["weight"]]
+        return cls(**d)
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, plan: dict[str, WeightOption]):
+    """Replace the Linears named in ``plan`` by real quantized modules inside the block, then restore them."""
+    originals = {}
+    try:
+        for name, opt in plan.items():
+            if opt.scheme is None:
+                continue
+            lin = model.get_submodule(name)
+            originals[name] = lin
+            _set_module(model, name, LINEAR_CLASSES[opt.scheme].from_linear(lin, opt.config([name])))
+        yield model
+    finally:
+        for name, lin in originals.items():
+            _set_module(model, name, lin)
+
+
+def tensor_fingerprint(model: nn.Module) -> str:
+    """sha256 of the config, every tensor's name/shape/dtype and a strided sample of its values."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(sample.float().cpu().numpy().tobytes() if sample.is_floating_point() else sample.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ids_hash(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    base = path or os.environ.get("OPENAUTOGLM_CACHE") or Path.home() / ".cache" / "openautoglm"
+    return Path(base).expanduser() / "sensitivity"
+
+
+def nll(model: nn.Module, windows: torch.Tensor, kv: KVCacheConfig | None = None, batch_size: int = 4) -> float:
+    """Mean NLL of ``windows`` (n, seq_len) as decoded through cache ``kv`` (None: full precision)."""
+    if kv is None:
+        return perplexity(model, token_ids=windows.reshape(-1), seq_len=windows.shape[1], batch_size=batch_size,
+                          progress=False).nll
+    return decode_perplexity(model, kv, token_ids=windows.reshape(-1), seq_len=windows.shape[1],
+                             batch_size=batch_size).nll
+
+
+def head_removals(model: nn.Module, windows: torch.Tensor, ratios, batch_size: int = 4) -> dict[float, dict]:
+    """Query heads each pruning ratio removes (Taylor importance, whole GQA groups, global ranking)."""
+    out = {0.0: {}}
+    ratios = [r for r in ratios if r > 0]
+    if not ratios:
+        return out
+    cfg = HeadPruneConfig(importance="taylor", ratio=ratios[0], granularity="kv_group", batch_size=batch_size)
+    scores = HeadPruner(cfg).scores(model, calib_ids=windows, progress=False)
+    for r in ratios:
+        try:
+            out[r] = HeadPruner(HeadPruneConfig(importance="taylor", ratio=r, granularity="kv_group"))._select(model, scores)
+        except ValueError as e:  # e.g. the ratio rounds to no group on a small model
+            log.info("pruning ratio %s skipped: %s", r, e)
+    return out
+
+
+def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options: list[WeightOption], kv_options,
+            ratios, *, kv_group: int = 64, kv_residual: int = 128, batch_size: int = 4,
+            cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True) -> Sensitivities:
+    """Measure (or load from the disk cache) every single-change NLL increase; see the module docstring."""
+    settings = dict(units=[u.name for u in units], options=[o.name for o in options], kv=list(kv_options),
+                    ratios=list(ratios), group=kv_group, residual=kv_residual,
+                    device=next(model.parameters()).device.type, version=2)
+    key = hashlib.sha256(json.dumps([tensor_fingerprint(model), ids_hash(windows), settings],
+                                    sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir(cache) / f"{key}.json"
+    if use_cache and path.is_file():
+        s = Sensitivities.from_json(path.read_text())
+        s.cached = True
+        log.info("sensitivities loaded from %s", path)
+        return s
+    t0 = time.perf_counter()
+    removals = head_removals(model, windows, ratios, batch_size)
+    ratios = [r for r in ratios if r in removals]
+    n_kv = len(kv_options)
+    n_layers = max(u.layer for u in units) + 1
+    total = 1 + len(units) * len(options) + n_layers * n_kv + len(ratios)
+    bar = tqdm(total=total, desc="sensitivity", unit="eval", disable=not progress)
+
+    def run(kv=None):
+        v = nll(model, windows, kv, batch_size)
+        bar.update(1)
+        return v
+
+    base = run()
+    weight = []
+    for u in units:
+        row = []
+        for o in options:
+            if o.scheme is None:
+                row.append(0.0)
+                bar.update(1)
+                continue
+            unsupported = [n for n in u.modules if LINEAR_CLASSES[o.scheme].supports(model.get_submodule(n), o.config([n]))]
+            if unsupported:
+                row.append(float("inf"))
+                bar.update(1)
+                continue
+            with swapped(model, {n: o for n in u.modules}):
+                row.append(run() - base)
+        weight.append(row)
+    kv = []
+    for layer in range(n_layers):
+        row = []
+        for b in kv_options:
+            if b is None:
+                row.append(0.0)
+                bar.update(1)
+                continue
+            bits = [None] * n_layers
+            bits[layer] = b
+            row.append(run(KVCacheConfig(bits=tuple(bits), group_size=kv_group, residual_length=kv_residual)) - base)
+        kv.append(row)
+    prune = []
+    for r in ratios:
+        if not removals[r]:
+            prune.append(0.0)
+            bar.update(1)
+            continue
+        with mask_heads(model, removals[r]):
+            prune.append(run() - base)
+    bar.close()
+    s = Sensitivities([u.name for u in units], [o.name for o in options], list(kv_options), list(ratios), base,
+                      weight, kv, prune, [removals[r] for r in ratios],
+                      {"tokens": int(windows.numel()), "seq_len": int(windows.shape[1]), "sha256": ids_hash(windows)},
+                      time.perf_counter() - t0)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(s.to_json())
+            tmp.replace(path)
+        except OSError as e:  # a read-only home must not fail the search
+            log.warning("could not cache sensitivities in %s: %s", path, e)
+    return s

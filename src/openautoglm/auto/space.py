@@ -1,0 +1,138 @@
+"""The search space of :func:`compress_to_budget` and the bytes of every choice in it.
+
+A candidate is: a head-pruning level (global Taylor ranking, whole GQA groups, so the KV cache shrinks too), one
+weight option per *unit* (the attention or the MLP Linears of one decoder layer, and an untied ``lm_head``) and
+one KV width per decoder layer. Its memory is additive over those choices plus a few constants, so the bytes of
+each choice are computed once per pruning level from the estimator's own pieces (a meta-device model with the
+quantized modules swapped in, ``estimate._kv_bytes`` per layer, ``mixed.quantized_linear_workspace``); the
+sum equals ``estimate_memory(...)`` of the assembled recipe exactly (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import _hf
+from ..memory import estimate as E
+from ..memory import mixed
+from ..memory.shapes import model_shape
+from ..quant.config import QuantConfig
+from ..quant.linear import LINEAR_CLASSES
+
+BUDGET_TERMS = ("weights", "kv_cache", "activations", "logits", "workspace")
+
+
+@dataclass(frozen=True)
+class WeightOption:
+    """One storage format for a unit's Linears: ``scheme`` None keeps them in the model dtype."""
+
+    name: str
+    scheme: str | None = None
+    group_size: int | None = None
+
+    def config(self, include: list[str]) -> QuantConfig | None:
+        if self.scheme is None:
+            return None
+        return QuantConfig(scheme=self.scheme, group_size=self.group_size, include=tuple(include), exclude=())
+
+
+WEIGHT_OPTIONS = {o.name: o for o in (
+    WeightOption("bf16"), WeightOption("w8", "w8"), WeightOption("w8a8", "w8a8"),
+    WeightOption("w4g128", "w4", 128), WeightOption("w4g64", "w4", 64), WeightOption("w4g32", "w4", 32),
+)}
+KV_OPTIONS = (None, 8, 4, 2)
+PRUNE_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Linears compressed together: ``kind`` "attn" / "mlp" of decoder layer ``layer``, or "head" (lm_head)."""
+
+    name: str
+    layer: int
+    kind: str
+    pattern: str
+    modules: tuple[str, ...]
+
+
+def find_units(model: nn.Module) -> list[Unit]:
+    """Attention and MLP Linears of each decoder layer, then an untied ``lm_head`` (a tied one stays float)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    units = []
+    for i, layer in enumerate(_hf.decoder_layers(model)):
+        prefix = names[id(layer)]
+        for child, sub in layer.named_children():
+            lins = tuple(f"{prefix}.{child}.{n}" for n, m in sub.named_modules() if isinstance(m, nn.Linear))
+            if lins:
+                kind = {"self_attn": "attn", "attn": "attn", "mlp": "mlp"}.get(child, child)
+                units.append(Unit(f"layers.{i}.{kind}", i, kind, f"{prefix}.{child}.*", lins))
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(out, nn.Linear) and (emb is None or out.weight is not emb.weight):
+        units.append(Unit("lm_head", -1, "head", names[id(out)], (names[id(out)],)))
+    return units
+
+
+@dataclass
+class LevelTables:
+    """Bytes of every choice at one pruning level (the serving dtype, ``batch`` x ``context``).
+
+    weights[u][o] : bytes of unit ``u`` stored as weight option ``o`` (None when the option does not apply)
+    workspace[u][o] : prefill transient of that choice (``mixed.quantized_linear_workspace``; 0 for float)
+    kv[l][b] : KV bytes of layer ``l`` at width ``b`` (index into ``KV_OPTIONS``)
+    fixed : everything else of the budgeted terms (other weights, activations, logits)
+    """
+
+    ratio: float
+    removed: dict[int, list[int]]
+    weights: list[list[int | None]]
+    workspace: list[list[int]]
+    kv: list[list[int]]
+    fixed: int
+    fixed_terms: dict[str, int] = field(default_factory=dict)
+
+
+def _module_bytes(mod: nn.Module, opt: WeightOption) -> int | None:
+    if opt.scheme is None:
+        return E.model_bytes(mod)
+    cfg = QuantConfig(scheme=opt.scheme, group_size=opt.group_size)
+    cls = LINEAR_CLASSES[opt.scheme]
+    if cls.supports(mod, cfg) is not None:
+        return None
+    return E.model_bytes(cls.empty(mod, cfg, device="meta"))
+
+
+def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption], kv_options, *, ratio: float,
+                 removed: dict[int, list[int]], batch: int, context: int, terms, group: int, residual: int,
+                 cuda: bool = True) -> LevelTables:
+    """Byte tables of ``meta`` (a meta-device model in the serving dtype, already pruned to this level)."""
+    dtype = next(p.dtype for p in meta.parameters() if p.is_floating_point())
+    cb = E.dtype_bytes(dtype)
+    T = batch * context
+    W, WS = [], []
+    unit_float = 0
+    for u in units:
+        mods = [meta.get_submodule(n) for n in u.modules]
+        row, ws = [], []
+        for o in options:
+            sizes = [_module_bytes(m, o) for m in mods]
+            row.append(None if any(s is None for s in sizes) else sum(sizes))
+            ws.append(0 if o.scheme is None else max(mixed.quantized_linear_workspace(
+                o.scheme, T, m.in_features, m.out_features, cb, cuda) for m in mods))
+        W.append(row)
+        WS.append(ws)
+        unit_float += sum(E.model_bytes(m) for m in mods)
+    shape = model_shape(meta)
+    est = E.estimate_memory(shape, mode="inference", batch=batch, seq_len=context, kv_residual=residual,
+                            kv_group_size=group)
+    full = "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "fp32")
+    kv = [[E._kv_bytes([L], context, batch, full if b is None else f"int{b}", int(cb), group, residual)
+           for b in kv_options] for L in shape.layers]
+    fixed_terms = {"weights": est.terms["weights"] - unit_float}
+    for k in ("activations", "logits"):
+        fixed_terms[k] = est.terms.get(k, 0)
+    fixed = sum(v for k, v in fixed_terms.items() if k in terms)
+    return LevelTables(ratio, removed, W, WS, kv, fixed, fixed_terms)

@@ -1,0 +1,153 @@
+"""compress_to_budget on the tiny Llama: the pick respects the budget (estimator and measurement), its recipe
+replays to identical weights (Python and CLI) and is recorded in config.json, the report renders, infeasible and
+bad budgets give clear errors. One search runs for the whole module (``auto_run``); the rest reuse its cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from openautoglm import hub
+from openautoglm.auto import BudgetError, apply_recipe, compress_to_budget, load_recipe, parse_budget, save_recipe
+from openautoglm.cli import main
+from openautoglm.memory import estimate_memory, model_bytes
+
+SETTINGS = dict(context=128, batch=2, schemes=("bf16", "w8", "w4g128"), kv_bits=(None, 4, 2), prune_ratios=(0.5,),
+                calib_tokens=128, eval_tokens=256, n_prompts=1, new_tokens=8, top_k=3, progress=False)
+
+
+def tiny(seed: int = 0):
+    """The tiny Llama with tied embeddings (as the bundled model): the decoder layers are most of its bytes."""
+    return make_tiny_llama(seed, tie_word_embeddings=True)
+
+
+def tiny_budget(fraction: float) -> int:
+    return int(fraction * estimate_memory(tiny(), batch=2, seq_len=128, device="cpu").total)
+
+
+@pytest.fixture(scope="module")
+def sens_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sensitivity-cache")
+
+
+@pytest.fixture(scope="module")
+def auto_run(tokenizer, sens_cache):
+    """(model compressed in place, AutoResult, budget) at 85% of the tiny model's inference estimate."""
+    model = tiny()
+    budget = tiny_budget(0.85)
+    result = compress_to_budget(model, budget, tokenizer=tokenizer, cache_dir=sens_cache, **SETTINGS)
+    return model, result, budget
+
+
+def test_pick_fits_by_estimate_and_by_measurement(auto_run):
+    model, r, budget = auto_run
+    assert r.pick.bytes <= r.fit <= budget
+    est = estimate_memory(model, batch=2, seq_len=128, device="cpu", kv_dtype=[r.kv_options[b] for b in r.pick.kv])
+    assert abs(est.total - r.pick.bytes) <= 64          # the search's byte tables are the estimator's figures
+    assert r.measured["peak"] <= budget                 # CPU: live tensor bytes of a real prefill + decode
+    assert r.measured["weights"] == model_bytes(model) < r.estimate_before.terms["weights"]
+    assert r.pick.measured is not None and r.pick in r.shortlist   # verified together on calibration text
+
+
+def test_quality_figures_are_measured(auto_run):
+    _, r, _ = auto_run
+    q = r.quality
+    assert q["perplexity"] > 1 and q["perplexity_original"] > 1
+    assert math.isclose(q["perplexity_increase"], q["perplexity"] / q["perplexity_original"] - 1)
+    assert 0 <= q["bleu4"] <= 100 and len(q["generations"]) == 1
+    assert -1 <= q["attention_cosine"]["mean"] <= 1 and q["attention_cosine"]["rows"] > 0
+    verified_uniform = [c for c in r.shortlist if c.kind == "uniform"]
+    assert verified_uniform and r.pick.measured <= min(c.measured for c in verified_uniform)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_recipe_replays_identical_weights(auto_run, tmp_path, tokenizer, capsys):
+    model, r, _ = auto_run
+    path = save_recipe(r.recipe, tmp_path / "recipe.json")
+    fresh = tiny()
+    kv = apply_recipe(fresh, load_recipe(path))
+    assert kv == r.kv_config
+    _same(fresh.state_dict(), model.state_dict())
+    # saved: config.json records the recipe and the KV cache; it reloads, and --recipe DIR replays it
+    hub.save_pretrained(model, tmp_path / "auto", tokenizer=tokenizer)
+    kinds = [t["type"] for t in json.loads((tmp_path / "auto" / "config.json").read_text())["openautoglm"]["transforms"]]
+    assert "recipe" in kinds and ("kv_cache" in kinds) == (kv is not None)
+    back = hub.from_pretrained(tmp_path / "auto")
+    _same(back.state_dict(), model.state_dict())
+    assert getattr(back, "kv_cache_config", None) == kv
+    assert load_recipe(tmp_path / "auto") == r.recipe
+    hub.save_pretrained(tiny(), tmp_path / "orig", tokenizer=tokenizer)
+    code = main(["compress", str(tmp_path / "orig"), "--recipe", str(tmp_path / "auto"), "--out", str(tmp_path / "cli")])
+    assert code == 0, capsys.readouterr().err
+    _same(hub.from_pretrained(tmp_path / "cli").state_dict(), model.state_dict())
+
+
+def test_report_renders(auto_run, tmp_path):
+    _, r, _ = auto_run
+    md = r.write_report(tmp_path / "rep")
+    html = (tmp_path / "rep" / "report.html").read_text()
+    for name in ("memory.png", "pareto.png", "bits.png"):
+        png = tmp_path / "rep" / name
+        assert png.stat().st_size > 2000 and png.read_bytes()[:4] == b"\x89PNG"
+        assert f"]({name})" in md.read_text()
+    assert html.count("data:image/png;base64,") == 3 and "held-out perplexity" in html
+    assert json.loads(json.dumps(r.to_dict(), default=str))["pick"] == r.describe(r.pick)
+
+
+def test_infeasible_budget_names_the_smallest(auto_run, tokenizer, sens_cache):
+    model = tiny()  # same weights and calibration: its sensitivities come from the disk cache
+    with pytest.raises(BudgetError, match=r"nothing fits in .* the smallest recipe of the search space needs") as e:
+        compress_to_budget(model, tiny_budget(0.2), tokenizer=tokenizer, cache_dir=sens_cache, **SETTINGS)
+    assert "perplexity" in str(e.value) and e.value.smallest_perplexity > 1
+    assert tiny_budget(0.2) < e.value.smallest < tiny_budget(1.0)
+
+
+@pytest.mark.parametrize("bad, kind, match", [
+    ("12 GB?", ValueError, "cannot read the budget"), ("-1GiB", ValueError, "negative"), ("0", ValueError, "zero"),
+    (0, ValueError, "zero"), (-5, ValueError, "negative"), ("lots", ValueError, "cannot read"),
+    (float("nan"), ValueError, "finite"), (True, TypeError, "size string"), (None, TypeError, "size string"),
+])
+def test_bad_budgets(bad, kind, match):
+    with pytest.raises(kind, match=match):
+        parse_budget(bad)
+
+
+def test_auto_budget_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        parse_budget("auto")
+    assert parse_budget("1.5 GiB") == 3 * 2**29 and parse_budget(4096) == 4096
+
+
+def test_bad_arguments_fail_before_any_work(tokenizer):
+    model = tiny()
+    for kw, match in ((dict(context=0), "context"), (dict(context=128, batch=True), "batch"),
+                      (dict(context=128, schemes=("w3",)), "unknown weight options"),
+                      (dict(context=128, kv_bits=(3,)), "kv_bits"), (dict(context=128, prune_ratios=(1.0,)), "prune"),
+                      (dict(context=128, budget_terms=("weights", "flops")), "budget_terms"),
+                      (dict(context=128, headroom=0.9), "headroom")):
+        with pytest.raises(ValueError, match=match):
+            compress_to_budget(model, "1GiB", tokenizer=tokenizer, **kw)
+
+
+def test_cli_budget_errors(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "x")
+    cases = [(["--budget", "12 GB?", "--context", "128"], "cannot read the budget '12 GB?'"),
+             (["--budget", "0", "--context", "128"], "zero"), (["--budget", "1GiB"], "--context"),
+             (["--budget", "1GiB", "--context", "64", "--bits", "4"], "drop --bits"),
+             (["--budget", "1GiB", "--recipe", "r.json", "--context", "64"], "not both")]
+    for args, needle in cases:
+        code = main(["compress", str(tiny_llama_dir), *args, "--out", out])
+        assert code == 2 and needle in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["compress", str(tiny_llama_dir), "--budget", "auto", "--context", "64", "--out", out])
+    assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
