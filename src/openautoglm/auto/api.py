@@ -20,27 +20,22 @@ import time
 import torch
 from torch import nn
 
-from .. import _hf
 from ..kv.config import KVCacheConfig
 from ..memory.estimate import estimate_memory
-from ..memory.mixed import meta_copy
-from ..prune.heads import mask_heads, remove_heads
+from ..prune.heads import mask_heads
 from . import search
-from .budget import BudgetError, fmt_bytes, parse_budget
+from .budget import parse_budget
+from .plan import plan
 from .recipe import apply_recipe, make_recipe
 from .result import AutoResult
 from .sensitivity import measure, nll, swapped
-from .space import BUDGET_TERMS, KV_OPTIONS, PRUNE_LEVELS, WEIGHT_OPTIONS, find_units, level_tables
+from .space import BUDGET_TERMS, KV_OPTIONS, PRUNE_LEVELS, WEIGHT_OPTIONS, find_units
 
 log = logging.getLogger(__name__)
 DEFAULT_SCHEMES = ("bf16", "w8", "w4g128", "w4g64", "w4g32")
 # w8a8 stores the same int8 weight codes as w8 with fp32 instead of 16-bit scales and adds activation rounding
 # and a large int8-GEMM prefill transient: it never wins on memory or quality, only (on some GPUs) on speed.
 DOMINATED = {"w8a8": "w8"}
-
-
-def _kv_name(b) -> str:
-    return "bf16" if b is None else f"int{b}"
 
 
 def _token_ids(tokenizer, text: str | None, part: str) -> torch.Tensor:
@@ -125,7 +120,6 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     device = device or dev.type
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}; accepted: cuda, cpu")
-    fit = int(budget_bytes * (1 - headroom))
     terms = tuple(budget_terms)
     if not terms or set(terms) - set(BUDGET_TERMS):
         raise ValueError(f"budget_terms={budget_terms!r}; accepted: a non-empty subset of {BUDGET_TERMS}")
@@ -155,35 +149,13 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     calib = _windows(_token_ids(tokenizer, calib_text, "calib"), calib_tokens, seq, "calibration")
     eval_ids = _windows(_token_ids(tokenizer, eval_text, "eval"), eval_tokens, seq, "evaluation").reshape(-1)
     units = find_units(model)
-    n_layers = len(_hf.decoder_layers(model))
 
     sens = measure(model, calib, units, options, kv_options, ratios, kv_group=kv_group_size, kv_residual=kv_residual,
                    cache=cache_dir, use_cache=use_cache, progress=progress)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    levels = []
-    for r, removed in zip(sens.ratios, sens.removed):
-        meta = meta_copy(model, dtype)
-        if removed:
-            remove_heads(meta, removed)
-        levels.append(level_tables(meta, units, options, kv_options, ratio=r, removed=removed, batch=batch,
-                                   context=context, terms=terms, group=kv_group_size, residual=kv_residual,
-                                   cuda=device == "cuda"))
-    allowed = [True] * len(options)
-    smallest = search.smallest(levels, sens, terms, allowed)
-    base_ppl = math.exp(sens.base_nll)
-    auto = [c for c in (search.solve_level(t, sens, fit, terms, allowed) for t in levels) if c is not None]
-    if not auto:
-        need = math.ceil(smallest.bytes / (1 - headroom))
-        raise BudgetError(
-            f"nothing fits in {fmt_bytes(budget_bytes)} at batch {batch} x context {context}: the smallest recipe of "
-            f"the search space needs {fmt_bytes(need)} ({fmt_bytes(smallest.bytes)} estimated + {100 * headroom:g}% "
-            f"headroom; estimated perplexity {base_ppl:.2f} -> "
-            f"{base_ppl * math.exp(smallest.predicted):.2f}, +{100 * math.expm1(smallest.predicted):.1f}%); raise "
-            "the budget or lower the batch or context", need, base_ppl * math.exp(smallest.predicted))
-    uniform = search.uniform_candidates(levels, sens, names, [_kv_name(b) for b in kv_options], terms)
-    hi = max(c.bytes for c in uniform)
-    front = search.front_candidates(levels, sens, terms, allowed, smallest.bytes, hi)
-    fitting_uniform = sorted((c for c in uniform if c.bytes <= fit), key=lambda c: c.predicted)
+    p = plan(model, sens, units, options, kv_options, budget_bytes, context=context, batch=batch, terms=terms,
+             headroom=headroom, device=device, kv_group=kv_group_size, kv_residual=kv_residual)
+    auto, uniform, front, smallest = p.auto, p.uniform, p.front, p.smallest
+    fitting_uniform = sorted((c for c in uniform if c.bytes <= p.fit), key=lambda c: c.predicted)
     shortlist = sorted(auto, key=lambda c: c.predicted)[:top_k]
     if fitting_uniform:
         shortlist = shortlist[: max(1, top_k - 1)] + fitting_uniform[:1]
@@ -201,7 +173,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     recipe = candidate_recipe(pick, units, options, kv_options, removed_of[pick.ratio], kv_group=kv_group_size,
                               kv_residual=kv_residual, **target)
     recipe["predicted"] = {"bytes": pick.bytes, "nll_increase": pick.measured,
-                           "calibration_perplexity": base_ppl * math.exp(pick.measured)}
+                           "calibration_perplexity": math.exp(sens.base_nll + pick.measured)}
     before = estimate_memory(model, mode="inference", batch=batch, seq_len=context, kv_group_size=kv_group_size,
                              kv_residual=kv_residual, device=device)
     from . import quality
@@ -226,7 +198,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     measured = quality.measure_memory(model, kv, batch=batch, context=context) if measure_memory else None
     seconds = {"sensitivity": sens.seconds, "search_and_verify": time.perf_counter() - t_search,
                "total": time.perf_counter() - t_start, "apply_and_evaluate": time.perf_counter() - t_apply}
-    return AutoResult(recipe=recipe, budget=budget_bytes, fit=fit, context=context, batch=batch, budget_terms=terms, pick=pick,
+    return AutoResult(recipe=recipe, budget=budget_bytes, fit=p.fit, context=context, batch=batch, budget_terms=terms, pick=pick,
                       auto=auto, uniform=uniform, front=front, shortlist=shortlist, smallest=smallest, units=units,
                       options=names, kv_options=kv_options, sensitivities=sens, estimate_before=before,
                       estimate_after=after, quality=qual, measured=measured, notes=notes, seconds=seconds)
