@@ -44,7 +44,7 @@ def plan(model: nn.Module, sens: Sensitivities, units: list[Unit], options: list
         if removed:
             remove_heads(meta, removed)
         levels.append(level_tables(meta, units, options, kv_options, ratio=r, removed=removed, batch=batch,
-                                   context=context, terms=terms, group=kv_group, residual=kv_residual,
+                                   context=context, group=kv_group, residual=kv_residual,
                                    cuda=device == "cuda"))
     allowed = [True] * len(options)
     smallest = search.smallest(levels, sens, terms, allowed)

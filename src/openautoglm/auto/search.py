@@ -37,11 +37,12 @@ class Candidate:
 
 
 def candidate_bytes(t: LevelTables, w: tuple[int, ...], kv: tuple[int, ...], budget_terms) -> tuple[int, dict]:
-    """Budgeted bytes of one candidate and its terms."""
-    terms = dict(t.fixed_terms)
-    terms["weights"] = terms["weights"] + sum(t.weights[u][o] for u, o in enumerate(w))
-    terms["kv_cache"] = sum(t.kv[layer][b] for layer, b in enumerate(kv))
-    terms["workspace"] = max([t.workspace[u][o] for u, o in enumerate(w)] + [0])
+    """Budgeted bytes of one candidate and its terms (the estimator's, at its peak moment)."""
+    ws = [t.workspace[u][o] for u, o in enumerate(w)]
+    ws_body = max([x for u, x in enumerate(ws) if u != t.head_unit] + [0])
+    ws_head = ws[t.head_unit] if t.head_unit is not None else 0
+    terms = t.peak_terms(t.other_weights + sum(t.weights[u][o] for u, o in enumerate(w)),
+                         sum(t.kv[layer][b] for layer, b in enumerate(kv)), ws_body, ws_head)
     return sum(v for k, v in terms.items() if k in budget_terms), terms
 
 
@@ -89,28 +90,35 @@ def mckp(costs: list[np.ndarray], sizes: list[np.ndarray], capacity: int, resolu
     return float(dp[R]), tuple(reversed(choice)), dp, base, step
 
 
+def _ceilings(t: LevelTables, allowed_w: list[bool]) -> list[tuple[int, int]]:
+    """(decoder-layer, lm_head) workspace ceilings to solve under: every value some allowed choice takes."""
+    def values(units):
+        return sorted({t.workspace[u][o] for u in units for o in range(len(allowed_w))
+                       if allowed_w[o] and t.weights[u][o] is not None} | {0})
+
+    dec = [u for u in range(len(t.weights)) if u != t.head_unit]
+    head = values([t.head_unit]) if t.head_unit is not None else [0]
+    return [(wb, wh) for wb in values(dec) for wh in head]
+
+
 def solve_level(t: LevelTables, s: Sensitivities, budget: int, budget_terms, allowed_w: list[bool],
                 resolution: int = 2048) -> Candidate | None:
     """The knapsack optimum at one pruning level (best over workspace ceilings), or None if nothing fits."""
     n_u, n_l = len(t.weights), len(t.kv)
-    ws_levels = sorted({t.workspace[u][o] for u in range(n_u) for o in range(len(allowed_w))
-                        if allowed_w[o] and t.weights[u][o] is not None} | {0})
     best = None
-    for W in ws_levels:
+    for wb, wh in _ceilings(t, allowed_w):
         costs, sizes = [], []
         for u in range(n_u):
-            ok = [allowed_w[o] and t.weights[u][o] is not None and t.workspace[u][o] <= W for o in range(len(allowed_w))]
+            cap = wh if u == t.head_unit else wb
+            ok = [allowed_w[o] and t.weights[u][o] is not None and t.workspace[u][o] <= cap for o in range(len(allowed_w))]
             costs.append(np.array([s.weight[u][o] if ok[o] else np.inf for o in range(len(ok))]))
-            sizes.append(np.array([t.weights[u][o] if ok[o] else 0 for o in range(len(ok))], dtype=np.int64))
+            size = [t.weights[u][o] if ok[o] and "weights" in budget_terms else 0 for o in range(len(ok))]
+            sizes.append(np.array(size, dtype=np.int64))
         for layer in range(n_l):
             costs.append(np.array(s.kv[layer], dtype=float))
-            sizes.append(np.array(t.kv[layer], dtype=np.int64))
-        fixed = t.fixed + (W if "workspace" in budget_terms else 0)
-        kv_in = "kv_cache" in budget_terms
-        if not kv_in:  # KV not budgeted: its sizes do not count
-            sizes[n_u:] = [np.zeros_like(z) for z in sizes[n_u:]]
-        if "weights" not in budget_terms:
-            sizes[:n_u] = [np.zeros_like(z) for z in sizes[:n_u]]
+            sizes.append(np.array(t.kv[layer] if "kv_cache" in budget_terms else [0] * len(t.kv[layer]), dtype=np.int64))
+        rest = t.peak_terms(t.other_weights, 0, wb, wh)  # an upper bound: the choices' transients are <= the ceilings
+        fixed = sum(v for k, v in rest.items() if k in budget_terms)
         cost, choice, *_ = mckp(costs, sizes, budget - fixed, resolution)
         if choice is None:
             continue
@@ -133,20 +141,16 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _ws_levels(t: LevelTables, allowed_w: list[bool]) -> list[int]:
-    return sorted({t.workspace[u][o] for u in range(len(t.weights)) for o in range(len(allowed_w))
-                   if allowed_w[o] and t.weights[u][o] is not None} | {0})
-
-
 def smallest(levels: list[LevelTables], s: Sensitivities, budget_terms, allowed_w: list[bool]) -> Candidate:
     """The candidate needing the least memory (ties: the least predicted cost)."""
     best = None
     for t in levels:
-        for W in _ws_levels(t, allowed_w):
+        for wb, wh in _ceilings(t, allowed_w):
             w = []
             for u in range(len(t.weights)):
+                cap = wh if u == t.head_unit else wb
                 ok = [o for o in range(len(allowed_w)) if allowed_w[o] and t.weights[u][o] is not None
-                      and t.workspace[u][o] <= W]
+                      and t.workspace[u][o] <= cap]
                 w.append(min(ok, key=lambda o: (t.weights[u][o] if "weights" in budget_terms else 0, s.weight[u][o])))
             kv = tuple(min(range(len(t.kv[layer])), key=lambda b: (t.kv[layer][b] if "kv_cache" in budget_terms else 0,
                                                                     s.kv[layer][b])) for layer in range(len(t.kv)))

@@ -83,7 +83,10 @@ class LevelTables:
     weights[u][o] : bytes of unit ``u`` stored as weight option ``o`` (None when the option does not apply)
     workspace[u][o] : prefill transient of that choice (``mixed.quantized_linear_workspace``; 0 for float)
     kv[l][b] : KV bytes of layer ``l`` at width ``b`` (index into ``KV_OPTIONS``)
-    fixed : everything else of the budgeted terms (other weights, activations, logits)
+    other_weights : weights outside the units (embeddings, norms, buffers)
+    body, head : the estimator's two prefill moments without weights and KV: ``{"activations", "logits"}`` at
+        the decoder layers (where decoder units' workspace adds) and at ``lm_head`` (where its unit's adds)
+    head_unit : index of the lm_head unit, or None
     """
 
     ratio: float
@@ -91,8 +94,17 @@ class LevelTables:
     weights: list[list[int | None]]
     workspace: list[list[int]]
     kv: list[list[int]]
-    fixed: int
-    fixed_terms: dict[str, int] = field(default_factory=dict)
+    other_weights: int
+    body: dict[str, int]
+    head: dict[str, int]
+    head_unit: int | None = None
+
+    def peak_terms(self, weights: int, kv: int, ws_body: int, ws_head: int) -> dict[str, int]:
+        """The estimator's terms at the larger of the two moments (ties: the decoder layers, as it does)."""
+        b = self.body["activations"] + self.body["logits"] + ws_body
+        h = self.head["activations"] + self.head["logits"] + ws_head
+        at = dict(self.body, workspace=ws_body) if b >= h else dict(self.head, workspace=ws_head)
+        return {"weights": weights, "kv_cache": kv, **at}
 
 
 def _module_bytes(mod: nn.Module, opt: WeightOption) -> int | None:
@@ -106,13 +118,14 @@ def _module_bytes(mod: nn.Module, opt: WeightOption) -> int | None:
 
 
 def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption], kv_options, *, ratio: float,
-                 removed: dict[int, list[int]], batch: int, context: int, terms, group: int, residual: int,
+                 removed: dict[int, list[int]], batch: int, context: int, group: int, residual: int,
                  cuda: bool = True) -> LevelTables:
     """Byte tables of ``meta`` (a meta-device model in the serving dtype, already pruned to this level)."""
     dtype = next(p.dtype for p in meta.parameters() if p.is_floating_point())
     cb = E.dtype_bytes(dtype)
     T = batch * context
     W, WS = [], []
+    rows_of = {"head": batch}  # lm_head computes the last position's logits only (generate)
     unit_float = 0
     for u in units:
         mods = [meta.get_submodule(n) for n in u.modules]
@@ -121,7 +134,7 @@ def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption]
             sizes = [_module_bytes(m, o) for m in mods]
             row.append(None if any(s is None for s in sizes) else sum(sizes))
             ws.append(0 if o.scheme is None else max(mixed.quantized_linear_workspace(
-                o.scheme, T, m.in_features, m.out_features, cb, cuda) for m in mods))
+                o.scheme, rows_of.get(u.kind, T), m.in_features, m.out_features, cb, cuda) for m in mods))
         W.append(row)
         WS.append(ws)
         unit_float += sum(E.model_bytes(m) for m in mods)
@@ -131,8 +144,9 @@ def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption]
     full = "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "fp32")
     kv = [[E._kv_bytes([L], context, batch, full if b is None else f"int{b}", int(cb), group, residual)
            for b in kv_options] for L in shape.layers]
-    fixed_terms = {"weights": est.terms["weights"] - unit_float}
-    for k in ("activations", "logits"):
-        fixed_terms[k] = est.terms.get(k, 0)
-    fixed = sum(v for k, v in fixed_terms.items() if k in terms)
-    return LevelTables(ratio, removed, W, WS, kv, fixed, fixed_terms)
+    wk = est.terms["weights"] + est.terms["kv_cache"]
+    lg = batch * shape.vocab * int(cb)  # the last position's logits (generate)
+    body = {"activations": est.phases["prefill: decoder layers"] - wk, "logits": 0}
+    head = {"activations": est.phases["prefill: lm_head"] - wk - lg, "logits": lg}
+    head_unit = next((i for i, u in enumerate(units) if u.kind == "head"), None)
+    return LevelTables(ratio, removed, W, WS, kv, est.terms["weights"] - unit_float, body, head, head_unit)
