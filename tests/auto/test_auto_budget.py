@@ -151,3 +151,24 @@ def test_cli_budget_errors(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = main(["compress", str(tiny_llama_dir), "--budget", "auto", "--context", "64", "--out", out])
     assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_verification_masks_the_heads_of_quantized_projections():
+    from openautoglm.auto.api import _applied
+    from openautoglm.auto.search import Candidate
+    from openautoglm.auto.sensitivity import nll, swapped
+    from openautoglm.auto.space import WEIGHT_OPTIONS, find_units
+    from openautoglm.prune.heads import mask_heads
+
+    model = tiny()
+    ids = torch.randint(2, 8192, (1, 64), generator=torch.Generator().manual_seed(0))
+    units, options = find_units(model), [WEIGHT_OPTIONS["bf16"], WEIGHT_OPTIONS["w8"]]
+    removed = {1: [0, 1, 2, 3], 2: [4, 5, 6, 7]}
+    c = Candidate(0.5, (1,) * len(units), (0,) * 4, 0, 0.0)
+    with _applied(model, c, units, options, removed):
+        both = nll(model, ids)
+    with swapped(model, {n: options[1] for u in units for n in u.modules}):
+        quant_only = nll(model, ids)
+    with mask_heads(model, removed):
+        mask_only = nll(model, ids)
+    assert abs(both - quant_only) > 0.5 * abs(mask_only - nll(model, ids)) > 0

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -78,8 +79,20 @@ def candidate_recipe(c: search.Candidate, units, options, kv_options, removed, *
 def _applied(model, c: search.Candidate, units, options, removed):
     """The candidate's weights and head masks applied to ``model`` inside the block (undone after)."""
     plan = {n: options[o] for u, o in zip(units, c.weights) for n in u.modules}
-    with mask_heads(model, removed), swapped(model, plan):
+    with swapped(model, plan), mask_heads(model, removed):  # masks hook the o_proj in place (quantized or not)
         yield model
+
+
+def _measuring_copy(model: nn.Module, measure_dtype, dev: torch.device) -> nn.Module:
+    """``model`` itself, or a copy in the dtype the quality signals are measured in (see ``measure_dtype``)."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if measure_dtype == "auto":
+        measure_dtype = torch.float32 if dev.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
+    if measure_dtype is None or measure_dtype == dtype:
+        return model
+    if not isinstance(measure_dtype, torch.dtype) or not measure_dtype.is_floating_point:
+        raise ValueError(f"measure_dtype={measure_dtype!r}; accepted: 'auto', None or a floating torch dtype")
+    return copy.deepcopy(model).to(measure_dtype)
 
 
 def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1, tokenizer=None,
@@ -87,7 +100,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                        eval_tokens: int = 8192, schemes=DEFAULT_SCHEMES, kv_bits=KV_OPTIONS, prune_ratios=PRUNE_LEVELS,
                        budget_terms=BUDGET_TERMS, headroom: float = 0.03, device: str | None = None,
                        top_k: int = 4, kv_group_size: int = 64, kv_residual: int = 128,
-                       verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
+                       measure_dtype="auto", verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
                        new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True) -> AutoResult:
     """Compress ``model`` in place to the recipe with the least quality loss whose inference memory at
     ``batch`` x ``context`` fits ``budget``; returns an :class:`AutoResult` (recipe, candidates, report data).
@@ -107,6 +120,9 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     device : ``"cuda"`` or ``"cpu"``: where the model will serve (quantized layers' prefill transients differ);
         default: where ``model`` is.
     top_k : candidates measured together on the calibration text before the pick.
+    measure_dtype : dtype of the sensitivity and verification forwards: ``"auto"`` = float32 for a half-precision
+        model on the CPU (a float32 copy: bf16 rounding noise in two forwards is as large as a layer's signal),
+        else the model's own; or a torch dtype / None (the model's).
     verify, measure_memory : held-out quality against the original, and the measured peak, for the report.
     """
     t_start = time.perf_counter()
@@ -150,7 +166,8 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     eval_ids = _windows(_token_ids(tokenizer, eval_text, "eval"), eval_tokens, seq, "evaluation").reshape(-1)
     units = find_units(model)
 
-    sens = measure(model, calib, units, options, kv_options, ratios, kv_group=kv_group_size, kv_residual=kv_residual,
+    work = _measuring_copy(model, measure_dtype, dev)
+    sens = measure(work, calib, units, options, kv_options, ratios, kv_group=kv_group_size, kv_residual=kv_residual,
                    cache=cache_dir, use_cache=use_cache, progress=progress)
     p = plan(model, sens, units, options, kv_options, budget_bytes, context=context, batch=batch, terms=terms,
              headroom=headroom, device=device, kv_group=kv_group_size, kv_residual=kv_residual)
@@ -164,10 +181,11 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     for c in shortlist:  # measured together, through the candidate's own cache
         bits = tuple(kv_options[b] for b in c.kv)
         kv = KVCacheConfig(bits=bits, group_size=kv_group_size, residual_length=kv_residual)
-        with _applied(model, c, units, options, removed_of[c.ratio]):
-            c.measured = nll(model, calib, kv) - sens.base_nll
+        with _applied(work, c, units, options, removed_of[c.ratio]):
+            c.measured = nll(work, calib, kv) - sens.base_nll
         log.info("verified %s: predicted %+.4f, measured %+.4f nats", c.label or c.kind, c.predicted, c.measured)
     pick = min(shortlist, key=lambda c: (c.measured, c.bytes))
+    del work
     target = {"budget": budget_bytes, "context": context, "batch": batch, "budget_terms": list(terms),
               "headroom": headroom, "device": device}
     recipe = candidate_recipe(pick, units, options, kv_options, removed_of[pick.ratio], kv_group=kv_group_size,
