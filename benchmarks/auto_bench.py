@@ -111,7 +111,7 @@ def main() -> None:
         pool.update({c.key(): c for c in sorted(fits, key=lambda c: c.predicted)[:3]})
         uniform = []
         for c in pool.values():
-            removed = r.sensitivities.removed[r.sensitivities.ratios.index(c.ratio)]
+            removed = r.sensitivities.removed[c.level]
             rec = candidate_recipe(c, r.units, [WEIGHT_OPTIONS[n] for n in r.options], r.kv_options, removed,
                                    kv_group=64, kv_residual=128)
             p = heldout(rec, eval_ids, dtype)
@@ -125,7 +125,7 @@ def main() -> None:
             "budget_fraction": pct, "budget_bytes": budget, "auto_pick": r.describe(r.pick), "auto_bytes": r.pick.bytes,
             "auto_heldout_perplexity": auto_ppl, "auto_increase": inc_auto, "auto_bleu4": r.quality.get("bleu4"),
             "auto_attention_cosine": r.quality.get("attention_cosine"),
-            "auto_calibration_perplexity_measured": r.perplexity(r.pick),
+            "auto_verification_perplexity_measured": r.perplexity(r.pick), "verification_tokens": r.verify_tokens,
             "best_uniform": best, "best_uniform_increase": inc_uni,
             "increase_ratio_auto_over_uniform": (inc_auto / inc_uni) if inc_uni else None,
             "auto_not_worse": best is None or auto_ppl <= best["heldout_perplexity"],

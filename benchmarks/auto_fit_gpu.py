@@ -11,10 +11,14 @@ Two steps, so the GPU runs only what needs it:
 2. ``--run RECIPE`` (GPU): the model built with random bf16 weights on the GPU, the recipe applied
    (``apply_recipe``), then a prefill of ``batch`` x ``context - 1`` tokens through the recipe's KV cache and one
    decode step; peak ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` (reset after loading) against
-   the budget and the estimate. ``--tiny`` runs both on a small shape on the CPU (validation).
+   the budget and the estimate. An out-of-memory error is a result (recorded), not a crash. The JSON goes to
+   ``--out``, else ``$OUT/auto_fit_gpu.json``, else ``benchmarks/results/auto_fit_gpu.json``.
 
-    PYTHONPATH=src python benchmarks/auto_fit_gpu.py --plan --budget 12GiB --context 16384 --batch 4
+``--smoke`` plans and runs a small shape on the CPU (validation before spending GPU time; ~30 s).
+
+    PYTHONPATH=src python benchmarks/auto_fit_gpu.py --plan --budget 14GiB --context 16384 --batch 4
     PYTHONPATH=src python benchmarks/auto_fit_gpu.py --run benchmarks/results/auto_fit_gpu_recipe.json
+    PYTHONPATH=src python benchmarks/auto_fit_gpu.py --smoke
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -77,7 +84,8 @@ def synthetic_sensitivities(units, options, kv_options, n_layers: int):
     weight = [[v * f for v in (attn if u.kind == "attn" else mlp)[u.layer]] if u.layer >= 0 else
               [0.0] + [2 * max(r[i] for r in mlp) for i in range(1, len(names))] for u in units]
     return Sensitivities([u.name for u in units], names, list(kv_options), [0.0], src.base_nll, weight,
-                         [[v * f for v in row] for row in kv], [0.0], [{}], {"synthetic_from": src.calibration})
+                         [[v * f for v in row] for row in kv], [0.0], [{}], {"synthetic": f"the bundled model's measured per-layer profile resampled to {n_layers} layers",
+                          "from": src.calibration})
 
 
 def formula_sensitivities(units, names, kv_options, n_layers: int):
@@ -92,10 +100,21 @@ def formula_sensitivities(units, names, kv_options, n_layers: int):
     weight = [[per[n] * (edge[u.layer] if u.layer >= 0 else 4) * 8 / n_layers for n in names] for u in units]
     kv = [[kvc[b] * edge[i] * 8 / n_layers for b in kv_options] for i in range(n_layers)]
     return Sensitivities([u.name for u in units], list(names), list(kv_options), [0.0], 2.8, weight, kv, [0.0], [{}],
-                         {"synthetic": "formula"})
+                         {"synthetic": "formula (no measured profile in benchmarks/.cache)"})
 
 
-def do_plan(args) -> None:
+def git_commit() -> str:
+    """GIT_COMMIT, else the checkout's HEAD, else a COMMIT file next to src/ (a copy shipped without .git)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
+    if head.returncode == 0 and head.stdout.strip():
+        return head.stdout.strip()
+    f = ROOT / "COMMIT"
+    return f.read_text().strip() if f.is_file() else "unknown"
+
+
+def do_plan(args) -> Path:
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
@@ -112,40 +131,53 @@ def do_plan(args) -> None:
     options = [WEIGHT_OPTIONS[n] for n in DEFAULT_SCHEMES]
     sens = synthetic_sensitivities(units, options, list(KV_OPTIONS), meta.config.num_hidden_layers)
     budget = parse_budget(args.budget)
-    p = plan(meta, sens, units, options, list(KV_OPTIONS), budget, context=args.context, batch=args.batch,
-             terms=BUDGET_TERMS, headroom=args.headroom, device="cuda", kv_group=64, kv_residual=128)
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    p = plan(meta, sens.denoised(), units, options, list(KV_OPTIONS), budget, context=args.context, batch=args.batch,
+             terms=BUDGET_TERMS, headroom=args.headroom, device=device, kv_group=64, kv_residual=128)
     pick = min(p.auto, key=lambda c: c.predicted)
     target = {"budget": budget, "context": args.context, "batch": args.batch, "budget_terms": list(BUDGET_TERMS),
-              "headroom": args.headroom, "device": "cuda", "shape": SHAPE_TINY if args.tiny else SHAPE_7B,
-              "sensitivities": "synthetic: the bundled model's measured per-layer profile resampled to 32 layers"}
+              "headroom": args.headroom, "device": device, "shape": SHAPE_TINY if args.tiny else SHAPE_7B,
+              "sensitivities": sens.calibration}
     rec = candidate_recipe(pick, units, options, list(KV_OPTIONS), {}, kv_group=64, kv_residual=128, **target)
     kvb = [KV_OPTIONS[b] for b in pick.kv]
     est = estimate_memory(meta, quantization=[st["config"] for st in rec["steps"] if st["type"] == "quantize"] or None,
-                          kv_dtype=kvb, batch=args.batch, seq_len=args.context, device="cuda")
-    rec["estimate"] = {"terms": est.terms, "total": est.total, "tables_total": pick.bytes}
-    from collections import Counter
-
+                          kv_dtype=kvb, batch=args.batch, seq_len=args.context, device=device)
+    bf16 = estimate_memory(meta, batch=args.batch, seq_len=args.context, device=device)
+    rec["estimate"] = {"terms": est.terms, "total": est.total, "tables_total": pick.bytes,
+                       "uncompressed_total": bf16.total, "uncompressed_terms": bf16.terms}
     rec["summary"] = {"weights": Counter(options[o].name for o in pick.weights),
                       "kv": Counter("bf16" if b is None else f"int{b}" for b in kvb)}
-    out = save_recipe(rec, Path(args.out or RESULTS / ("auto_fit_tiny_recipe.json" if args.tiny else "auto_fit_gpu_recipe.json")))
-    print(f"planned for {budget / 2**30:.2f} GiB: {rec['summary']}; estimate {est.total / 2**30:.3f} GiB "
-          f"{ {k: round(v / 2**30, 3) for k, v in est.terms.items()} } -> {out}")
+    rec["planned_at"] = {"commit": git_commit(), "smallest_bytes": p.smallest.bytes, "fit": p.fit}
+    default = RESULTS / ("auto_fit_tiny_recipe.json" if args.tiny else "auto_fit_gpu_recipe.json")
+    out = save_recipe(rec, Path(args.recipe_out or default))
+    g = 2**30
+    print(f"planned for {budget / g:.2f} GiB ({device}): {dict(rec['summary']['weights'])}, KV "
+          f"{dict(rec['summary']['kv'])}; estimate {est.total / g:.3f} GiB "
+          f"{ {k: round(v / g, 3) for k, v in est.terms.items()} } (uncompressed {bf16.total / g:.2f} GiB) -> {out}")
+    return out
 
 
-def do_run(args) -> None:
+def _build(tiny: bool, dev: torch.device):
     from transformers import LlamaForCausalLM
 
+    torch.manual_seed(0)
+    with torch.device(dev):
+        return LlamaForCausalLM._from_config(config(tiny), dtype=torch.bfloat16).eval()
+
+
+def do_run(args, recipe: Path) -> dict:
     from openautoglm.auto.quality import measure_memory
     from openautoglm.auto.recipe import apply_recipe, load_recipe
     from openautoglm.memory import estimate_memory, model_bytes
 
-    rec = load_recipe(args.run)
+    rec = load_recipe(recipe)
     tgt = rec["target"]
-    dev = torch.device("cpu" if args.tiny else "cuda")
+    tiny = tgt["shape"] == SHAPE_TINY
+    dev = torch.device(tgt["device"])
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{recipe} was planned for CUDA and no GPU is here (use --smoke to validate on the CPU)")
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM._from_config(config(args.tiny), dtype=torch.bfloat16).eval()
+    model = _build(tiny, dev)
     t_build = time.perf_counter() - t0
     kv = apply_recipe(model, rec)
     t_apply = time.perf_counter() - t0 - t_build
@@ -157,42 +189,74 @@ def do_run(args) -> None:
     print(f"built {t_build:.1f} s, recipe applied {t_apply:.1f} s, weights {model_bytes(model) / 2**30:.3f} GiB; "
           f"estimate {est.total / 2**30:.3f} GiB", flush=True)
     t1 = time.perf_counter()
-    m = measure_memory(model, kv, batch=tgt["batch"], context=tgt["context"], decode_steps=1)
+    oom = None
+    try:
+        m = measure_memory(model, kv, batch=tgt["batch"], context=tgt["context"], decode_steps=1)
+    except torch.OutOfMemoryError as e:  # a result: the pick did not fit
+        oom = str(e).splitlines()[0]
+        m = {"peak": int(torch.cuda.max_memory_allocated(dev)), "reserved_peak": int(torch.cuda.max_memory_reserved(dev)),
+             "weights": model_bytes(model), "kv_cache": None, "device": str(dev)}
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    reserved = m.get("reserved_peak", m["peak"])
     out = {
         "benchmark": "auto_fit_gpu", "shape": tgt.get("shape"), "budget": tgt["budget"], "batch": tgt["batch"],
-        "context": tgt["context"], "recipe_summary": rec.get("summary"), "sensitivities": tgt.get("sensitivities"),
-        "estimate": {"total": est.total, "terms": est.terms}, "measured": m,
-        "peak_allocated_within_budget": m["peak"] <= tgt["budget"],
-        "peak_reserved_within_budget": m.get("reserved_peak", m["peak"]) <= tgt["budget"],
-        "peak_over_estimate": m["peak"] / est.total, "seconds": {"build": t_build, "apply": t_apply,
-                                                                  "prefill_decode": time.perf_counter() - t1},
+        "context": tgt["context"], "headroom": tgt.get("headroom"), "recipe_summary": rec.get("summary"),
+        "sensitivities": tgt.get("sensitivities"), "planned": rec.get("estimate"),
+        "estimate": {"total": est.total, "terms": est.terms}, "measured": m, "out_of_memory": oom,
+        "peak_allocated_within_budget": oom is None and m["peak"] <= tgt["budget"],
+        "peak_reserved_within_budget": oom is None and reserved <= tgt["budget"],
+        "peak_over_estimate": m["peak"] / est.total, "peak_over_budget": m["peak"] / tgt["budget"],
+        "seconds": {"build": t_build, "apply": t_apply, "prefill_decode": time.perf_counter() - t1},
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "kv_compile": os.environ.get("OPENAUTOGLM_KV_COMPILE"),
+        "git_commit": git_commit(), "planned_at_commit": (rec.get("planned_at") or {}).get("commit"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    path = Path(args.out or (os.environ.get("OUT", str(RESULTS)) + ("/auto_fit_tiny.json" if args.tiny else "/auto_fit_gpu.json")))
-    path.write_text(json.dumps(out, indent=2, default=str))
-    g = 2**30
-    print(f"budget {tgt['budget'] / g:.3f} GiB | estimate {est.total / g:.3f} | peak allocated {m['peak'] / g:.3f} "
-          f"| peak reserved {m.get('reserved_peak', 0) / g:.3f} | weights {m['weights'] / g:.3f} | KV {m['kv_cache'] / g:.3f}"
-          f" | fits: {out['peak_allocated_within_budget']} (reserved: {out['peak_reserved_within_budget']}) -> {path}")
+    name = "auto_fit_tiny.json" if tiny else "auto_fit_gpu.json"
+    path = Path(args.out) if args.out else Path(os.environ["OUT"]) / name if os.environ.get("OUT") else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str))
+    tmp.replace(path)
+    from openautoglm.auto.budget import fmt_bytes
+
+    rows = [("budget", tgt["budget"]), ("estimate", est.total), ("peak allocated", m["peak"]),
+            ("peak reserved", reserved), ("weights", m["weights"]), ("KV cache", m["kv_cache"])]
+    print("\n" + "\n".join(f"{k:16s} {'' if v is None else fmt_bytes(v):>12s}" for k, v in rows))
+    print(f"fits: {out['peak_allocated_within_budget']} (reserved: {out['peak_reserved_within_budget']})"
+          f"{' OOM: ' + oom if oom else ''} -> {path}")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", action="store_true")
-    ap.add_argument("--run", default=None, help="recipe JSON to load and run on the GPU")
-    ap.add_argument("--budget", default="12GiB")
+    ap.add_argument("--plan", action="store_true", help="plan the recipe (CPU, meta device) and write it")
+    ap.add_argument("--run", default=None, help="recipe JSON to load and run (on the device it was planned for)")
+    ap.add_argument("--smoke", action="store_true", help="plan and run a small shape on the CPU (validation)")
+    ap.add_argument("--budget", default="14GiB")
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--headroom", type=float, default=0.03)
-    ap.add_argument("--tiny", action="store_true", help="small shape on the CPU (validation)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true", help="--plan: the small shape (planned for the CPU)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="--plan: where it will run")
+    ap.add_argument("--recipe-out", default=None, help="--plan: where the recipe goes")
+    ap.add_argument("--out", default=None, help="--run: where the JSON goes (default $OUT/auto_fit_gpu.json)")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.device, args.budget, args.context, args.batch = True, "cpu", "12MiB", 256, 2
+        with tempfile.TemporaryDirectory() as d:
+            args.recipe_out = args.recipe_out or str(Path(d) / "recipe.json")
+            res = do_run(args, do_plan(args))
+        if not res["peak_allocated_within_budget"]:
+            raise SystemExit("smoke: the small shape's pick did not fit its budget on the CPU")
+        return
+    if not (args.plan or args.run):
+        ap.error("give --plan, --run RECIPE or --smoke")
     if args.plan:
         do_plan(args)
     if args.run:
-        do_run(args)
+        do_run(args, Path(args.run))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,22 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from openautoglm import hub
-from openautoglm.auto import BudgetError, apply_recipe, compress_to_budget, load_recipe, parse_budget, save_recipe
+from openautoglm.auto import (
+    BudgetError,
+    apply_recipe,
+    compress_to_budget,
+    load_recipe,
+    parse_budget,
+    save_recipe,
+)
 from openautoglm.cli import main
 from openautoglm.memory import estimate_memory, model_bytes
 
 SETTINGS = dict(context=128, batch=2, schemes=("bf16", "w8", "w4g128"), kv_bits=(None, 4, 2), prune_ratios=(0.5,),
-                calib_tokens=128, eval_tokens=256, n_prompts=1, new_tokens=8, top_k=3, progress=False)
+                calib_tokens=128, verify_tokens=256, eval_tokens=256, n_prompts=1, new_tokens=8, top_k=3, progress=False)
 
 
 def tiny(seed: int = 0):
@@ -144,7 +151,10 @@ def test_cli_budget_errors(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     cases = [(["--budget", "12 GB?", "--context", "128"], "cannot read the budget '12 GB?'"),
              (["--budget", "0", "--context", "128"], "zero"), (["--budget", "1GiB"], "--context"),
              (["--budget", "1GiB", "--context", "64", "--bits", "4"], "drop --bits"),
-             (["--budget", "1GiB", "--recipe", "r.json", "--context", "64"], "not both")]
+             (["--budget", "1GiB", "--recipe", "r.json", "--context", "64"], "not both"),
+             (["--budget", "1GiB", "--context", "64", "--search-kv-bits", "3"], "--search-kv-bits: '3'"),
+             (["--budget", "1GiB", "--context", "64", "--search-schemes", "w3"], "unknown weight options"),
+             (["--budget", "1GiB", "--context", "64", "--search-prune", "half"], "--search-prune 'half'")]
     for args, needle in cases:
         code = main(["compress", str(tiny_llama_dir), *args, "--out", out])
         assert code == 2 and needle in capsys.readouterr().err
@@ -172,3 +182,21 @@ def test_verification_masks_the_heads_of_quantized_projections():
     with mask_heads(model, removed):
         mask_only = nll(model, ids)
     assert abs(both - quant_only) > 0.5 * abs(mask_only - nll(model, ids)) > 0
+
+
+def test_cli_budget_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """``compress --budget`` (a small search space, no report: test_report_renders covers it): the model,
+    recipe.json and auto_result.json; the pick fits; the recipe replays from the folder."""
+    monkeypatch.setenv("OPENAUTOGLM_CACHE", str(tmp_path / "cache"))
+    budget = int(0.95 * estimate_memory(hub.from_pretrained(tiny_llama_dir), batch=2, seq_len=128, device="cpu").total)
+    out = tmp_path / "auto"
+    code = main(["compress", str(tiny_llama_dir), "--budget", str(budget), "--context", "128", "--batch", "2",
+                 "--calib-tokens", "128", "--verify-tokens", "128", "--eval-tokens", "256", "--search-schemes", "w8", "--search-kv-bits", "4",
+                 "--search-prune", "0", "--no-report", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for name in ("config.json", "model.safetensors", "recipe.json", "auto_result.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "report.md").exists()
+    res = json.loads((out / "auto_result.json").read_text())
+    assert res["estimated_bytes"] <= budget and set(res["pick_detail"]["weights"]) <= {"bf16", "w8"}
+    assert load_recipe(out) == load_recipe(out / "recipe.json") == res["recipe"]

@@ -36,3 +36,43 @@ def test_mckp_matches_brute_force():
 
 def test_pareto_front():
     assert pareto([(1, 5.0), (2, 4.0), (2, 6.0), (3, 4.5), (4, 1.0)]) == [0, 1, 4]
+
+
+def test_allocate_matches_brute_force():
+    from openautoglm.auto.pruning import allocate
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        costs = [[0.0, *np.cumsum(rng.random(3)).tolist()] for _ in range(4)]
+        for n in range(0, 14):
+            ks = allocate(costs, n)
+            best = min((sum(c[k] for c, k in zip(costs, ch)), ch)
+                       for ch in itertools.product(range(4), repeat=4) if sum(ch) == n) if n <= 12 else None
+            if best is None:
+                assert ks is None
+                continue
+            assert sum(ks) == n and abs(sum(c[k] for c, k in zip(costs, ks)) - best[0]) < 1e-12
+
+
+def test_measured_levels_spare_the_costly_layer():
+    from openautoglm.auto.pruning import measured_levels
+
+    orders = [[[0, 1], [2, 3]], [[1, 0], [3, 2]], [[2, 3], [0, 1]]]   # 3 layers x 2 groups of 2 query heads
+    costs = [[0.0, 0.9], [0.0, 0.01], [0.0, 0.02]]                    # layer 0 is costly to prune
+    levels = measured_levels(orders, costs, [1 / 3, 0.5, 0.6])
+    assert levels[1 / 3] == {1: [0, 1], 2: [2, 3]} and 0 not in levels[1 / 3]
+    assert 0.5 in levels and 0.6 not in levels                         # 4 groups: more than the costs cover
+
+
+def test_denoised_signals_are_monotone_in_bits_and_non_negative():
+    from openautoglm.auto.sensitivity import Sensitivities
+
+    opts = ["bf16", "w8", "w4g128", "w4g64", "w4g32"]
+    s = Sensitivities(["u"], opts, [None, 8, 4, 2], [0.0, 0.25], 2.0, [[0.0, 0.0002, 0.0006, -0.0009, -0.0008]],
+                      [[0.0, -0.0001, 0.0005, 0.0004]], [0.0, -0.01], [{}, {0: [1]}])
+    d = s.denoised()
+    w = dict(zip(opts, d.weight[0]))
+    assert min(d.weight[0]) >= 0 and w["bf16"] == 0
+    assert w["bf16"] <= w["w8"] <= w["w4g32"] <= w["w4g64"] <= w["w4g128"]
+    assert d.kv[0] == [0.0, 0.0, 0.00045, 0.00045] and d.prune == [0.0, 0.0]
+    assert s.weight[0][3] == -0.0009                                   # the raw signals are kept for the report

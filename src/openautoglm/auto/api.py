@@ -1,11 +1,12 @@
 """``compress_to_budget(model, "12GiB", context=16384, batch=4)``: the least lossy recipe that fits, applied.
 
-1. measure single-change sensitivities on calibration text (:mod:`.sensitivity`, cached on disk);
+1. measure single-change sensitivities on calibration text (:mod:`.sensitivity`, cached on disk), per-layer
+   head-pruning costs included (:mod:`.pruning`); for the search they are clamped at 0 and made monotone in bits;
 2. byte tables of every choice from the estimator's pieces, per pruning level (:mod:`.space`);
 3. the knapsack optimum per pruning level under the budget, every uniform recipe, and the trade-off curve
-   (:mod:`.search`); nothing fits -> :class:`BudgetError` naming the smallest budget that does;
-4. the ``top_k`` best-predicted candidates that fit (the best uniform one always among them) measured together
-   on the calibration text, as decoded through their cache; the lowest measured NLL is the pick;
+   (:mod:`.search`, :mod:`.plan`); nothing fits -> :class:`BudgetError` naming the smallest budget that does;
+4. the ``top_k`` best-predicted candidates that fit (mixed recipes and the best uniform ones) measured together on
+   *fresh* verification text, as decoded through their cache; the lowest measured NLL is the pick;
 5. the pick applied in place (:func:`.recipe.apply_recipe`), its memory re-estimated and measured, and its
    quality checked against the original on held-out text (:mod:`.quality`).
 """
@@ -20,6 +21,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..kv.config import KVCacheConfig
 from ..memory.estimate import estimate_memory
@@ -27,6 +29,7 @@ from ..prune.heads import mask_heads
 from . import search
 from .budget import parse_budget
 from .plan import plan
+from .plan import shortlist as plan_shortlist
 from .recipe import apply_recipe, make_recipe
 from .result import AutoResult
 from .sensitivity import measure, nll, swapped
@@ -37,6 +40,15 @@ DEFAULT_SCHEMES = ("bf16", "w8", "w4g128", "w4g64", "w4g32")
 # w8a8 stores the same int8 weight codes as w8 with fp32 instead of 16-bit scales and adds activation rounding
 # and a large int8-GEMM prefill transient: it never wins on memory or quality, only (on some GPUs) on speed.
 DOMINATED = {"w8a8": "w8"}
+# Compressions of the library the search leaves out, and why (said in every report, never silently).
+NOT_SEARCHED = (
+    "Not searched: unstructured and 2:4 sparsity -- stored dense they save no memory; stored sparse (2:4 "
+    "semi-structured, GPU only) they keep 9/16 of the 16-bit bytes, more than w8's ~1/2, at a larger quality cost "
+    "(bundled model: 2:4 Wanda perplexity 23.4 vs 15.5), so w8 dominates them; low-rank projections (-20% of the "
+    "parameters cost +13% perplexity on the bundled model, w8 saves 50% for ~0%); cross-layer KV sharing -- "
+    "what it frees depends on how similar adjacent layers' keys are at run time, which the estimator cannot "
+    "promise in advance (and on the bundled model no adjacent layers are similar enough to share)."
+)
 
 
 def _token_ids(tokenizer, text: str | None, part: str) -> torch.Tensor:
@@ -56,12 +68,15 @@ def _windows(ids: torch.Tensor, tokens: int, seq: int, what: str) -> torch.Tenso
     return ids[: n * seq].view(n, seq)
 
 
-def candidate_recipe(c: search.Candidate, units, options, kv_options, removed, *, kv_group, kv_residual, **target) -> dict:
-    """The recipe (list of configs) of candidate ``c``."""
+def candidate_recipe(c: search.Candidate, units, options, kv_options, removed, *, kv_group, kv_residual,
+                     prune_method: str = "taylor", **target) -> dict:
+    """The recipe (list of configs) of candidate ``c``; ``removed``: its level's query heads per layer."""
     steps = []
     if removed:
+        how = ("taylor: global ranking of GQA groups" if prune_method == "taylor" else
+               "measured: the split over layers with the least summed per-layer NLL cost (groups in Taylor order)")
         steps.append({"type": "prune_heads", "removed": {str(k): v for k, v in sorted(removed.items())},
-                      "ratio": c.ratio, "importance": "taylor", "granularity": "kv_group"})
+                      "ratio": c.ratio, "selection": how, "granularity": "kv_group"})
     by_opt: dict[int, list[str]] = {}
     for u, o in zip(units, c.weights):
         if options[o].scheme is not None:
@@ -99,7 +114,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                        calib_text: str | None = None, calib_tokens: int = 4096, eval_text: str | None = None,
                        eval_tokens: int = 8192, schemes=DEFAULT_SCHEMES, kv_bits=KV_OPTIONS, prune_ratios=PRUNE_LEVELS,
                        budget_terms=BUDGET_TERMS, headroom: float = 0.03, device: str | None = None,
-                       top_k: int = 4, kv_group_size: int = 64, kv_residual: int = 128,
+                       top_k: int = 5, verify_tokens: int = 8192, kv_group_size: int = 64, kv_residual: int = 128,
                        measure_dtype="auto", verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
                        new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True) -> AutoResult:
     """Compress ``model`` in place to the recipe with the least quality loss whose inference memory at
@@ -113,13 +128,18 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     calib_text, eval_text : calibration / held-out text (default: the bundled held-out text's second / first half).
     calib_tokens, eval_tokens : tokens of each used (windows of ``min(context, model context, 2048)``).
     schemes : weight options per unit: bf16, w8, w8a8, w4g128, w4g64, w4g32.
-    kv_bits : KV widths per layer (None = full precision, 8, 4, 2); prune_ratios : fractions of GQA groups removed.
+    kv_bits : KV widths per layer (None = full precision, 8, 4, 2).
+    prune_ratios : fractions of GQA groups removed; each is searched twice, as the library's head pruner removes it
+        (global Taylor ranking) and split over the layers by measured per-layer costs (:mod:`.pruning`).
     budget_terms : which estimator terms must fit (default all: weights, kv_cache, activations, logits, workspace).
     headroom : fraction of the budget kept free (allocator fragmentation, the estimator's error); the search
         fits ``budget * (1 - headroom)``.
     device : ``"cuda"`` or ``"cpu"``: where the model will serve (quantized layers' prefill transients differ);
         default: where ``model`` is.
-    top_k : candidates measured together on the calibration text before the pick.
+    top_k : candidates verified together before the pick: the best-predicted mixed recipes and (up to two) the
+        best-predicted uniform recipes that fit.
+    verify_tokens : tokens of the verification text: the calibration text after the ``calib_tokens`` the
+        signals were measured on (fresh text: picking on the signals' own text would reward their noise).
     measure_dtype : dtype of the sensitivity and verification forwards: ``"auto"`` = float32 for a half-precision
         model on the CPU (a float32 copy: bf16 rounding noise in two forwards is as large as a layer's signal),
         else the model's own; or a torch dtype / None (the model's).
@@ -152,6 +172,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     notes = [f"{n} not searched: dominated by {DOMINATED[n]} (same int8 weight codes, more bytes, activation "
              "rounding, larger prefill transient); ask for it alone if you need its GEMM" for n in names
              if n in DOMINATED and DOMINATED[n] in names]
+    notes.append(NOT_SEARCHED)
     names = [n for n in names if not (n in DOMINATED and DOMINATED[n] in names)]
     options = [WEIGHT_OPTIONS[n] for n in names]
     if tokenizer is None:
@@ -162,36 +183,44 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
             raise ValueError("compress_to_budget needs tokenizer= (the model does not say where it was loaded from)")
         tokenizer = load_tokenizer(src)
     seq = min(context, int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
-    calib = _windows(_token_ids(tokenizer, calib_text, "calib"), calib_tokens, seq, "calibration")
+    calib_ids = _token_ids(tokenizer, calib_text, "calib")
+    calib = _windows(calib_ids, calib_tokens, seq, "calibration")
+    rest = calib_ids[calib.numel():]
+    if rest.numel() >= seq:  # verify on text the signals were not measured on (no selection bias)
+        check = _windows(rest, verify_tokens, seq, "verification")
+    else:
+        check = calib
+        notes.append(f"the calibration text has no tokens beyond the {calib.numel()} the signals used: the shortlist "
+                     "was verified on the same text (give a longer calib_text to verify on fresh text)")
     eval_ids = _windows(_token_ids(tokenizer, eval_text, "eval"), eval_tokens, seq, "evaluation").reshape(-1)
     units = find_units(model)
 
     work = _measuring_copy(model, measure_dtype, dev)
     sens = measure(work, calib, units, options, kv_options, ratios, kv_group=kv_group_size, kv_residual=kv_residual,
                    cache=cache_dir, use_cache=use_cache, progress=progress)
-    p = plan(model, sens, units, options, kv_options, budget_bytes, context=context, batch=batch, terms=terms,
+    signals = sens.denoised()
+    p = plan(model, signals, units, options, kv_options, budget_bytes, context=context, batch=batch, terms=terms,
              headroom=headroom, device=device, kv_group=kv_group_size, kv_residual=kv_residual)
     auto, uniform, front, smallest = p.auto, p.uniform, p.front, p.smallest
-    fitting_uniform = sorted((c for c in uniform if c.bytes <= p.fit), key=lambda c: c.predicted)
-    shortlist = sorted(auto, key=lambda c: c.predicted)[:top_k]
-    if fitting_uniform:
-        shortlist = shortlist[: max(1, top_k - 1)] + fitting_uniform[:1]
+    n_uniform = min(2, top_k - 1)
+    shortlist = plan_shortlist(p, signals, terms, n_auto=top_k - n_uniform, n_uniform=n_uniform)
     t_search = time.perf_counter()
-    removed_of = dict(zip(sens.ratios, sens.removed))
-    for c in shortlist:  # measured together, through the candidate's own cache
+    removed_of = sens.removed
+    check_base = sens.base_nll if check is calib else nll(work, check)
+    for c in tqdm(shortlist, desc="verifying", unit="recipe", disable=not progress):  # together, through each cache
         bits = tuple(kv_options[b] for b in c.kv)
         kv = KVCacheConfig(bits=bits, group_size=kv_group_size, residual_length=kv_residual)
-        with _applied(work, c, units, options, removed_of[c.ratio]):
-            c.measured = nll(work, calib, kv) - sens.base_nll
+        with _applied(work, c, units, options, removed_of[c.level]):
+            c.measured = nll(work, check, kv) - check_base
         log.info("verified %s: predicted %+.4f, measured %+.4f nats", c.label or c.kind, c.predicted, c.measured)
     pick = min(shortlist, key=lambda c: (c.measured, c.bytes))
     del work
     target = {"budget": budget_bytes, "context": context, "batch": batch, "budget_terms": list(terms),
               "headroom": headroom, "device": device}
-    recipe = candidate_recipe(pick, units, options, kv_options, removed_of[pick.ratio], kv_group=kv_group_size,
-                              kv_residual=kv_residual, **target)
+    recipe = candidate_recipe(pick, units, options, kv_options, removed_of[pick.level], kv_group=kv_group_size,
+                              kv_residual=kv_residual, prune_method=sens.method(pick.level), **target)
     recipe["predicted"] = {"bytes": pick.bytes, "nll_increase": pick.measured,
-                           "calibration_perplexity": math.exp(sens.base_nll + pick.measured)}
+                           "verification_perplexity": math.exp(check_base + pick.measured)}
     before = estimate_memory(model, mode="inference", batch=batch, seq_len=context, kv_group_size=kv_group_size,
                              kv_residual=kv_residual, device=device)
     from . import quality
@@ -212,11 +241,12 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     if got != pick.bytes:
         log.warning("estimate of the applied recipe (%d B) differs from the search tables (%d B)", got, pick.bytes)
     qual = quality.compare(model, tokenizer, eval_ids, base, kv, seq_len=seq, new_tokens=new_tokens,
-                           removed=removed_of[pick.ratio], **probe) if verify else {}
+                           removed=removed_of[pick.level], **probe) if verify else {}
     measured = quality.measure_memory(model, kv, batch=batch, context=context) if measure_memory else None
     seconds = {"sensitivity": sens.seconds, "search_and_verify": time.perf_counter() - t_search,
                "total": time.perf_counter() - t_start, "apply_and_evaluate": time.perf_counter() - t_apply}
-    return AutoResult(recipe=recipe, budget=budget_bytes, fit=p.fit, context=context, batch=batch, budget_terms=terms, pick=pick,
+    return AutoResult(recipe=recipe, budget=budget_bytes, verify_base_nll=check_base,
+                      verify_tokens=int(check.numel()), fit=p.fit, context=context, batch=batch, budget_terms=terms, pick=pick,
                       auto=auto, uniform=uniform, front=front, shortlist=shortlist, smallest=smallest, units=units,
                       options=names, kv_options=kv_options, sensitivities=sens, estimate_before=before,
                       estimate_after=after, quality=qual, measured=measured, notes=notes, seconds=seconds)

@@ -39,13 +39,14 @@ def plan(model: nn.Module, sens: Sensitivities, units: list[Unit], options: list
     dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     fit = int(budget * (1 - headroom))
     levels = []
-    for r, removed in zip(sens.ratios, sens.removed):
+    for i, (r, removed) in enumerate(zip(sens.ratios, sens.removed)):
         meta = meta_copy(model, dtype)
         if removed:
             remove_heads(meta, removed)
+        method = sens.method(i)
         levels.append(level_tables(meta, units, options, kv_options, ratio=r, removed=removed, batch=batch,
                                    context=context, group=kv_group, residual=kv_residual,
-                                   cuda=device == "cuda"))
+                                   cuda=device == "cuda", level=i, method=method))
     allowed = [True] * len(options)
     smallest = search.smallest(levels, sens, terms, allowed)
     auto = [c for c in (search.solve_level(t, sens, fit, terms, allowed) for t in levels) if c is not None]
@@ -61,3 +62,23 @@ def plan(model: nn.Module, sens: Sensitivities, units: list[Unit], options: list
     uniform = search.uniform_candidates(levels, sens, [o.name for o in options], [kv_name(b) for b in kv_options], terms)
     front = search.front_candidates(levels, sens, terms, allowed, smallest.bytes, max(c.bytes for c in uniform))
     return Plan(fit, levels, auto, uniform, front, smallest)
+
+
+def shortlist(p: Plan, sens: Sensitivities, terms, n_auto: int = 3, n_uniform: int = 2,
+              tighter=(0.98, 0.95, 0.9)) -> list[search.Candidate]:
+    """The candidates to verify together: the ``n_auto`` best-predicted mixed recipes -- each pruning level's
+    knapsack optimum, and at the best levels the optima for budgets a little tighter (near-equal alternatives,
+    in case the additive model misjudges the pick's combination) -- and the ``n_uniform`` best-predicted
+    uniform recipes that fit (so the pick is never worse on the verification text than the best of them)."""
+    allowed = [True] * len(p.levels[0].weights[0]) if p.levels else []
+    pool = {c.key(): c for c in p.auto}
+    for c in sorted(p.auto, key=lambda c: c.predicted)[:2]:
+        t = p.levels[c.level]
+        for f in tighter:
+            alt = search.solve_level(t, sens, int(p.fit * f), terms, allowed)
+            if alt is not None and alt.key() not in pool:
+                alt.kind = "alternative"
+                pool[alt.key()] = alt
+    auto = sorted(pool.values(), key=lambda c: c.predicted)[:n_auto]
+    fitting = sorted((c for c in p.uniform if c.bytes <= p.fit), key=lambda c: c.predicted)
+    return auto + [c for c in fitting if c.key() not in pool][:n_uniform]

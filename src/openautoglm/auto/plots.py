@@ -64,34 +64,37 @@ def memory_bars(r: AutoResult, path: Path) -> Path:
 
 
 def pareto_scatter(r: AutoResult, path: Path) -> Path:
-    """Calibration perplexity vs budgeted memory: uniform recipes, the search's trade-off curve, the verified
-    shortlist (measured), the pick; the Pareto front of all of them and the budget."""
+    """Perplexity increase vs budgeted memory: uniform recipes and the search's trade-off curve (predicted on the
+    calibration text), the verified shortlist and the pick (measured on the verification text), the Pareto front
+    of the predicted points and the budget."""
     from .search import pareto
 
     plt = _plt()
     pts = r.uniform + r.front
+
+    def inc(c, measured=False):  # perplexity increase over the original, % (predicted: calibration; measured: verification)
+        return 100 * math.expm1(c.measured if measured else c.predicted)
+
     div, unit = _unit(max(c.bytes for c in pts))
     fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=100)
-    ax.scatter([c.bytes / div for c in r.uniform], [r.perplexity(c, False) for c in r.uniform], s=14, c="#8C8C8C",
+    ax.scatter([c.bytes / div for c in r.uniform], [inc(c) for c in r.uniform], s=14, c="#8C8C8C",
                alpha=0.6, label="uniform recipes (predicted)")
-    ax.scatter([c.bytes / div for c in r.front], [r.perplexity(c, False) for c in r.front], s=14, c="#4C72B0",
+    ax.scatter([c.bytes / div for c in r.front], [inc(c) for c in r.front], s=14, c="#4C72B0",
                alpha=0.7, label="mixed per-layer recipes (predicted)")
-    idx = pareto([(c.bytes, r.perplexity(c, False)) for c in pts])
-    fx = [pts[i].bytes / div for i in idx]
-    fy = [r.perplexity(pts[i], False) for i in idx]
-    ax.step(fx, fy, where="post", color="#4C72B0", lw=1.2, label="Pareto front")
+    idx = pareto([(c.bytes, c.predicted) for c in pts])
+    ax.step([pts[i].bytes / div for i in idx], [inc(pts[i]) for i in idx], where="post", color="#4C72B0", lw=1.2,
+            label="Pareto front (predicted)")
     ver = [c for c in r.shortlist if c.measured is not None]
-    ax.scatter([c.bytes / div for c in ver], [r.perplexity(c) for c in ver], s=40, facecolors="none",
+    ax.scatter([c.bytes / div for c in ver], [inc(c, True) for c in ver], s=40, facecolors="none",
                edgecolors="#DD8452", lw=1.5, label="verified together (measured)")
-    ax.scatter([r.pick.bytes / div], [r.perplexity(r.pick)], marker="*", s=220, c="#C44E52", zorder=5, label="pick")
+    ax.scatter([r.pick.bytes / div], [inc(r.pick, True)], marker="*", s=220, c="#C44E52", zorder=5, label="pick")
     ax.axvline(r.budget / div, color="k", ls="--", lw=1, label="budget")
-    base = math.exp(r.sensitivities.base_nll)
-    ax.axhline(base, color="#55A868", ls=":", lw=1, label="original")
-    ys = [r.perplexity(c, False) for c in pts] + [r.perplexity(r.pick)]
-    top = min(max(ys), base * 3)
-    ax.set_ylim(base * 0.98, top * 1.03)
+    ax.axhline(0, color="#55A868", ls=":", lw=1, label="original")
+    ys = [inc(c) for c in pts] + [inc(c, True) for c in ver]
+    top = max(min(max(ys), 200.0), 5 * max(inc(c, True) for c in ver), 1.0)
+    ax.set_ylim(min(-0.5, min(ys) * 1.1), top * 1.05)
     ax.set_xlabel(f"estimated memory ({unit}, {' + '.join(t.replace('_', ' ') for t in r.budget_terms)})")
-    ax.set_ylabel("calibration perplexity")
+    ax.set_ylabel("perplexity increase over the original (%)")
     ax.set_title("candidates: perplexity vs memory")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -125,7 +128,7 @@ def layer_bits(r: AutoResult, path: Path) -> Path:
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7 if n <= 16 else 5,
                     color="w" if (grid[i][j] or 0) < 10 else "k", rotation=0 if n <= 16 else 90)
     ax.set_yticks(range(len(rows)), rows)
-    removed = r.sensitivities.removed[r.sensitivities.ratios.index(r.pick.ratio)]
+    removed = r.sensitivities.removed[r.pick.level]
     ax.set_xticks(range(n), [f"{j}" + (f"\n-{len(removed[j])}h" if removed.get(j) else "") for j in range(n)],
                   fontsize=7 if n <= 16 else 5)
     ax.set_xlabel("decoder layer (-Nh: query heads pruned)")

@@ -60,10 +60,13 @@ def _blocks(r: AutoResult, images: dict[str, str], title: str) -> list[tuple]:
     bu = r.best_uniform()
     crow = [[c.kind, c.label or r.describe(c), fmt_bytes(c.bytes), f"{r.perplexity(c, False):.3f}",
              "" if c.measured is None else f"{r.perplexity(c):.3f}"] for c in r.shortlist]
-    out.append(("table", ["kind", "recipe", "memory", "calib. ppl (predicted)", "calib. ppl (measured)"], crow))
+    out.append(("table", ["kind", "recipe", "memory", "calib. ppl (predicted)", "verification ppl (measured)"], crow))
     base = math.exp(r.sensitivities.base_nll)
-    out.append(("p", f"Calibration perplexity of the original: {base:.3f} ({r.sensitivities.calibration.get('tokens')} "
-                     f"tokens). {len(r.uniform)} uniform recipes were enumerated, "
+    vbase = f"{math.exp(r.verify_base_nll):.3f}" if r.verify_base_nll is not None else f"{base:.3f}"
+    out.append(("p", f"Perplexity of the original: {base:.3f} on the calibration text "
+                     f"({r.sensitivities.calibration.get('tokens')} tokens, where the signals were measured), {vbase} on "
+                     f"the verification text ({r.verify_tokens} tokens). Predictions use the signals clamped at 0 and "
+                     f"made monotone in bits. {len(r.uniform)} uniform recipes were enumerated, "
                      f"{sum(c.bytes <= r.budget for c in r.uniform)} fit; the best-predicted that fits: "
                      + (f"{bu.label} ({fmt_bytes(bu.bytes)})." if bu else "none.")
                      + f" The smallest recipe of the search space needs {fmt_bytes(r.smallest.bytes)}."))
@@ -78,7 +81,14 @@ def _blocks(r: AutoResult, images: dict[str, str], title: str) -> list[tuple]:
             + [f"{v:+.4f}" for v in s.kv[layer]] for layer, b in enumerate(p.kv)]
     out.append(("table", ["KV", "chosen"] + [f"dNLL {'bf16' if b is None else f'int{b}'}" for b in r.kv_options], krow))
     out.append(("p", "dNLL: mean NLL increase (nats/token) on the calibration text with only that change applied. "
-                     "Pruning levels: " + ", ".join(f"{x:g}: {v:+.4f}" for x, v in zip(s.ratios, s.prune)) + "."))
+                     "Pruning levels (fraction of GQA groups removed; taylor = the library's global ranking, "
+                     "measured = split over layers by the per-layer costs below): "
+                     + ", ".join(f"{s.level_name(i)}: {v:+.4f}" for i, v in enumerate(s.prune) if i) + "."))
+    if s.layer_prune:
+        k = max(len(row) for row in s.layer_prune)
+        prow = [[f"layer {layer}"] + [f"{row[j]:+.4f}" if j < len(row) else "" for j in range(1, k)]
+                for layer, row in enumerate(s.layer_prune)]
+        out.append(("table", ["pruned alone"] + [f"dNLL {j} group{'s' if j > 1 else ''}" for j in range(1, k)], prow))
     if q.get("generations"):
         g = q["generations"][0]
         out += [("h2", "A generation"), ("code", f"prompt: {g['prompt']}\n--- original:\n{g['original']}\n"

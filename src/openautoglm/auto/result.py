@@ -37,6 +37,8 @@ class AutoResult:
     measured: dict | None
     notes: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    verify_base_nll: float | None = None  # the original's NLL on the verification text (None: the calibration's)
+    verify_tokens: int | None = None
 
     @property
     def kv_config(self):
@@ -50,12 +52,15 @@ class AutoResult:
         kv = Counter("bf16" if self.kv_options[b] is None else f"int{self.kv_options[b]}" for b in c.kv)
         text = ", ".join(f"{k} x {n}" for k, n in w.most_common()) + "; KV " + ", ".join(
             f"{k} x {n}" for k, n in kv.most_common())
-        return text + (f"; prune {c.ratio:g}" if c.ratio else "")
+        return text + (f"; prune {self.sensitivities.level_name(c.level)}" if c.ratio else "")
 
     def perplexity(self, c: Candidate, measured: bool = True) -> float:
-        """Calibration perplexity of a candidate: measured if it was, else predicted by the additive model."""
-        d = c.measured if (measured and c.measured is not None) else c.predicted
-        return math.exp(self.sensitivities.base_nll + d)
+        """A candidate's perplexity: measured on the verification text if it was verified (and ``measured``),
+        else predicted on the calibration text by the additive model."""
+        if measured and c.measured is not None:
+            base = self.sensitivities.base_nll if self.verify_base_nll is None else self.verify_base_nll
+            return math.exp(base + c.measured)
+        return math.exp(self.sensitivities.base_nll + c.predicted)
 
     def best_uniform(self) -> Candidate | None:
         fit = [c for c in self.uniform if c.bytes <= self.fit]
@@ -67,14 +72,16 @@ class AutoResult:
             "budget": self.budget, "context": self.context, "batch": self.batch, "budget_terms": list(self.budget_terms),
             "pick": self.describe(self.pick), "estimated_bytes": self.pick.bytes,
             "estimated_terms": self.pick.terms, "measured": self.measured,
-            "calibration_perplexity": self.perplexity(self.pick), "heldout_perplexity": q.get("perplexity"),
+            "verification_perplexity": self.perplexity(self.pick), "verification_tokens": self.verify_tokens,
+            "heldout_perplexity": q.get("perplexity"),
             "heldout_perplexity_original": q.get("perplexity_original"), "bleu4": q.get("bleu4"),
             "attention_cosine": q.get("attention_cosine"), "seconds": self.seconds, "notes": self.notes,
         }
 
     def to_dict(self) -> dict:
         def cand(c: Candidate) -> dict:
-            return {"kind": c.kind, "label": c.label or self.describe(c), "ratio": c.ratio, "bytes": c.bytes,
+            return {"kind": c.kind, "label": c.label or self.describe(c), "ratio": c.ratio,
+                    "pruning": self.sensitivities.level_name(c.level), "bytes": c.bytes,
                     "predicted_nll_increase": c.predicted, "measured_nll_increase": c.measured,
                     "weights": [self.options[o] for o in c.weights],
                     "kv": [self.kv_options[b] for b in c.kv], "terms": c.terms}
@@ -85,7 +92,11 @@ class AutoResult:
                 "uniform": [cand(c) for c in self.uniform], "front": [cand(c) for c in self.front],
                 "sensitivities": {"base_nll": self.sensitivities.base_nll,
                                   "weight": self.sensitivities.weight, "kv": self.sensitivities.kv,
-                                  "prune": dict(zip(map(str, self.sensitivities.ratios), self.sensitivities.prune)),
+                                  "prune": {self.sensitivities.level_name(i): v
+                                            for i, v in enumerate(self.sensitivities.prune)},
+                                  "prune_removed": {self.sensitivities.level_name(i): v
+                                                    for i, v in enumerate(self.sensitivities.removed)},
+                                  "layer_prune": self.sensitivities.layer_prune,
                                   "calibration": self.sensitivities.calibration, "cached": self.sensitivities.cached},
                 "estimate_before": self.estimate_before.to_dict(), "estimate_after": self.estimate_after.to_dict()}
 

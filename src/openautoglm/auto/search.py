@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .space import LevelTables
 from .sensitivity import Sensitivities
+from .space import LevelTables
 
 
 @dataclass
 class Candidate:
     """A point of the search: pruning level, weight option index per unit, KV option index per layer."""
 
-    ratio: float
+    ratio: float                       # fraction of GQA groups pruned (display; ``level`` says which heads)
     weights: tuple[int, ...]
     kv: tuple[int, ...]
     bytes: int                         # budgeted terms, from the byte tables (= the estimator's total)
@@ -31,9 +31,10 @@ class Candidate:
     measured: float | None = None      # measured NLL increase on the calibration text, once verified
     label: str = ""
     terms: dict[str, int] = field(default_factory=dict)
+    level: int = 0                     # index of the pruning level (``Sensitivities.ratios/removed/methods``)
 
     def key(self) -> tuple:
-        return (self.ratio, self.weights, self.kv)
+        return (self.level, self.weights, self.kv)
 
 
 def candidate_bytes(t: LevelTables, w: tuple[int, ...], kv: tuple[int, ...], budget_terms) -> tuple[int, dict]:
@@ -46,8 +47,8 @@ def candidate_bytes(t: LevelTables, w: tuple[int, ...], kv: tuple[int, ...], bud
     return sum(v for k, v in terms.items() if k in budget_terms), terms
 
 
-def predicted_cost(s: Sensitivities, ratio: float, w: tuple[int, ...], kv: tuple[int, ...]) -> float:
-    return (s.prune[s.ratios.index(ratio)] + sum(s.weight[u][o] for u, o in enumerate(w))
+def predicted_cost(s: Sensitivities, level: int, w: tuple[int, ...], kv: tuple[int, ...]) -> float:
+    return (s.prune[level] + sum(s.weight[u][o] for u, o in enumerate(w))
             + sum(s.kv[layer][b] for layer, b in enumerate(kv)))
 
 
@@ -124,7 +125,7 @@ def solve_level(t: LevelTables, s: Sensitivities, budget: int, budget_terms, all
             continue
         w, kv = tuple(choice[:n_u]), tuple(choice[n_u:])
         b, terms = candidate_bytes(t, w, kv, budget_terms)
-        c = Candidate(t.ratio, w, kv, b, cost + s.prune[s.ratios.index(t.ratio)], terms=terms)
+        c = Candidate(t.ratio, w, kv, b, cost + s.prune[t.level], terms=terms, level=t.level)
         if b <= budget and (best is None or c.predicted < best.predicted):
             best = c
     return best
@@ -155,7 +156,8 @@ def smallest(levels: list[LevelTables], s: Sensitivities, budget_terms, allowed_
             kv = tuple(min(range(len(t.kv[layer])), key=lambda b: (t.kv[layer][b] if "kv_cache" in budget_terms else 0,
                                                                     s.kv[layer][b])) for layer in range(len(t.kv)))
             b, terms = candidate_bytes(t, tuple(w), kv, budget_terms)
-            c = Candidate(t.ratio, tuple(w), kv, b, predicted_cost(s, t.ratio, tuple(w), kv), "smallest", terms=terms)
+            c = Candidate(t.ratio, tuple(w), kv, b, predicted_cost(s, t.level, tuple(w), kv), "smallest", terms=terms,
+                          level=t.level)
             if best is None or (c.bytes, c.predicted) < (best.bytes, best.predicted):
                 best = c
     return best
@@ -164,17 +166,19 @@ def smallest(levels: list[LevelTables], s: Sensitivities, budget_terms, allowed_
 def uniform_candidates(levels: list[LevelTables], s: Sensitivities, option_names: list[str], kv_names: list[str],
                        budget_terms) -> list[Candidate]:
     """Every single uniform recipe: one weight option for all units (units it cannot apply to stay in the model
-    dtype), one KV width for all layers, one pruning level."""
+    dtype), one KV width for all layers, one pruning level of the library's head pruner (global Taylor ranking)."""
     keep = option_names.index("bf16")
     out = []
     for t in levels:
+        if t.method == "measured":
+            continue
         for o, oname in enumerate(option_names):
             w = tuple(o if t.weights[u][o] is not None else keep for u in range(len(t.weights)))
             for b, bname in enumerate(kv_names):
                 kv = (b,) * len(t.kv)
                 size, terms = candidate_bytes(t, w, kv, budget_terms)
-                out.append(Candidate(t.ratio, w, kv, size, predicted_cost(s, t.ratio, w, kv), "uniform",
-                                     label=f"{oname} + KV {bname} + prune {t.ratio:g}", terms=terms))
+                out.append(Candidate(t.ratio, w, kv, size, predicted_cost(s, t.level, w, kv), "uniform",
+                                     label=f"{oname} + KV {bname} + prune {t.ratio:g}", terms=terms, level=t.level))
     return out
 
 

@@ -5,7 +5,9 @@
 * KV layer ``l`` at ``b`` bits: the NLL of a token-by-token decode through a cache quantizing only that layer,
   computed in one pass by :func:`openautoglm.kv.emulate.kivi_emulation` (equal to the real cache fed one token
   at a time);
-* pruning level ``r`` (Taylor head importance, whole GQA groups): the heads masked at ``o_proj``'s input.
+* head pruning (whole GQA groups, the heads masked at ``o_proj``'s input): per layer, the cost of losing its
+  ``k`` least important groups alone; then each pruning level of :mod:`.pruning` (the library's global Taylor
+  ranking, and the split with the least summed per-layer cost) measured as a whole.
 
 Results are cached on disk as JSON, keyed by a fingerprint of the model (config, tensor names, shapes and a
 strided sample of every tensor's values), of the calibration token ids and of the settings.
@@ -29,9 +31,10 @@ from tqdm.auto import tqdm
 from ..evaluate import perplexity
 from ..kv.config import KVCacheConfig
 from ..kv.emulate import decode_perplexity
-from ..prune.heads import HeadPruneConfig, HeadPruner, mask_heads
+from ..prune.heads import mask_heads
 from ..quant.api import _set_module
 from ..quant.linear import LINEAR_CLASSES
+from . import pruning
 from .space import Unit, WeightOption
 
 log = logging.getLogger(__name__)
@@ -44,15 +47,40 @@ class Sensitivities:
     units: list[str]
     options: list[str]
     kv_options: list
-    ratios: list[float]
+    ratios: list[float]                      # [level] fraction of GQA groups removed (level 0: none)
     base_nll: float                          # teacher-forced (= decode through a full-precision cache)
     weight: list[list[float]]                # [unit][option]; inf where the option does not apply
     kv: list[list[float]]                    # [layer][kv option]
-    prune: list[float]                       # [ratio]
-    removed: list[dict[int, list[int]]]      # [ratio] query heads removed per layer
+    prune: list[float]                       # [level]
+    removed: list[dict[int, list[int]]]      # [level] query heads removed per layer
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     cached: bool = False
+    methods: list[str] = field(default_factory=list)      # [level] "none", "taylor" or "measured"
+    layer_prune: list[list[float]] = field(default_factory=list)  # [layer][k groups] cost of pruning it alone
+
+    def method(self, level: int) -> str:
+        """How pruning level ``level`` chose its heads: "none", "taylor" or "measured" (see :mod:`.pruning`)."""
+        return self.methods[level] if self.methods else ("none" if not self.removed[level] else "taylor")
+
+    def level_name(self, level: int) -> str:
+        m = self.method(level)
+        return "none" if m == "none" else f"{self.ratios[level]:g} ({m})"
+
+    def denoised(self) -> Sensitivities:
+        """A copy whose costs respect what is known to hold in expectation, for the search: no change lowers
+        the NLL (clamped at 0), and within a unit (or KV layer) fewer bits never cost less (pooled adjacent
+        violators over the options ordered by expected error). Single-change signals on a few thousand
+        tokens are noisy at the 1e-3 nats level; a knapsack left to itself buys the noise (a "free" w4 unit)."""
+        import copy
+
+        out = copy.deepcopy(self)
+        w_order = sorted(range(len(self.options)), key=lambda i: PRECISION_ORDER.get(self.options[i], 99))
+        kv_order = sorted(range(len(self.kv_options)), key=lambda i: KV_ORDER.get(self.kv_options[i], 99))
+        out.weight = [_monotone(row, w_order) for row in self.weight]
+        out.kv = [_monotone(row, kv_order) for row in self.kv]
+        out.prune = [max(0.0, v) for v in self.prune]
+        return out
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -66,6 +94,29 @@ class Sensitivities:
         d["removed"] = [{int(k): v for k, v in r.items()} for r in d["removed"]]
         d["weight"] = [[float("inf") if x is None else x for x in row] for row in d["weight"]]
         return cls(**d)
+
+
+# options from the least to the most expected error (weights, KV bits)
+PRECISION_ORDER = {"bf16": 0, "w8": 1, "w8a8": 2, "w4g32": 3, "w4g64": 4, "w4g128": 5}
+KV_ORDER = {None: 0, 8: 1, 4: 2, 2: 3}
+
+
+def _monotone(row: list[float], order: list[int]) -> list[float]:
+    """``row`` made non-decreasing (and >= 0) along ``order`` by pooling adjacent violators; inf stays inf."""
+    vals = [max(0.0, row[i]) for i in order if row[i] != float("inf")]
+    idx = [i for i in order if row[i] != float("inf")]
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in vals:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    fitted = [b[0] / b[1] for b in blocks for _ in range(b[1])]
+    out = list(row)
+    for i, v in zip(idx, fitted):
+        out[i] = v
+    return out
 
 
 @contextlib.contextmanager
@@ -114,29 +165,13 @@ def nll(model: nn.Module, windows: torch.Tensor, kv: KVCacheConfig | None = None
                              batch_size=batch_size).nll
 
 
-def head_removals(model: nn.Module, windows: torch.Tensor, ratios, batch_size: int = 4) -> dict[float, dict]:
-    """Query heads each pruning ratio removes (Taylor importance, whole GQA groups, global ranking)."""
-    out = {0.0: {}}
-    ratios = [r for r in ratios if r > 0]
-    if not ratios:
-        return out
-    cfg = HeadPruneConfig(importance="taylor", ratio=ratios[0], granularity="kv_group", batch_size=batch_size)
-    scores = HeadPruner(cfg).scores(model, calib_ids=windows, progress=False)
-    for r in ratios:
-        try:
-            out[r] = HeadPruner(HeadPruneConfig(importance="taylor", ratio=r, granularity="kv_group"))._select(model, scores)
-        except ValueError as e:  # e.g. the ratio rounds to no group on a small model
-            log.info("pruning ratio %s skipped: %s", r, e)
-    return out
-
-
 def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options: list[WeightOption], kv_options,
             ratios, *, kv_group: int = 64, kv_residual: int = 128, batch_size: int = 4,
             cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True) -> Sensitivities:
     """Measure (or load from the disk cache) every single-change NLL increase; see the module docstring."""
     settings = dict(units=[u.name for u in units], options=[o.name for o in options], kv=list(kv_options),
                     ratios=list(ratios), group=kv_group, residual=kv_residual,
-                    device=next(model.parameters()).device.type, version=2)
+                    device=next(model.parameters()).device.type, version=3)
     key = hashlib.sha256(json.dumps([tensor_fingerprint(model), ids_hash(windows), settings],
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir(cache) / f"{key}.json"
@@ -146,11 +181,14 @@ def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options:
         log.info("sensitivities loaded from %s", path)
         return s
     t0 = time.perf_counter()
-    removals = head_removals(model, windows, ratios, batch_size)
-    ratios = [r for r in ratios if r in removals]
+    ratios = [r for r in ratios if r > 0]
+    scores = pruning.taylor_scores(model, windows, batch_size) if ratios else []
+    orders = pruning.group_orders(model, scores) if ratios else []
+    taylor = pruning.taylor_levels(model, scores, ratios)
+    max_k = pruning.max_groups_per_layer(orders, ratios)
     n_kv = len(kv_options)
     n_layers = max(u.layer for u in units) + 1
-    total = 1 + len(units) * len(options) + n_layers * n_kv + len(ratios)
+    total = 1 + len(units) * len(options) + n_layers * n_kv + sum(max_k) + 2 * len(ratios)
     bar = tqdm(total=total, desc="sensitivity", unit="eval", disable=not progress)
 
     def run(kv=None):
@@ -187,19 +225,25 @@ def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options:
             bits[layer] = b
             row.append(run(KVCacheConfig(bits=tuple(bits), group_size=kv_group, residual_length=kv_residual)) - base)
         kv.append(row)
+    layer_prune = pruning.layer_costs(model, orders, max_k, run, base)
+    measured = pruning.measured_levels(orders, layer_prune, ratios)
+    levels = [(0.0, "none", {})]
+    for r in ratios:  # the measured split only where it differs from the Taylor ranking's
+        levels += [(r, m, rem[r]) for m, rem in (("taylor", taylor), ("measured", measured))
+                   if r in rem and (m == "taylor" or rem[r] != taylor.get(r))]
     prune = []
-    for r in ratios:
-        if not removals[r]:
+    for _, _, removed in levels:
+        if not removed:
             prune.append(0.0)
-            bar.update(1)
             continue
-        with mask_heads(model, removals[r]):
+        with mask_heads(model, removed):
             prune.append(run() - base)
+    bar.update(bar.total - bar.n)
     bar.close()
-    s = Sensitivities([u.name for u in units], [o.name for o in options], list(kv_options), list(ratios), base,
-                      weight, kv, prune, [removals[r] for r in ratios],
+    s = Sensitivities([u.name for u in units], [o.name for o in options], list(kv_options), [r for r, _, _ in levels],
+                      base, weight, kv, prune, [rem for _, _, rem in levels],
                       {"tokens": int(windows.numel()), "seq_len": int(windows.shape[1]), "sha256": ids_hash(windows)},
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, methods=[m for _, m, _ in levels], layer_prune=layer_prune)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ sum equals ``estimate_memory(...)`` of the assembled recipe exactly (tested).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -98,6 +98,8 @@ class LevelTables:
     body: dict[str, int]
     head: dict[str, int]
     head_unit: int | None = None
+    level: int = 0                     # index of the pruning level in the sensitivities
+    method: str = "none"               # "none", "taylor" (the library's head pruner) or "measured" (per-layer costs)
 
     def peak_terms(self, weights: int, kv: int, ws_body: int, ws_head: int) -> dict[str, int]:
         """The estimator's terms at the larger of the two moments (ties: the decoder layers, as it does)."""
@@ -119,7 +121,7 @@ def _module_bytes(mod: nn.Module, opt: WeightOption) -> int | None:
 
 def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption], kv_options, *, ratio: float,
                  removed: dict[int, list[int]], batch: int, context: int, group: int, residual: int,
-                 cuda: bool = True) -> LevelTables:
+                 cuda: bool = True, level: int = 0, method: str = "none") -> LevelTables:
     """Byte tables of ``meta`` (a meta-device model in the serving dtype, already pruned to this level)."""
     dtype = next(p.dtype for p in meta.parameters() if p.is_floating_point())
     cb = E.dtype_bytes(dtype)
@@ -149,4 +151,4 @@ def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption]
     body = {"activations": est.phases["prefill: decoder layers"] - wk, "logits": 0}
     head = {"activations": est.phases["prefill: lm_head"] - wk - lg, "logits": lg}
     head_unit = next((i for i, u in enumerate(units) if u.kind == "head"), None)
-    return LevelTables(ratio, removed, W, WS, kv, est.terms["weights"] - unit_float, body, head, head_unit)
+    return LevelTables(ratio, removed, W, WS, kv, est.terms["weights"] - unit_float, body, head, head_unit, level, method)

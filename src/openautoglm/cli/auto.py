@@ -30,6 +30,36 @@ def check_exclusive(budget, recipe, manual: dict) -> None:
         raise ValueError(f"{flag} chooses the whole recipe; drop {', '.join(given)} (or drop {flag})")
 
 
+def _items(text: str, flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{flag} {text!r} is empty; give a comma-separated list")
+    return items
+
+
+def search_space(schemes: str | None, kv_bits: str | None, prune: str | None) -> dict:
+    """``compress_to_budget`` keywords for the --search-* options (those given; validated there and here)."""
+    out: dict = {}
+    if schemes is not None:
+        out["schemes"] = tuple(_items(schemes, "--search-schemes"))
+    if kv_bits is not None:
+        bits = []
+        for x in _items(kv_bits, "--search-kv-bits"):
+            if x.lower() in ("none", "bf16", "fp16", "16"):
+                bits.append(None)
+            elif x in ("8", "4", "2"):
+                bits.append(int(x))
+            else:
+                raise ValueError(f"--search-kv-bits: {x!r}; accepted: none (full precision), 8, 4, 2")
+        out["kv_bits"] = tuple(bits)
+    if prune is not None:
+        try:
+            out["prune_ratios"] = tuple(float(x) for x in _items(prune, "--search-prune"))
+        except ValueError:
+            raise ValueError(f"--search-prune {prune!r}: fractions in [0, 1), e.g. 0,0.125,0.25") from None
+    return out
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -37,7 +67,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch: int, device: str, dtype: str,
-               headroom: float, budget_terms: str, calib_tokens: int, eval_tokens: int, report: bool) -> None:
+               headroom: float, budget_terms: str, calib_tokens: int, eval_tokens: int, report: bool,
+               verify_tokens: int = 8192, search: dict | None = None) -> None:
     from ..auto import compress_to_budget, parse_budget, save_recipe
 
     if context is None:
@@ -52,7 +83,7 @@ def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch
     console.print(f"searching the recipe for {fmt_bytes(budget_bytes)} at batch {batch} x context {context} ...")
     r = compress_to_budget(m, budget_bytes, context=context, batch=batch, tokenizer=tok, headroom=headroom,
                            budget_terms=BUDGET_TERMS[budget_terms], calib_tokens=calib_tokens, eval_tokens=eval_tokens,
-                           verify=report, measure_memory=report)
+                           verify_tokens=verify_tokens, verify=report, measure_memory=report, **(search or {}))
     path = m.save_pretrained(out, tokenizer=tok)
     save_recipe(r.recipe, Path(path) / "recipe.json")
     _write_json(Path(path) / "auto_result.json", r.to_dict())

@@ -117,7 +117,15 @@ def compress(
     budget_terms: str = typer.Option("all", "--budget-terms", help="--budget: what must fit: all, or weights+kv."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", min=2, help="--budget: calibration tokens."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", min=2, help="--budget: held-out tokens for the report."),
+    verify_tokens: int = typer.Option(8192, "--verify-tokens", min=2, help="--budget: fresh calibration tokens on "
+                                      "which the best candidates are verified together."),
     report: bool = typer.Option(True, "--report/--no-report", help="--budget: quality check, measured memory, report."),
+    search_schemes: str = typer.Option(None, "--search-schemes", help="--budget: weight options searched per layer "
+                                       "(comma list of bf16, w8, w8a8, w4g128, w4g64, w4g32; default all but w8a8)."),
+    search_kv_bits: str = typer.Option(None, "--search-kv-bits", help="--budget: KV widths searched per layer "
+                                       "(comma list of none, 8, 4, 2; default all)."),
+    search_prune: str = typer.Option(None, "--search-prune", help="--budget: head-pruning fractions searched "
+                                     "(comma list in [0, 1); default 0,0.125,0.25,0.375,0.5; 0 = no pruning)."),
 ) -> None:
     """Compress MODEL (prune, then quantize: each only when its options are given) and save a checkpoint that
     reloads without the recipe. Quantization runs only with --bits or --scheme; --budget searches the recipe
@@ -137,7 +145,8 @@ def compress(
             return auto.run_recipe(model, out, recipe=recipe, device=device, dtype=dtype)
         return auto.run_budget(model, out, budget=budget, context=context, batch=batch, device=device, dtype=dtype,
                                headroom=headroom, budget_terms=budget_terms, calib_tokens=calib_tokens,
-                               eval_tokens=eval_tokens, report=report)
+                               eval_tokens=eval_tokens, verify_tokens=verify_tokens, report=report, search=auto.search_space(
+                                   search_schemes, search_kv_bits, search_prune))
     bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
