@@ -158,6 +158,8 @@ def test_cli_budget_errors(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     for args, needle in cases:
         code = main(["compress", str(tiny_llama_dir), *args, "--out", out])
         assert code == 2 and needle in capsys.readouterr().err
+    code = main(["compress", str(tiny_llama_dir), "--budget", "1GiB", "--context", "64", "--out", str(tiny_llama_dir)])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err      # refused before loading, not clobbered
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = main(["compress", str(tiny_llama_dir), "--budget", "auto", "--context", "64", "--out", out])
     assert code == 2 and "no CUDA GPU" in capsys.readouterr().err

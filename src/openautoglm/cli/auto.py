@@ -39,9 +39,14 @@ def _items(text: str, flag: str) -> list[str]:
 
 def search_space(schemes: str | None, kv_bits: str | None, prune: str | None) -> dict:
     """``compress_to_budget`` keywords for the --search-* options (those given; validated there and here)."""
+    from ..auto.space import WEIGHT_OPTIONS
+
     out: dict = {}
     if schemes is not None:
         out["schemes"] = tuple(_items(schemes, "--search-schemes"))
+        bad = [x for x in out["schemes"] if x not in WEIGHT_OPTIONS]
+        if bad:
+            raise ValueError(f"--search-schemes: unknown weight options {bad}; accepted: {', '.join(WEIGHT_OPTIONS)}")
     if kv_bits is not None:
         bits = []
         for x in _items(kv_bits, "--search-kv-bits"):
@@ -68,7 +73,7 @@ def _write_json(path: Path, data) -> None:
 
 def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch: int, device: str, dtype: str,
                headroom: float, budget_terms: str, calib_tokens: int, eval_tokens: int, report: bool,
-               verify_tokens: int = 8192, search: dict | None = None) -> None:
+               verify_tokens: int = 8192, search: dict | None = None, overwrite: bool = False) -> None:
     from ..auto import compress_to_budget, parse_budget, save_recipe
 
     if context is None:
@@ -77,6 +82,7 @@ def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch
         raise ValueError(f"--budget-terms {budget_terms!r}; accepted: {', '.join(BUDGET_TERMS)}")
     dev = pick_device(device)
     budget_bytes = parse_budget(budget, device=dev)  # fails before any loading (auto without a GPU, bad sizes)
+    hub.check_output_dir(out, overwrite=overwrite, what="--out")
     t0 = time.perf_counter()
     m = hub.from_pretrained(model, dtype=dtype, device=dev)
     tok = hub.load_tokenizer(model)
@@ -84,7 +90,7 @@ def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch
     r = compress_to_budget(m, budget_bytes, context=context, batch=batch, tokenizer=tok, headroom=headroom,
                            budget_terms=BUDGET_TERMS[budget_terms], calib_tokens=calib_tokens, eval_tokens=eval_tokens,
                            verify_tokens=verify_tokens, verify=report, measure_memory=report, **(search or {}))
-    path = m.save_pretrained(out, tokenizer=tok)
+    path = hub.save_pretrained(m, out, tokenizer=tok, overwrite=overwrite)
     save_recipe(r.recipe, Path(path) / "recipe.json")
     _write_json(Path(path) / "auto_result.json", r.to_dict())
     if report:
@@ -103,18 +109,19 @@ def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch
     console.print(table(f"{model} -> {path} ({time.perf_counter() - t0:.0f} s)", ["", ""], rows))
 
 
-def run_recipe(model: str, out: Path, *, recipe: Path, device: str, dtype: str) -> None:
+def run_recipe(model: str, out: Path, *, recipe: Path, device: str, dtype: str, overwrite: bool = False) -> None:
     from ..auto import apply_recipe, load_recipe, save_recipe
     from ..memory.estimate import estimate_memory
 
     rec = load_recipe(recipe)
     dev = pick_device(device)
+    hub.check_output_dir(out, overwrite=overwrite, what="--out")
     t0 = time.perf_counter()
     m = hub.from_pretrained(model, dtype=dtype, device=dev)
     tok = hub.load_tokenizer(model)
     before = model_bytes(m)
     kv = apply_recipe(m, rec)
-    path = m.save_pretrained(out, tokenizer=tok)
+    path = hub.save_pretrained(m, out, tokenizer=tok, overwrite=overwrite)
     save_recipe(rec, Path(path) / "recipe.json")
     rows = [["weights", fmt_bytes(before), fmt_bytes(model_bytes(m))],
             ["KV cache", "", kv.label() if kv else "full precision"]]

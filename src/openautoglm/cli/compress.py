@@ -141,12 +141,14 @@ def compress(
         auto.check_exclusive(budget, recipe, {
             "--bits": bits, "--scheme": scheme, "--group-size": group_size, "--include": include, "--exclude": exclude,
             "--observer": observer, "--prune-heads": prune_heads, "--sparsity": sparsity, "--low-rank": low_rank})
+        search = auto.search_space(search_schemes, search_kv_bits, search_prune)
+        check_dtype(dtype)
         if recipe is not None:
-            return auto.run_recipe(model, out, recipe=recipe, device=device, dtype=dtype)
+            return auto.run_recipe(model, out, recipe=recipe, device=device, dtype=dtype, overwrite=overwrite)
         return auto.run_budget(model, out, budget=budget, context=context, batch=batch, device=device, dtype=dtype,
                                headroom=headroom, budget_terms=budget_terms, calib_tokens=calib_tokens,
-                               eval_tokens=eval_tokens, verify_tokens=verify_tokens, report=report, search=auto.search_space(
-                                   search_schemes, search_kv_bits, search_prune))
+                               eval_tokens=eval_tokens, verify_tokens=verify_tokens, report=report, search=search,
+                               overwrite=overwrite)
     bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
