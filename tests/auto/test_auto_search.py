@@ -76,3 +76,12 @@ def test_denoised_signals_are_monotone_in_bits_and_non_negative():
     assert w["bf16"] <= w["w8"] <= w["w4g32"] <= w["w4g64"] <= w["w4g128"]
     assert d.kv[0] == [0.0, 0.0, 0.00045, 0.00045] and d.prune == [0.0, 0.0]
     assert s.weight[0][3] == -0.0009                                   # the raw signals are kept for the report
+
+
+def test_shrinkage_trusts_signals_only_beyond_their_noise():
+    from openautoglm.auto.denoise import shrink
+
+    noisy, w = shrink([0.001, -0.001, 0.002, 0.0], [0.002] * 4)        # spread within the noise: all -> the mean
+    assert w == 0 and all(abs(v - 0.0005) < 1e-12 for v in noisy)
+    clear, w = shrink([0.05, 0.001, 0.002, 0.0, float("inf")], [0.0005] * 5)  # an outlier far above the noise
+    assert w > 0.99 and clear[0] > 0.049 and clear[-1] == float("inf")

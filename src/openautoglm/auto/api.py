@@ -68,6 +68,25 @@ def _windows(ids: torch.Tensor, tokens: int, seq: int, what: str) -> torch.Tenso
     return ids[: n * seq].view(n, seq)
 
 
+def _spread_windows(ids: torch.Tensor, tokens: int, seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``tokens // seq`` calibration windows spread evenly over ``ids`` (more documents than a contiguous run),
+    and verification windows spread over the slots left (None when none are left). Shapes ``(n, seq)``."""
+    slots = ids.numel() // seq
+    if slots < 1:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq}")
+    all_w = ids[: slots * seq].view(slots, seq)
+    n = max(1, min(tokens // seq, slots))
+    pick = sorted({round(i * (slots - 1) / max(n - 1, 1)) for i in range(n)}) if n > 1 else [0]
+    rest = [i for i in range(slots) if i not in set(pick)]
+    return all_w[pick], (all_w[rest] if rest else None)
+
+
+def _verify_windows(rest: torch.Tensor, tokens: int) -> torch.Tensor:
+    n = max(1, min(tokens // rest.shape[1], rest.shape[0]))
+    idx = sorted({round(i * (rest.shape[0] - 1) / max(n - 1, 1)) for i in range(n)}) if n > 1 else [0]
+    return rest[idx]
+
+
 def candidate_recipe(c: search.Candidate, units, options, kv_options, removed, *, kv_group, kv_residual,
                      prune_method: str = "taylor", **target) -> dict:
     """The recipe (list of configs) of candidate ``c``; ``removed``: its level's query heads per layer."""
@@ -126,7 +145,8 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     context, batch : the serving shape: KV cache of ``context`` tokens for ``batch`` sequences, prefill peak.
     tokenizer : needed for text (default: the tokenizer of the folder the model was loaded from).
     calib_text, eval_text : calibration / held-out text (default: the bundled held-out text's second / first half).
-    calib_tokens, eval_tokens : tokens of each used (windows of ``min(context, model context, 2048)``).
+    calib_tokens, eval_tokens : tokens of each used (windows of ``min(context, model context, 2048)``); the
+        calibration windows are spread evenly over the calibration text (more documents than a contiguous run).
     schemes : weight options per unit: bf16, w8, w8a8, w4g128, w4g64, w4g32.
     kv_bits : KV widths per layer (None = full precision, 8, 4, 2).
     prune_ratios : fractions of GQA groups removed; each is searched twice, as the library's head pruner removes it
@@ -183,11 +203,9 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
             raise ValueError("compress_to_budget needs tokenizer= (the model does not say where it was loaded from)")
         tokenizer = load_tokenizer(src)
     seq = min(context, int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
-    calib_ids = _token_ids(tokenizer, calib_text, "calib")
-    calib = _windows(calib_ids, calib_tokens, seq, "calibration")
-    rest = calib_ids[calib.numel():]
-    if rest.numel() >= seq:  # verify on text the signals were not measured on (no selection bias)
-        check = _windows(rest, verify_tokens, seq, "verification")
+    calib, rest = _spread_windows(_token_ids(tokenizer, calib_text, "calib"), calib_tokens, seq)
+    if rest is not None:  # verify on text the signals were not measured on (no selection bias)
+        check = _verify_windows(rest, verify_tokens)
     else:
         check = calib
         notes.append(f"the calibration text has no tokens beyond the {calib.numel()} the signals used: the shortlist "

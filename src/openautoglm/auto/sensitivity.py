@@ -9,8 +9,10 @@
   ``k`` least important groups alone; then each pruning level of :mod:`.pruning` (the library's global Taylor
   ranking, and the split with the least summed per-layer cost) measured as a whole.
 
-Results are cached on disk as JSON, keyed by a fingerprint of the model (config, tensor names, shapes and a
-strided sample of every tensor's values), of the calibration token ids and of the settings.
+Each signal comes with its standard error between the calibration windows (measured one window at a time),
+which :mod:`.denoise` uses to decide how far a unit's own figure can be trusted. Results are cached on disk as
+JSON, keyed by a fingerprint of the model (config, tensor names, shapes and a strided sample of every tensor's
+values), of the calibration token ids and of the settings.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Sensitivities:
     cached: bool = False
     methods: list[str] = field(default_factory=list)      # [level] "none", "taylor" or "measured"
     layer_prune: list[list[float]] = field(default_factory=list)  # [layer][k groups] cost of pruning it alone
+    weight_se: list[list[float]] = field(default_factory=list)    # standard errors (between calibration windows)
+    kv_se: list[list[float]] = field(default_factory=list)
 
     def method(self, level: int) -> str:
         """How pruning level ``level`` chose its heads: "none", "taylor" or "measured" (see :mod:`.pruning`)."""
@@ -68,19 +72,11 @@ class Sensitivities:
         return "none" if m == "none" else f"{self.ratios[level]:g} ({m})"
 
     def denoised(self) -> Sensitivities:
-        """A copy whose costs respect what is known to hold in expectation, for the search: no change lowers
-        the NLL (clamped at 0), and within a unit (or KV layer) fewer bits never cost less (pooled adjacent
-        violators over the options ordered by expected error). Single-change signals on a few thousand
-        tokens are noisy at the 1e-3 nats level; a knapsack left to itself buys the noise (a "free" w4 unit)."""
-        import copy
+        """The costs the search uses: shrunk towards each option's mean as far as the noise demands, clamped at
+        0 and monotone in bits (:func:`.denoise.denoised`)."""
+        from .denoise import denoised
 
-        out = copy.deepcopy(self)
-        w_order = sorted(range(len(self.options)), key=lambda i: PRECISION_ORDER.get(self.options[i], 99))
-        kv_order = sorted(range(len(self.kv_options)), key=lambda i: KV_ORDER.get(self.kv_options[i], 99))
-        out.weight = [_monotone(row, w_order) for row in self.weight]
-        out.kv = [_monotone(row, kv_order) for row in self.kv]
-        out.prune = [max(0.0, v) for v in self.prune]
-        return out
+        return denoised(self)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -94,29 +90,6 @@ class Sensitivities:
         d["removed"] = [{int(k): v for k, v in r.items()} for r in d["removed"]]
         d["weight"] = [[float("inf") if x is None else x for x in row] for row in d["weight"]]
         return cls(**d)
-
-
-# options from the least to the most expected error (weights, KV bits)
-PRECISION_ORDER = {"bf16": 0, "w8": 1, "w8a8": 2, "w4g32": 3, "w4g64": 4, "w4g128": 5}
-KV_ORDER = {None: 0, 8: 1, 4: 2, 2: 3}
-
-
-def _monotone(row: list[float], order: list[int]) -> list[float]:
-    """``row`` made non-decreasing (and >= 0) along ``order`` by pooling adjacent violators; inf stays inf."""
-    vals = [max(0.0, row[i]) for i in order if row[i] != float("inf")]
-    idx = [i for i in order if row[i] != float("inf")]
-    blocks: list[list[float]] = []  # [sum, count]
-    for v in vals:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            s, n = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += n
-    fitted = [b[0] / b[1] for b in blocks for _ in range(b[1])]
-    out = list(row)
-    for i, v in zip(idx, fitted):
-        out[i] = v
-    return out
 
 
 @contextlib.contextmanager
@@ -156,6 +129,11 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(base).expanduser() / "sensitivity"
 
 
+def nll_windows(model: nn.Module, windows: torch.Tensor, kv: KVCacheConfig | None = None) -> torch.Tensor:
+    """Mean NLL of each window of ``windows`` (n, seq_len), decoded through cache ``kv``: shape ``(n,)``."""
+    return torch.tensor([nll(model, w[None], kv, batch_size=1) for w in windows], dtype=torch.float64)
+
+
 def nll(model: nn.Module, windows: torch.Tensor, kv: KVCacheConfig | None = None, batch_size: int = 4) -> float:
     """Mean NLL of ``windows`` (n, seq_len) as decoded through cache ``kv`` (None: full precision)."""
     if kv is None:
@@ -171,7 +149,7 @@ def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options:
     """Measure (or load from the disk cache) every single-change NLL increase; see the module docstring."""
     settings = dict(units=[u.name for u in units], options=[o.name for o in options], kv=list(kv_options),
                     ratios=list(ratios), group=kv_group, residual=kv_residual,
-                    device=next(model.parameters()).device.type, version=3)
+                    device=next(model.parameters()).device.type, version=4)
     key = hashlib.sha256(json.dumps([tensor_fingerprint(model), ids_hash(windows), settings],
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir(cache) / f"{key}.json"
@@ -191,40 +169,56 @@ def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options:
     total = 1 + len(units) * len(options) + n_layers * n_kv + sum(max_k) + 2 * len(ratios)
     bar = tqdm(total=total, desc="sensitivity", unit="eval", disable=not progress)
 
-    def run(kv=None):
-        v = nll(model, windows, kv, batch_size)
+    n_win = windows.shape[0]
+
+    def run_windows(kv=None) -> torch.Tensor:
+        v = nll_windows(model, windows, kv)
         bar.update(1)
         return v
 
-    base = run()
-    weight = []
+    def signal(kv=None) -> tuple[float, float]:
+        """(mean NLL increase, its standard error between windows; 0 with one window)."""
+        d = run_windows(kv) - base_w
+        return float(d.mean()), (float(d.std(unbiased=True)) / n_win**0.5 if n_win > 1 else 0.0)
+
+    def run(kv=None) -> float:
+        return float(run_windows(kv).mean())
+
+    base_w = run_windows()
+    base = float(base_w.mean())
+    weight, weight_se = [], []
     for u in units:
-        row = []
+        row, ses = [], []
         for o in options:
-            if o.scheme is None:
-                row.append(0.0)
-                bar.update(1)
-                continue
-            unsupported = [n for n in u.modules if LINEAR_CLASSES[o.scheme].supports(model.get_submodule(n), o.config([n]))]
-            if unsupported:
-                row.append(float("inf"))
+            unsupported = o.scheme is not None and [
+                n for n in u.modules if LINEAR_CLASSES[o.scheme].supports(model.get_submodule(n), o.config([n]))]
+            if o.scheme is None or unsupported:
+                row.append(0.0 if o.scheme is None else float("inf"))
+                ses.append(0.0)
                 bar.update(1)
                 continue
             with swapped(model, {n: o for n in u.modules}):
-                row.append(run() - base)
+                d, se = signal()
+            row.append(d)
+            ses.append(se)
         weight.append(row)
-    kv = []
+        weight_se.append(ses)
+    kv, kv_se = [], []
     for layer in range(n_layers):
-        row = []
+        row, ses = [], []
         for b in kv_options:
             if b is None:
                 row.append(0.0)
+                ses.append(0.0)
                 bar.update(1)
                 continue
             bits = [None] * n_layers
             bits[layer] = b
-            row.append(run(KVCacheConfig(bits=tuple(bits), group_size=kv_group, residual_length=kv_residual)) - base)
+            d, se = signal(KVCacheConfig(bits=tuple(bits), group_size=kv_group, residual_length=kv_residual))
+            row.append(d)
+            ses.append(se)
         kv.append(row)
+        kv_se.append(ses)
     layer_prune = pruning.layer_costs(model, orders, max_k, run, base)
     measured = pruning.measured_levels(orders, layer_prune, ratios)
     levels = [(0.0, "none", {})]
@@ -243,7 +237,8 @@ def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options:
     s = Sensitivities([u.name for u in units], [o.name for o in options], list(kv_options), [r for r, _, _ in levels],
                       base, weight, kv, prune, [rem for _, _, rem in levels],
                       {"tokens": int(windows.numel()), "seq_len": int(windows.shape[1]), "sha256": ids_hash(windows)},
-                      time.perf_counter() - t0, methods=[m for _, m, _ in levels], layer_prune=layer_prune)
+                      time.perf_counter() - t0, methods=[m for _, m, _ in levels], layer_prune=layer_prune,
+                      weight_se=weight_se, kv_se=kv_se)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
