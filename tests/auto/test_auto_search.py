@@ -85,3 +85,23 @@ def test_shrinkage_trusts_signals_only_beyond_their_noise():
     assert w == 0 and all(abs(v - 0.0005) < 1e-12 for v in noisy)
     clear, w = shrink([0.05, 0.001, 0.002, 0.0, float("inf")], [0.0005] * 5)  # an outlier far above the noise
     assert w > 0.99 and clear[0] > 0.049 and clear[-1] == float("inf")
+
+
+def test_choose_keeps_the_uniform_recipe_unless_the_gain_beats_the_noise():
+    import torch
+
+    from openautoglm.auto.plan import choose
+    from openautoglm.auto.search import Candidate
+
+    mixed = Candidate(0.0, (1, 2), (0,), 100, 0.001)
+    uni = Candidate(0.0, (1, 1), (0,), 110, 0.002, kind="uniform", label="w8 + KV bf16 + prune 0")
+    runs = {mixed.key(): torch.tensor([0.010, 0.002, 0.006, 0.001]),   # mean 0.00475
+            uni.key(): torch.tensor([0.008, 0.003, 0.007, 0.002])}     # mean 0.0050: a gain well within the noise
+    for c in (mixed, uni):
+        c.measured = float(runs[c.key()].mean())
+    pick, why = choose([mixed, uni], runs)
+    assert pick is uni and "within 2 standard errors" in why
+    runs[uni.key()] = runs[mixed.key()] + torch.tensor([0.004, 0.005, 0.004, 0.005])   # a consistent gain
+    uni.measured = float(runs[uni.key()].mean())
+    pick, why = choose([mixed, uni], runs)
+    assert pick is mixed and "beats the best uniform" in why

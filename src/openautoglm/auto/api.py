@@ -6,7 +6,8 @@
 3. the knapsack optimum per pruning level under the budget, every uniform recipe, and the trade-off curve
    (:mod:`.search`, :mod:`.plan`); nothing fits -> :class:`BudgetError` naming the smallest budget that does;
 4. the ``top_k`` best-predicted candidates that fit (mixed recipes and the best uniform ones) measured together on
-   *fresh* verification text, as decoded through their cache; the lowest measured NLL is the pick;
+   *fresh* verification text, as decoded through their cache; the lowest measured NLL is the pick, but a mixed
+   recipe must beat the best uniform one by more than ``pick_margin`` standard errors (:func:`.plan.choose`);
 5. the pick applied in place (:func:`.recipe.apply_recipe`), its memory re-estimated and measured, and its
    quality checked against the original on held-out text (:mod:`.quality`).
 """
@@ -29,10 +30,11 @@ from ..prune.heads import mask_heads
 from . import search
 from .budget import parse_budget
 from .plan import plan
+from .plan import choose
 from .plan import shortlist as plan_shortlist
 from .recipe import apply_recipe, make_recipe
 from .result import AutoResult
-from .sensitivity import measure, nll, swapped
+from .sensitivity import measure, nll_windows, swapped
 from .space import BUDGET_TERMS, KV_OPTIONS, PRUNE_LEVELS, WEIGHT_OPTIONS, find_units
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                        calib_text: str | None = None, calib_tokens: int = 4096, eval_text: str | None = None,
                        eval_tokens: int = 8192, schemes=DEFAULT_SCHEMES, kv_bits=KV_OPTIONS, prune_ratios=PRUNE_LEVELS,
                        budget_terms=BUDGET_TERMS, headroom: float = 0.03, device: str | None = None,
-                       top_k: int = 5, verify_tokens: int = 8192, kv_group_size: int = 64, kv_residual: int = 128,
+                       top_k: int = 5, verify_tokens: int = 8192, pick_margin: float = 2.0, kv_group_size: int = 64, kv_residual: int = 128,
                        measure_dtype="auto", verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
                        new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True) -> AutoResult:
     """Compress ``model`` in place to the recipe with the least quality loss whose inference memory at
@@ -158,6 +160,8 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
         default: where ``model`` is.
     top_k : candidates verified together before the pick: the best-predicted mixed recipes and (up to two) the
         best-predicted uniform recipes that fit.
+    pick_margin : a mixed recipe is picked over the best verified uniform one only when it beats it by more than
+        this many standard errors of their paired per-window difference on the verification text.
     verify_tokens : tokens of the verification text: the calibration text after the ``calib_tokens`` the
         signals were measured on (fresh text: picking on the signals' own text would reward their noise).
     measure_dtype : dtype of the sensitivity and verification forwards: ``"auto"`` = float32 for a half-precision
@@ -224,14 +228,18 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     shortlist = plan_shortlist(p, signals, terms, n_auto=top_k - n_uniform, n_uniform=n_uniform)
     t_search = time.perf_counter()
     removed_of = sens.removed
-    check_base = sens.base_nll if check is calib else nll(work, check)
+    check_base_w = nll_windows(work, check)
+    check_base = float(check_base_w.mean())
+    per_window = {}
     for c in tqdm(shortlist, desc="verifying", unit="recipe", disable=not progress):  # together, through each cache
         bits = tuple(kv_options[b] for b in c.kv)
         kv = KVCacheConfig(bits=bits, group_size=kv_group_size, residual_length=kv_residual)
         with _applied(work, c, units, options, removed_of[c.level]):
-            c.measured = nll(work, check, kv) - check_base
+            per_window[c.key()] = nll_windows(work, check, kv) - check_base_w
+        c.measured = float(per_window[c.key()].mean())
         log.info("verified %s: predicted %+.4f, measured %+.4f nats", c.label or c.kind, c.predicted, c.measured)
-    pick = min(shortlist, key=lambda c: (c.measured, c.bytes))
+    pick, why = choose(shortlist, per_window, pick_margin)
+    log.info("pick: %s", why)
     del work
     target = {"budget": budget_bytes, "context": context, "batch": batch, "budget_terms": list(terms),
               "headroom": headroom, "device": device}
@@ -263,7 +271,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     measured = quality.measure_memory(model, kv, batch=batch, context=context) if measure_memory else None
     seconds = {"sensitivity": sens.seconds, "search_and_verify": time.perf_counter() - t_search,
                "total": time.perf_counter() - t_start, "apply_and_evaluate": time.perf_counter() - t_apply}
-    return AutoResult(recipe=recipe, budget=budget_bytes, verify_base_nll=check_base,
+    return AutoResult(recipe=recipe, budget=budget_bytes, verify_base_nll=check_base, selection=why,
                       verify_tokens=int(check.numel()), fit=p.fit, context=context, batch=batch, budget_terms=terms, pick=pick,
                       auto=auto, uniform=uniform, front=front, shortlist=shortlist, smallest=smallest, units=units,
                       options=names, kv_options=kv_options, sensitivities=sens, estimate_before=before,

@@ -82,3 +82,26 @@ def shortlist(p: Plan, sens: Sensitivities, terms, n_auto: int = 3, n_uniform: i
     auto = sorted(pool.values(), key=lambda c: c.predicted)[:n_auto]
     fitting = sorted((c for c in p.uniform if c.bytes <= p.fit), key=lambda c: c.predicted)
     return auto + [c for c in fitting if c.key() not in pool][:n_uniform]
+
+
+def choose(shortlist: list[search.Candidate], per_window: dict, margin: float = 2.0) -> tuple[search.Candidate, str]:
+    """The pick among verified candidates, and why.
+
+    ``per_window[c.key()]``: each verification window's NLL increase, shape ``(n,)``. The lowest mean wins, except
+    that a mixed recipe must beat the best verified uniform recipe by more than ``margin`` standard errors of
+    their paired per-window difference: a gain the verification cannot tell from noise does not justify a
+    per-layer recipe over a uniform one (and the additive model's errors go the other way as often)."""
+    best = min(shortlist, key=lambda c: (c.measured, c.bytes))
+    uniform = [c for c in shortlist if c.kind == "uniform"]
+    if best.kind == "uniform" or not uniform:
+        return best, f"lowest verified NLL ({best.measured:+.5f} nats)"
+    u = min(uniform, key=lambda c: (c.measured, c.bytes))
+    d = per_window[u.key()] - per_window[best.key()]
+    n = d.numel()
+    se = float(d.std(unbiased=True)) / n**0.5 if n > 1 else 0.0
+    gain = float(d.mean())
+    if gain > margin * se:
+        return best, (f"beats the best uniform recipe ({u.label}) by {gain:.5f} nats, more than {margin:g} standard "
+                      f"errors ({se:.5f}) of the paired difference over {n} verification windows")
+    return u, (f"the best mixed recipe beat the best uniform one ({u.label}) by {gain:+.5f} nats, within {margin:g} "
+               f"standard errors ({se:.5f}) over {n} verification windows: the uniform recipe is kept")

@@ -27,7 +27,8 @@ def _blocks(r: AutoResult, images: dict[str, str], title: str) -> list[tuple]:
     q, p, m = r.quality, r.pick, r.measured
     budgeted = " + ".join(t.replace("_", " ") for t in r.budget_terms)
     rows = [["budget", f"{fmt_bytes(r.budget)} ({budgeted}) at batch {r.batch} x context {r.context}"],
-            ["pick", r.describe(p)],
+            ["pick", r.describe(p) + (f" ({p.label})" if p.kind == "uniform" and p.label else "")],
+            ["why", r.selection],
             ["estimated memory", f"{fmt_bytes(p.bytes)} ({100 * p.bytes / r.budget:.1f}% of the budget)"]]
     if m:
         rows.append(["measured peak", f"{fmt_bytes(m['peak'])} on {m['device']}"

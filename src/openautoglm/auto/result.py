@@ -39,6 +39,7 @@ class AutoResult:
     seconds: dict = field(default_factory=dict)
     verify_base_nll: float | None = None  # the original's NLL on the verification text (None: the calibration's)
     verify_tokens: int | None = None
+    selection: str = ""                   # why the pick was chosen among the verified candidates
 
     @property
     def kv_config(self):
@@ -73,6 +74,7 @@ class AutoResult:
             "pick": self.describe(self.pick), "estimated_bytes": self.pick.bytes,
             "estimated_terms": self.pick.terms, "measured": self.measured,
             "verification_perplexity": self.perplexity(self.pick), "verification_tokens": self.verify_tokens,
+            "selection": self.selection,
             "heldout_perplexity": q.get("perplexity"),
             "heldout_perplexity_original": q.get("perplexity_original"), "bleu4": q.get("bleu4"),
             "attention_cosine": q.get("attention_cosine"), "seconds": self.seconds, "notes": self.notes,
