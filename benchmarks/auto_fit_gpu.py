@@ -63,7 +63,8 @@ def _resample(rows: list[list[float]], n: int) -> list[list[float]]:
 
 
 def synthetic_sensitivities(units, options, kv_options, n_layers: int):
-    """The bundled model's measured sensitivities (latest cache entry with these options), resampled."""
+    """The bundled model's sensitivities (latest cache entry with these options) as the search uses them (shrunk,
+    clamped, monotone: ``denoised``), resampled to ``n_layers``."""
     from openautoglm.auto.sensitivity import Sensitivities, cache_dir
 
     names = [o.name for o in options]
@@ -75,6 +76,7 @@ def synthetic_sensitivities(units, options, kv_options, n_layers: int):
     if src is None:
         print("no bundled-model sensitivities in benchmarks/.cache (run benchmarks/auto_bench.py): using a formula")
         return formula_sensitivities(units, names, kv_options, n_layers)
+    src = src.denoised()
     attn = _resample([r for u, r in zip(src.units, src.weight) if u.endswith(".attn")], n_layers)
     mlp = _resample([r for u, r in zip(src.units, src.weight) if u.endswith(".mlp")], n_layers)
     kv = _resample(src.kv, n_layers)
@@ -83,9 +85,9 @@ def synthetic_sensitivities(units, options, kv_options, n_layers: int):
     f = len(src.kv) / n_layers
     weight = [[v * f for v in (attn if u.kind == "attn" else mlp)[u.layer]] if u.layer >= 0 else
               [0.0] + [2 * max(r[i] for r in mlp) for i in range(1, len(names))] for u in units]
+    what = f"the bundled model's measured per-layer profile (denoised) resampled to {n_layers} layers"
     return Sensitivities([u.name for u in units], names, list(kv_options), [0.0], src.base_nll, weight,
-                         [[v * f for v in row] for row in kv], [0.0], [{}], {"synthetic": f"the bundled model's measured per-layer profile resampled to {n_layers} layers",
-                          "from": src.calibration})
+                         [[v * f for v in row] for row in kv], [0.0], [{}], {"synthetic": what, "from": src.calibration})
 
 
 def formula_sensitivities(units, names, kv_options, n_layers: int):
