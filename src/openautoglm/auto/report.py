@@ -41,8 +41,9 @@ def _blocks(r: AutoResult, images: dict[str, str], title: str) -> list[tuple]:
         if "attention_cosine" in q:
             a = q["attention_cosine"]
             rows.append(["attention-score cosine (mean / min)", f"{a['mean']:.4f} / {a['min']:.4f}"])
-    rows.append(["time", f"{r.seconds.get('total', 0):.0f} s (sensitivities {r.sensitivities.seconds:.0f} s"
-                         + (", from cache" if r.sensitivities.cached else "") + ")"])
+    sens_time = (f"sensitivities read from the disk cache (measured once in {r.sensitivities.seconds:.0f} s)"
+                 if r.sensitivities.cached else f"of which sensitivities {r.sensitivities.seconds:.0f} s")
+    rows.append(["time", f"{r.seconds.get('total', 0):.0f} s ({sens_time})"])
     out = [("h1", title), ("table", ["", ""], rows)]
     out += [("h2", "Memory"), ("img", images.get("memory"), "memory before and after")]
     est = r.estimate_after.terms
@@ -66,8 +67,9 @@ def _blocks(r: AutoResult, images: dict[str, str], title: str) -> list[tuple]:
     vbase = f"{math.exp(r.verify_base_nll):.3f}" if r.verify_base_nll is not None else f"{base:.3f}"
     out.append(("p", f"Perplexity of the original: {base:.3f} on the calibration text "
                      f"({r.sensitivities.calibration.get('tokens')} tokens, where the signals were measured), {vbase} on "
-                     f"the verification text ({r.verify_tokens} tokens). Predictions use the signals clamped at 0 and "
-                     f"made monotone in bits. {len(r.uniform)} uniform recipes were enumerated, "
+                     f"the verification text ({r.verify_tokens} tokens). Predictions use the signals shrunk towards "
+                     "each option's mean as far as their noise demands, clamped at 0 and made monotone in bits. "
+                     f"{len(r.uniform)} uniform recipes were enumerated, "
                      f"{sum(c.bytes <= r.budget for c in r.uniform)} fit; the best-predicted that fits: "
                      + (f"{bu.label} ({fmt_bytes(bu.bytes)})." if bu else "none.")
                      + f" The smallest recipe of the search space needs {fmt_bytes(r.smallest.bytes)}."))
