@@ -113,7 +113,7 @@ def main() -> None:
         for c in pool.values():
             removed = r.sensitivities.removed[c.level]
             rec = candidate_recipe(c, r.units, [WEIGHT_OPTIONS[n] for n in r.options], r.kv_options, removed,
-                                   kv_group=64, kv_residual=128)
+                                   kv_group=64, kv_residual="auto")
             p = heldout(rec, eval_ids, dtype)
             uniform.append({"recipe": c.label, "bytes": c.bytes, "heldout_perplexity": p,
                             "predicted_calibration_perplexity": r.perplexity(c, False)})

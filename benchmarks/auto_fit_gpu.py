@@ -135,12 +135,12 @@ def do_plan(args) -> Path:
     budget = parse_budget(args.budget)
     device = args.device or ("cpu" if args.tiny else "cuda")
     p = plan(meta, sens.denoised(), units, options, list(KV_OPTIONS), budget, context=args.context, batch=args.batch,
-             terms=BUDGET_TERMS, headroom=args.headroom, device=device, kv_group=64, kv_residual=128)
+             terms=BUDGET_TERMS, headroom=args.headroom, device=device, kv_group=64, kv_residual="auto")
     pick = min(p.auto, key=lambda c: c.predicted)
     target = {"budget": budget, "context": args.context, "batch": args.batch, "budget_terms": list(BUDGET_TERMS),
               "headroom": args.headroom, "device": device, "shape": SHAPE_TINY if args.tiny else SHAPE_7B,
               "sensitivities": sens.calibration}
-    rec = candidate_recipe(pick, units, options, list(KV_OPTIONS), {}, kv_group=64, kv_residual=128, **target)
+    rec = candidate_recipe(pick, units, options, list(KV_OPTIONS), {}, kv_group=64, kv_residual="auto", **target)
     kvb = [KV_OPTIONS[b] for b in pick.kv]
     est = estimate_memory(meta, quantization=[st["config"] for st in rec["steps"] if st["type"] == "quantize"] or None,
                           kv_dtype=kvb, batch=args.batch, seq_len=args.context, device=device)

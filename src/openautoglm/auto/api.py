@@ -135,7 +135,7 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                        calib_text: str | None = None, calib_tokens: int = 4096, eval_text: str | None = None,
                        eval_tokens: int = 8192, schemes=DEFAULT_SCHEMES, kv_bits=KV_OPTIONS, prune_ratios=PRUNE_LEVELS,
                        budget_terms=BUDGET_TERMS, headroom: float = 0.03, device: str | None = None,
-                       top_k: int = 5, verify_tokens: int = 8192, pick_margin: float = 2.0, kv_group_size: int = 64, kv_residual: int = 128,
+                       top_k: int = 5, verify_tokens: int = 8192, pick_margin: float = 2.0, kv_group_size: int = 64, kv_residual: int | str = "auto",
                        measure_dtype="auto", verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
                        new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True) -> AutoResult:
     """Compress ``model`` in place to the recipe with the least quality loss whose inference memory at

@@ -34,7 +34,7 @@ def kv_name(b) -> str:
 
 def plan(model: nn.Module, sens: Sensitivities, units: list[Unit], options: list[WeightOption], kv_options: list,
          budget: int, *, context: int, batch: int, terms, headroom: float, device: str, kv_group: int,
-         kv_residual: int, dtype: torch.dtype | None = None) -> Plan:
+         kv_residual: int | str, dtype: torch.dtype | None = None) -> Plan:
     """Candidates for ``budget`` bytes (see module docstring); raises :class:`BudgetError` when none fits."""
     dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     fit = int(budget * (1 - headroom))

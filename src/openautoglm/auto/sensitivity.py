@@ -144,7 +144,7 @@ def nll(model: nn.Module, windows: torch.Tensor, kv: KVCacheConfig | None = None
 
 
 def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options: list[WeightOption], kv_options,
-            ratios, *, kv_group: int = 64, kv_residual: int = 128, batch_size: int = 4,
+            ratios, *, kv_group: int = 64, kv_residual: int | str = "auto", batch_size: int = 4,
             cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True) -> Sensitivities:
     """Measure (or load from the disk cache) every single-change NLL increase; see the module docstring."""
     settings = dict(units=[u.name for u in units], options=[o.name for o in options], kv=list(kv_options),

@@ -120,7 +120,7 @@ def _module_bytes(mod: nn.Module, opt: WeightOption) -> int | None:
 
 
 def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption], kv_options, *, ratio: float,
-                 removed: dict[int, list[int]], batch: int, context: int, group: int, residual: int,
+                 removed: dict[int, list[int]], batch: int, context: int, group: int, residual: int | str,
                  cuda: bool = True, level: int = 0, method: str = "none") -> LevelTables:
     """Byte tables of ``meta`` (a meta-device model in the serving dtype, already pruned to this level)."""
     dtype = next(p.dtype for p in meta.parameters() if p.is_floating_point())

@@ -1,9 +1,10 @@
 """Decode-exact emulation of a KIVI cache in one teacher-forced forward pass.
 
 Fed one token at a time, a :class:`~.stores.QuantStore` shows the query at position ``t`` the keys and values of
-positions ``s < n_q(t) = max(0, (t - r) // g) * g`` dequantized from their blocks (keys per channel over blocks of
+positions ``s < n_q(t) = max(0, (t + 1 - r) // g) * g`` dequantized from their blocks (keys per channel over blocks of
 ``g`` tokens, values per token in groups of ``min(g, head_dim)`` channels, both blocks aligned from position 0) and
-every later position exactly (the full-precision tail of ``r`` to ``r + g - 1`` tokens and the token itself).
+every later position exactly (the full-precision tail of ``r`` to ``r + g - 1`` tokens, the token itself included:
+a decode token is stored first, and a window that reaches ``r + g`` flushes its oldest block before attention).
 :func:`kivi_emulation` computes that attention for all positions at once: both score matrices (exact and
 dequantized keys) are formed and mixed by ``s < n_q(t)``, and the probabilities weight the exact or dequantized
 values the same way. The result equals a token-by-token decode through the real cache (tested), at the cost of
@@ -43,7 +44,7 @@ def _attention(bits: int, group: int, residual: int):
         key, kq, value, vq = (x.index_select(1, idx) for x in (key, kq, value, vq))
         scaling = scaling if scaling is not None else d ** -0.5
         pos = torch.arange(T, device=query.device)
-        n_q = ((pos - residual).clamp_min(0) // group) * group
+        n_q = ((pos + 1 - residual).clamp_min(0) // group) * group
         out = torch.empty_like(query)
         step = max(1, (1 << 24) // max(1, b * hq * S))  # query rows per block: about 16M scores at a time
         for q0 in range(0, T, step):
@@ -60,15 +61,20 @@ def _attention(bits: int, group: int, residual: int):
 
 
 @contextlib.contextmanager
-def kivi_emulation(model: nn.Module, layer_bits: dict[int, int], group_size: int = 64, residual_length: int = 128):
+def kivi_emulation(model: nn.Module, layer_bits: dict[int, int], group_size: int = 64,
+                   residual_length: int | str = 128, context: int | None = None):
     """Inside the block, layers ``{layer: bits}`` attend as if reading a KIVI cache token by token (see module
-    docstring); other layers are untouched. Use it for teacher-forced forwards without a cache."""
+    docstring); other layers are untouched. Use it for teacher-forced forwards without a cache.
+    ``residual_length="auto"`` is sized per layer to ``context`` as the real cache does (``resolve_residual``)."""
+    from .quantized import resolve_residual
+
     attns = dict(_hf.attention_modules(model))
     with contextlib.ExitStack() as stack:
         for layer, bits in layer_bits.items():
             if bits is not None:
                 packing._check_bits(bits)
-                stack.enter_context(_hf.override_attention(attns[layer], _attention(bits, group_size, residual_length)))
+                r = resolve_residual(residual_length, group_size, context, bits)
+                stack.enter_context(_hf.override_attention(attns[layer], _attention(bits, group_size, r)))
         yield model
 
 
@@ -89,5 +95,5 @@ def decode_perplexity(model: nn.Module, kv=None, *, token_ids: torch.Tensor, seq
     from ..evaluate import perplexity
 
     g, r = (kv.group_size, kv.residual_length) if kv is not None else (64, 128)
-    with kivi_emulation(model, layer_bits_of(kv, len(_hf.decoder_layers(model))), g, r):
+    with kivi_emulation(model, layer_bits_of(kv, len(_hf.decoder_layers(model))), g, r, context=seq_len):
         return perplexity(model, token_ids=token_ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
