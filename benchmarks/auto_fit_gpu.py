@@ -186,6 +186,9 @@ def do_run(args, recipe: Path) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        if args.cap:  # from here on the allocator may hold no more than the budget: a GPU of exactly that size
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(tgt["budget"] / total, torch.cuda.current_device() if dev.index is None else dev.index)
     kvb = list(kv.bits) if kv is not None and isinstance(kv.bits, tuple) else None
     est = estimate_memory(model, batch=tgt["batch"], seq_len=tgt["context"], kv_dtype=kvb, device=dev.type)
     print(f"built {t_build:.1f} s, recipe applied {t_apply:.1f} s, weights {model_bytes(model) / 2**30:.3f} GiB; "
@@ -212,6 +215,8 @@ def do_run(args, recipe: Path) -> dict:
         "seconds": {"build": t_build, "apply": t_apply, "prefill_decode": time.perf_counter() - t1},
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "kv_compile": os.environ.get("OPENAUTOGLM_KV_COMPILE"),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "memory_cap": tgt["budget"] if args.cap and dev.type == "cuda" else None,
         "git_commit": git_commit(), "planned_at_commit": (rec.get("planned_at") or {}).get("commit"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -244,6 +249,8 @@ def main() -> None:
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="--plan: where it will run")
     ap.add_argument("--recipe-out", default=None, help="--plan: where the recipe goes")
     ap.add_argument("--out", default=None, help="--run: where the JSON goes (default $OUT/auto_fit_gpu.json)")
+    ap.add_argument("--cap", action="store_true", help="--run on CUDA: after loading, cap the caching allocator at the "
+                    "budget (torch.cuda.set_per_process_memory_fraction), as on a GPU of that size")
     args = ap.parse_args()
     if args.smoke:
         args.tiny, args.device, args.budget, args.context, args.batch = True, "cpu", "12MiB", 256, 2
