@@ -56,6 +56,7 @@ def test_pick_fits_by_estimate_and_by_measurement(auto_run):
     est = estimate_memory(model, batch=2, seq_len=128, device="cpu", kv_dtype=[r.kv_options[b] for b in r.pick.kv])
     assert abs(est.total - r.pick.bytes) <= 64          # the search's byte tables are the estimator's figures
     assert r.measured["peak"] <= budget                 # CPU: live tensor bytes of a real prefill + decode
+    assert r.measured["kv_cache"] == est.terms["kv_cache"]  # the real cache (window sized to the context) = estimate
     assert r.measured["weights"] == model_bytes(model) < r.estimate_before.terms["weights"]
     assert r.pick.measured is not None and r.pick in r.shortlist   # verified together on calibration text
 
@@ -202,3 +203,19 @@ def test_cli_budget_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     res = json.loads((out / "auto_result.json").read_text())
     assert res["estimated_bytes"] <= budget and set(res["pick_detail"]["weights"]) <= {"bf16", "w8"}
     assert load_recipe(out) == load_recipe(out / "recipe.json") == res["recipe"]
+
+
+@pytest.mark.parametrize("bits", [4, (8, 2, None, 4)])
+def test_measured_kv_is_the_estimate_with_the_auto_window(bits):
+    """measure_memory builds the cache for the served context ("auto" window: none at 256 tokens), as the
+    estimator sizes it; a cache built without the context would keep a 128-token bf16 window."""
+    from openautoglm.auto.quality import measure_memory
+    from openautoglm.kv import KVCacheConfig
+
+    model = tiny()
+    kv = KVCacheConfig(bits=bits)
+    m = measure_memory(model, kv, batch=2, context=256, decode_steps=2)
+    per_layer = [bits] * 4 if isinstance(bits, int) else list(bits)
+    est = estimate_memory(model, batch=2, seq_len=256, device="cpu",
+                          kv_dtype=["bf16" if b is None else f"int{b}" for b in per_layer])
+    assert m["kv_cache"] == est.terms["kv_cache"]

@@ -46,10 +46,15 @@ def test_inference_terms_by_hand():
     w_kv = e.terms["weights"] + e.terms["kv_cache"]
     assert e.phases["prefill: lm_head"] == w_kv + 200 * 128 * 2 + 8 * 200 + 2 * 8192 * 2  # final hidden + ids + logits
     full = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16").terms["kv_cache"]
-    e8 = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_dtype="int8").terms["kv_cache"]
+    e8 = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_dtype="int8",
+                         kv_residual=128).terms["kv_cache"]
     # openautoglm's KIVI store: 960 tokens in whole 64-token int8 blocks (keys: fp16 scale + min per block and
     # channel; values: per token and group of min(64, head_dim=16) channels), the 168 newest in bf16
     assert e8 == full * 168 // 1128 + 4 * 2 * 960 * (2 * 16 + 4 * 16 / 64 + 4 * 16 / 16)
+    # the default window is the caches' default, "auto": at most 1128 / 64 tokens in whole groups = none here,
+    # so 17 blocks (1088 tokens) are int8 and the 40 newest bf16
+    auto = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_dtype="int8").terms["kv_cache"]
+    assert auto == full * 40 // 1128 + 4 * 2 * 1088 * (2 * 16 + 4 * 16 / 64 + 4 * 16 / 16)
     shared = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", kv_shared_layers=2).terms["kv_cache"]
     assert shared == full // 2  # 2 of 4 layers reuse a neighbour's K/V
     tp2 = estimate_memory(CFG, mode="inference", seq_len=1128, dtype="bf16", tp_degree=2)

@@ -33,12 +33,12 @@ def test_per_layer_kv_bytes_match_the_cache():
     model = make_tiny_llama(0, torch.float32)
     bits = [8, 4, None, 2]
     ids = torch.randint(2, 8192, (2, 300), generator=torch.Generator().manual_seed(0))
-    cache = KVCacheConfig(bits=tuple(bits)).build(model.config)
+    cache = KVCacheConfig(bits=tuple(bits)).build(model.config, context=300)
     with torch.no_grad():
         _hf.forward_with_cache(model, ids, cache)
     est = estimate_memory(model, seq_len=300, batch=2, kv_dtype=bits)
     assert est.terms["kv_cache"] == cache.nbytes()
-    uniform = KVCacheConfig(bits=4).build(model.config)
+    uniform = KVCacheConfig(bits=4).build(model.config, context=300)
     with torch.no_grad():
         _hf.forward_with_cache(model, ids, uniform)
     assert estimate_memory(model, seq_len=300, batch=2, kv_dtype="int4").terms["kv_cache"] == uniform.nbytes()

@@ -103,7 +103,7 @@ def measure_memory(model: nn.Module, kv: KVCacheConfig | None, *, batch: int, co
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
     kv = kv or KVCacheConfig()
-    cache = kv.build(model.config)
+    cache = kv.build(model.config, context=context)  # the window "auto" sizes to the served context
     with MemoryProfiler(device=dev, model=model) as prof:
         out = _hf.forward_with_cache(model, ids[:, : context - decode_steps], cache, logits_to_keep=1)
         for s in range(context - decode_steps, context):

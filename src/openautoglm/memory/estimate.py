@@ -126,7 +126,7 @@ def estimate_memory(
     tp_degree: int = 1,
     logits: str | None = None,
     kv_group_size: int = 64,
-    kv_residual: int | str = 128,
+    kv_residual: int | str = "auto",
     kv_shared_layers: int = 0,
     kv_static: bool = False,
     device: str | torch.device | None = None,
@@ -157,7 +157,7 @@ def estimate_memory(
         Inference peaks either in the decoder layers or at ``lm_head`` (the logits come after the layers' transients
         are freed): a plain ``model(ids)`` forward returns every position's logits, so estimate it with ``"all"``.
     kv_group_size, kv_residual : quantized KV cache groups and full-precision recent window (KIVI-style;
-        ``"auto"``: sized to ``seq_len`` as ``openautoglm.kv`` does).
+        ``"auto"``, the default: sized to ``seq_len`` as ``openautoglm.kv``'s caches do by default).
     kv_static : the quantized cache is preallocated for ``seq_len`` tokens (compiled decode, ``Generator(kv=...)``).
     kv_shared_layers : layers whose K/V blocks are freed by cross-layer KV sharing (they reuse a neighbour's).
     device : where training runs (default ``"cuda"``, or the optimizer's parameters' device): decides torch's
