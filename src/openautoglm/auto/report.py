@@ -41,7 +41,7 @@ def _blocks(r: AutoResult, images: dict[str, str], title: str) -> list[tuple]:
         if "attention_cosine" in q:
             a = q["attention_cosine"]
             rows.append(["attention-score cosine (mean / min)", f"{a['mean']:.4f} / {a['min']:.4f}"])
-    sens_time = (f"sensitivities read from the disk cache (measured once in {r.sensitivities.seconds:.0f} s)"
+    sens_time = (f"sensitivities read from the disk cache; measuring them took {r.sensitivities.seconds:.0f} s"
                  if r.sensitivities.cached else f"of which sensitivities {r.sensitivities.seconds:.0f} s")
     rows.append(["time", f"{r.seconds.get('total', 0):.0f} s ({sens_time})"])
     out = [("h1", title), ("table", ["", ""], rows)]
