@@ -17,7 +17,6 @@ import datetime
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,33 +27,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from openautoglm.kv import ops  # noqa: E402
 from openautoglm.kv.static_store import StaticQuantStore  # noqa: E402
+from quant_tune import copy_gbps  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from quant_tune import time_us as _graph_us  # noqa: E402
 
 
 def time_us(fns, reps: int = 7) -> float:
-    if not torch.cuda.is_available():
-        t = time.perf_counter()
-        for f in fns:
-            f()
-        return (time.perf_counter() - t) / len(fns) * 1e6
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    calls = max(len(fns), 20 // len(fns) * len(fns))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
+    """Median microseconds per call, the calls captured in one CUDA graph (quant_tune's harness)."""
+    return _graph_us(fns, torch.device("cuda" if torch.cuda.is_available() else "cpu"), reps)
 
 
 def make_store(bits, batch, hkv, d, ctx, dev, dtype):
@@ -115,10 +94,7 @@ def main() -> None:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "defaults": dict(ops.DECODE_CONFIG), "layer": f"{hkv} KV heads x {d}, 32 query heads, group 64, residual 128", "rows": []}
     if dev.type == "cuda":
-        a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-        b_ = torch.empty_like(a)
-        res["copy_GBps"] = 2 * a.numel() / time_us([lambda: b_.copy_(a)]) / 1e3
-        del a, b_
+        res["copy_GBps"] = copy_gbps(dev)
         print("copy GB/s", round(res["copy_GBps"]))
     for bits, ctx, batch in cases:
         per = store_bytes(make_store(bits, batch, hkv, d, ctx, dev, dtype)) if dev.type == "cuda" else 1
