@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from kv_bench_gpu import CHUNK, _kv, free_memory, share_pairs, sync
+from kv_bench_gpu import CHUNK, _kv, free_memory, seconds_per_step, share_pairs, sync
 
 def kv_config(kind: str, n_layers: int):
     from openautoglm.kv import KVCacheConfig
@@ -87,19 +87,8 @@ def generator_row(model, kind: str, batch: int, ctx: int, steps: int, device: st
     for _ in range(3):
         reset()
         sync()
-        if graph:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(steps):
-                st["graph"].replay()
-            b.record()
-            b.synchronize()
-            res.append(a.elapsed_time(b) / 1000 / steps)
-        else:
-            t = time.perf_counter()
-            for _ in range(steps):
-                gen._step(st, sample)
-            res.append((time.perf_counter() - t) / steps)
+        step = st["graph"].replay if graph else (lambda: gen._step(st, sample))
+        res.append(seconds_per_step(step, steps, graph))
     t = sorted(res)[1]
     row.update(ms_per_step=1000 * t, tokens_per_s=batch / t, steps=steps)
     kv_read = kv_bytes * (4 / 3 if kind.endswith("share25") else 1)  # shared layers read their source again

@@ -46,6 +46,22 @@ def sync():
         torch.cuda.synchronize()
 
 
+def seconds_per_step(step, steps: int, cuda: bool) -> float:
+    """Seconds per call of ``step()`` over ``steps`` calls: CUDA events on the GPU, wall time on the CPU."""
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            step()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1000 / steps
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
 def free_memory():
     gc.collect()
     if torch.cuda.is_available():
@@ -245,19 +261,7 @@ class Decoder:
             if self.kind != "hf-quanto-int4":
                 self.reset()
             sync()
-            if torch.cuda.is_available():
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(steps):
-                    self.replay()
-                b.record()
-                b.synchronize()
-                res.append(a.elapsed_time(b) / 1000 / steps)
-            else:
-                t = time.perf_counter()
-                for _ in range(steps):
-                    self.replay()
-                res.append((time.perf_counter() - t) / steps)
+            res.append(seconds_per_step(self.replay, steps, torch.cuda.is_available()))
         return sorted(res)[len(res) // 2]
 
     def check(self, n: int = 4) -> bool:
