@@ -82,7 +82,7 @@ def layer_bits_of(kv, n_layers: int) -> dict[int, int]:
     """``{layer: bits}`` of the quantized layers of a :class:`~.config.KVCacheConfig` (or None: none)."""
     if kv is None or kv.bits is None:
         return {}
-    if kv.share:
+    if kv.share or kv.share_layers:  # a silent emulation without the sharing would report the wrong perplexity
         raise ValueError("the KIVI emulation does not model cross-layer sharing; use kv.metrics.cached_perplexity")
     bits = kv.bits if isinstance(kv.bits, tuple) else (kv.bits,) * n_layers
     return {i: b for i, b in enumerate(bits) if b is not None}
