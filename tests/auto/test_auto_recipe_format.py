@@ -36,3 +36,6 @@ def test_bad_recipes(tmp_path):
         load_recipe(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="no such file"):
         load_recipe(tmp_path / "missing.json")
+    (tmp_path / "bad.yaml").write_text("format: [unclosed\n  steps: {")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")

@@ -81,7 +81,10 @@ def load_recipe(path: str | os.PathLike) -> dict:
             import yaml
         except ImportError:
             raise ImportError("reading a YAML recipe needs PyYAML: pip install pyyaml (or give the recipe as JSON)") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {p} is not valid YAML: {e}") from None
     else:
         try:
             data = json.loads(text)
