@@ -58,8 +58,9 @@ GROUPS = {"7b": [((4096, 4096, 4096), 4096), ((11008, 11008), 4096)],  # q/k/v a
 # (run 4, quant_speed_h100_run4_log.txt): 7B rows 25-30 s, model.generate 35-40 s, torchao int4 143 s at batch 1 and
 # 8 (its compiles and 0.9 s prefills), torchao int8 > 107 s.
 PLAN = [("model", "7b", "bf16", (1, 8), 30), ("model", "7b", "w4", (1, 8), 35), ("model", "7b", "w8", (1, 8), 28),
-        ("model", "7b", "w8a8", (1, 8), 25), ("gen", "7b", "bf16", (), 45), ("gen", "7b", "w4", (), 45),
-        ("gen", "7b", "w8", (), 45), ("model", "7b", "ao-int4wo", (1, 8), 145), ("model", "7b", "ao-int8wo", (1, 8), 130),
+        ("model", "7b", "w8a8", (1, 8), 25), ("model", "7b", "w4@nopdl", (1,), 12), ("model", "7b", "w8@nopdl", (1,), 12),
+        ("model", "7b", "bf16@sdpa", (1,), 12), ("model", "7b", "w4@sdpa", (1,), 12),
+        ("gen", "7b", "bf16", (), 60), ("gen", "7b", "w4", (), 60), ("gen", "7b", "w8", (), 60), ("model", "7b", "ao-int4wo", (1, 8), 145), ("model", "7b", "ao-int8wo", (1, 8), 130),
         ("model", "7b", "ao-fp8dq", (1, 8), 110),
         ("model", "1b", "bf16", (1, 8), 18), ("model", "1b", "w4", (1, 8), 18), ("model", "1b", "w8", (1, 8), 14),
         ("model", "1b", "w8a8", (1, 8), 14), ("model", "1b", "ao-int4wo", (1, 8), 45),
@@ -85,18 +86,42 @@ def _free(dev):
         torch.cuda.empty_cache()
 
 
+# Ablations: ``VARIANT@SWITCH`` runs VARIANT with one of the decode path's switches off (decode only, no prefill),
+# so the JSON says what each piece is worth in the same run.
+ABLATIONS = {"nopdl": ("openautoglm.quant.ops", "PDL", False),  # programmatic dependent launch of the GEMVs
+             "sdpa": ("openautoglm.generate", "DENSE_DECODE_KERNEL", False)}  # SDPA instead of our decode attention
+
+
+def _switch(name: str | None, value=None):
+    """Set ablation switch ``name`` (to its ablated value, or to ``value``); returns the previous value."""
+    if not name:
+        return None
+    import importlib
+
+    mod, attr, off = ABLATIONS[name]
+    m = importlib.import_module(mod)
+    prev = getattr(m, attr)
+    setattr(m, attr, off if value is None else value)
+    return prev
+
+
 def model_step(res, base, shape, variant, batches, dev, args, out):
     rows = res["models"].setdefault(shape, [])
     saved = _inductor_config()
     m = None
+    plain, _, ablate = variant.partition("@")
+    prev = None
     try:
-        m = base if variant == "bf16" else copy.deepcopy(base)
-        rows.append(decode_row(m, shape, variant, dev, args, batches, log,
-                               profile=(variant == "w4" and shape != "smoke" and dev.type == "cuda")))
+        prev = _switch(ablate)
+        m = base if plain == "bf16" else copy.deepcopy(base)
+        rows.append(decode_row(m, shape, variant, dev, args, batches, log, prefill=not ablate,
+                               profile=(variant in ("w4", "bf16") and shape != "smoke" and dev.type == "cuda")))
     except Exception as e:  # noqa: BLE001 - record and go on
         rows.append({"variant": variant, "error": repr(e)[:400]})
         log(shape, variant, "FAILED", traceback.format_exc()[-1500:])
     finally:
+        if ablate:
+            _switch(ablate, prev)
         _inductor_config(saved)
         del m
         torch._dynamo.reset()

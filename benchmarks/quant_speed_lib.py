@@ -50,11 +50,12 @@ def _prompt(batch, length, dev, vocab, seed):
     return torch.randint(0, vocab, (batch, length), device=dev, generator=g)
 
 
-def decode_row(model, shape, variant, dev, args, batches, log, profile=False) -> dict:
-    """Generator decode at ``batches``, prefill at ``args.prefill`` tokens, bytes, cosine vs bf16, peak memory."""
+def decode_row(model, shape, variant, dev, args, batches, log, profile=False, prefill=True) -> dict:
+    """Generator decode at ``batches``, prefill at ``args.prefill`` tokens (``prefill``), bytes, cosine vs bf16,
+    peak memory. ``variant`` may carry an ablation suffix (``w4@nopdl``): quantized as the part before ``@``."""
     r = {"variant": variant}
     t = time.time()
-    r["scheme"] = apply_variant(model, variant)
+    r["scheme"] = apply_variant(model, variant.partition("@")[0])
     sync()
     r["quantize_s"] = time.time() - t
     vocab = model.config.vocab_size
@@ -74,6 +75,11 @@ def decode_row(model, shape, variant, dev, args, batches, log, profile=False) ->
         log(shape, variant, f"b{b}", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r[f"decode_b{b}"].items()})
         if b == 1 and profile:
             r["profile_b1"] = profile_step(gen, log)
+    if not prefill:
+        del gen
+        if dev.type == "cuda":
+            r["peak_bytes"] = torch.cuda.max_memory_allocated()
+        return r
     pids = _prompt(1, args.prefill, dev, vocab, 3)
     pf = prefill_ms(gen, pids)
     r["prefill_ms"], r["prefill_runs"] = pf.pop("ms"), pf
@@ -187,10 +193,12 @@ def profile_step(gen: Generator, log, steps: int = 5) -> dict:
             continue
         us = e.device_time / steps if hasattr(e, "device_time") else e.cuda_time / steps
         n = e.name
-        kind = ("gemv w4/w8/fp8 (ours)" if "decode" in n else "gemv (old pairs kernel)" if "gemv_kernel" in n
-                else "lm_head / bf16 GEMM (cuBLAS)" if ("gemm" in n.lower() or "gemv" in n.lower() or "sm90" in n)
-                else "attention" if ("flash" in n.lower() or "attention" in n.lower() or "fmha" in n.lower())
-                else "inductor fused (norms, rope, residual, silu)" if n.startswith("triton_") else "other")
+        ln = n.lower()
+        kind = ("inductor fused (norms, rope, cache write, residual, silu)" if n.startswith("triton_")
+                else "gemv w4/w8/fp8 (ours)" if ("decode_kernel" in n or "decode_dot" in n or "gemv_kernel" in n)
+                else "attention" if ("flash" in ln or "attention" in ln or "fmha" in ln or "attn" in ln)
+                else "lm_head / bf16 GEMM (cuBLAS)" if ("gemm" in ln or "gemv" in ln or "sm90" in ln or "nvjet" in ln)
+                else "other")
         kinds[kind] += us
         names[n][0] += us
         names[n][1] += 1
@@ -198,7 +206,7 @@ def profile_step(gen: Generator, log, steps: int = 5) -> dict:
     busy = sum(kinds.values())
     out = {"step_wall_us": wall * 1e6, "kernel_busy_us": busy, "idle_or_launch_gap_us": wall * 1e6 - busy,
            "by_kind_us": dict(kinds), "top_kernels": [[n[:90], round(v[0], 1), v[1] // steps] for n, v in top]}
-    log("profile w4 decode step", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in out.items()
+    log("profile decode step b1", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in out.items()
                                    if k != "top_kernels"})
     return out
 
