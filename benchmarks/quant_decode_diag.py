@@ -73,8 +73,9 @@ def step_profile(gen: Generator, steps: int = 8) -> dict:
         us = e.device_time / steps
         n = e.name
         ln = n.lower()
-        kind = ("gemv (ours)" if ("decode_kernel" in n or "gemv_kernel" in n or "decode_dot" in n)
-                else "attention" if (("attention" in ln or "fmha" in ln or "flash" in ln) and not ln.startswith("triton_"))
+        kind = ("attention" if ("dense_decode" in n or (("attention" in ln or "fmha" in ln or "flash" in ln)
+                                                          and not ln.startswith("triton_")))
+                else "gemv (ours)" if ("decode_kernel" in n or "gemv_kernel" in n or "decode_dot" in n)
                 else "bf16 GEMM" if ("gemm" in ln or "nvjet" in ln or "sm90" in ln)
                 else "inductor" if n.startswith("triton_") else "other")
         kinds[kind] += us

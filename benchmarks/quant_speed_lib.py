@@ -195,8 +195,9 @@ def profile_step(gen: Generator, log, steps: int = 5) -> dict:
         n = e.name
         ln = n.lower()
         kind = ("inductor fused (norms, rope, cache write, residual, silu)" if n.startswith("triton_")
+                else "attention" if ("dense_decode" in n or "flash" in ln or "attention" in ln or "fmha" in ln
+                                     or "attn" in ln)
                 else "gemv w4/w8/fp8 (ours)" if ("decode_kernel" in n or "decode_dot" in n or "gemv_kernel" in n)
-                else "attention" if ("flash" in ln or "attention" in ln or "fmha" in ln or "attn" in ln)
                 else "lm_head / bf16 GEMM (cuBLAS)" if ("gemm" in ln or "gemv" in ln or "sm90" in ln or "nvjet" in ln)
                 else "other")
         kinds[kind] += us
