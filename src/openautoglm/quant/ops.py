@@ -156,24 +156,12 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
         for m0 in range(0, M, 8):
             launch_gemv(x[m0:m0 + 8], w, s, z, fmt, group, groups_major, y[m0:m0 + 8], cfg)
         return y
+    if kind == "v1":
+        return _launch_v1(x, [w], [s], [z], fmt, group, groups_major, y, cfg)
     split = cfg["SPLIT_K"]
     sn, sg, zn, zg = _meta_strides(s, z, groups_major)
     g = 0 if group >= K else group
     zz = z if z is not None else s
-    if kind == "v1":
-        if fmt == FMT_INT4_K32:
-            raise ValueError("the v1 decode kernel reads int4 codes two a byte, not the k32 order")
-        from .triton_gemv import gemv_kernel
-
-        n_blocks = cdiv(N, cfg["BLOCK_N"])
-        part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
-        tk = tickets(x.device, n_blocks) if split > 1 else y
-        gemv_kernel[(n_blocks, split)](
-            x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), w.stride(0), sn, sg, zn, zg, y.stride(0),
-            FMT=4 if fmt == FMT_INT4_PAIRS else fmt, GROUP=g, HAS_Z=z is not None, BLOCK_M=16 if cfg["DOT"] else 1,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT=split > 1, DOT=cfg["DOT"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return y
     from .triton_decode import decode_dot_kernel, decode_kernel
 
     vec = 16 if fmt == FMT_INT4_K32 else 8
@@ -206,21 +194,60 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
     return y
 
 
+def _launch_v1(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.Tensor:
+    """The v1 kernel (:mod:`.triton_gemv`) over one to three weights of one K, their outputs side by side in y."""
+    from .triton_gemv import gemv_kernel
+
+    M, K = x.shape
+    if fmt == FMT_INT4_K32:
+        raise ValueError("the v1 decode kernel reads int4 codes two a byte, not the k32 order")
+    if M > (16 if cfg["DOT"] else 1):
+        raise ValueError(f"the v1 decode kernel takes {16 if cfg['DOT'] else 1} activation rows with DOT={cfg['DOT']}, "
+                         f"got {M}")
+    ns = [w.shape[0] for w in ws]
+    N = sum(ns)
+    split = cfg["SPLIT_K"]
+    n_blocks = sum(cdiv(n, cfg["BLOCK_N"]) for n in ns)
+    part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
+    tk = tickets(x.device, n_blocks) if split > 1 else y
+    meta = [_meta_strides(s_, z_, groups_major) for s_, z_ in zip(ss, zs)]
+    zz = [z_ if z_ is not None else s_ for s_, z_ in zip(ss, zs)]
+    i1, i2 = min(1, len(ws) - 1), min(2, len(ws) - 1)  # weights 1 and 2 (unused slots repeat the last one)
+    gemv_kernel[(n_blocks, split)](
+        x, ws[0], ss[0], zz[0], y, part, tk, M, N, K, split, x.stride(0), ws[0].stride(0), *meta[0], y.stride(0),
+        ws[i1], ss[i1], zz[i1], meta[i1][1], meta[i1][3], ns[0], ws[i2], ss[i2], zz[i2], meta[i2][1], meta[i2][3],
+        ns[i1] if len(ws) > 1 else 0, FMT=4 if fmt == FMT_INT4_PAIRS else fmt, GROUP=0 if group >= K else group,
+        HAS_Z=zs[0] is not None, BLOCK_M=16 if cfg["DOT"] else 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        SPLIT=split > 1, DOT=cfg["DOT"], NW=len(ws), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def _one_layout(ws, ss, zs, groups_major) -> bool:
+    """The weights share what one multi-weight launch takes once: code dtype and row stride, scale dtype, zero
+    points or none, and the row strides of scales and zeros (group strides may differ)."""
+    return len({(w.dtype, w.stride(0), w.stride(-1), s_.dtype, z_ is None) + _meta_strides(s_, z_, groups_major)[::2]
+                for w, s_, z_ in zip(ws, ss, zs)}) == 1
+
+
 def launch_gemv_multi(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.Tensor:
     """Several weights of the same K and format (q/k/v, gate/up) into ``y (M, sum N_i)``, side by side: one
-    launch of the FMA kernel (``NW`` = 2 or 3) where it applies, else one launch per weight into views of y."""
+    launch of the kernel ``cfg`` names (the FMA kernel or v1, ``NW`` = 2 or 3) where it applies, else one launch
+    per weight (each with its own configuration) into views of y."""
     M, K = x.shape
     ns = [w.shape[0] for w in ws]
     N = sum(ns)
-    same = (len({(w.stride(0), w.dtype) for w in ws}) == 1 and len({_meta_strides(s_, z_, groups_major)[::2] for s_, z_
-                                                                     in zip(ss, zs)}) == 1)
-    if cfg.get("kernel") != "fma" or M > 8 or not 2 <= len(ws) <= 3 or not same or fmt == FMT_INT4_PAIRS:
+    kind = {"pairs": "v1"}.get(cfg.get("kernel", "v1"), cfg.get("kernel", "v1"))
+    fits = {"fma": M <= 8 and fmt != FMT_INT4_PAIRS,
+            "v1": M <= (16 if cfg.get("DOT") else 1) and fmt != FMT_INT4_K32}.get(kind, False)
+    if not (fits and 2 <= len(ws) <= 3 and _one_layout(ws, ss, zs, groups_major)):
         off = 0
         for w, s_, z_, n in zip(ws, ss, zs, ns):
             launch_gemv(x, w, s_, z_, fmt, group, groups_major, y[:, off:off + n],
                         gemv_config(M, n, K, fmt, group, x.device))
             off += n
         return y
+    if kind == "v1":
+        return _launch_v1(x, ws, ss, zs, fmt, group, groups_major, y, cfg)
     from .triton_decode import decode_kernel
 
     vec = 16 if fmt == FMT_INT4_K32 else 8
