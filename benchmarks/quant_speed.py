@@ -58,9 +58,9 @@ GROUPS = {"7b": [((4096, 4096, 4096), 4096), ((11008, 11008), 4096)],  # q/k/v a
 # (run 4, quant_speed_h100_run4_log.txt): 7B rows 25-30 s, model.generate 35-40 s, torchao int4 143 s at batch 1 and
 # 8 (its compiles and 0.9 s prefills), torchao int8 > 107 s.
 PLAN = [("model", "7b", "bf16", (1, 8), 30), ("model", "7b", "w4", (1, 8), 35), ("model", "7b", "w8", (1, 8), 28),
-        ("model", "7b", "w8a8", (1, 8), 25), ("model", "7b", "w4@nopdl", (1,), 12), ("model", "7b", "w8@nopdl", (1,), 12),
-        ("model", "7b", "bf16@sdpa", (1,), 12), ("model", "7b", "w4@sdpa", (1,), 12),
-        ("gen", "7b", "bf16", (), 60), ("gen", "7b", "w4", (), 60), ("gen", "7b", "w8", (), 60), ("model", "7b", "ao-int4wo", (1, 8), 145), ("model", "7b", "ao-int8wo", (1, 8), 130),
+        ("model", "7b", "w8a8", (1, 8), 25), ("gen", "7b", "bf16", (), 60), ("gen", "7b", "w4", (), 60),
+        ("gen", "7b", "w8", (), 60), ("model", "7b", "w4@nopdl", (1,), 12), ("model", "7b", "bf16@sdpa", (1,), 12),
+        ("model", "7b", "w4@sdpa", (1,), 12), ("model", "7b", "w8@nopdl", (1,), 12), ("model", "7b", "ao-int4wo", (1, 8), 145), ("model", "7b", "ao-int8wo", (1, 8), 130),
         ("model", "7b", "ao-fp8dq", (1, 8), 110),
         ("model", "1b", "bf16", (1, 8), 18), ("model", "1b", "w4", (1, 8), 18), ("model", "1b", "w8", (1, 8), 14),
         ("model", "1b", "w8a8", (1, 8), 14), ("model", "1b", "ao-int4wo", (1, 8), 45),
