@@ -33,19 +33,27 @@ PTRS = {"q_ptr": "*bf16", "kq_ptr": "*u8", "ks_ptr": "*fp16", "km_ptr": "*fp16",
         "o_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale": "fp32"}
 
 
+def compile_sm90(fn, const: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3) -> bytes:
+    """The sm_90 cubin of the Triton kernel ``fn`` with constexprs ``const``; ``ptrs`` names the pointer (and float)
+    arguments' types, every other argument is an i32; pointers and ``s*`` stride arguments are marked 16-divisible,
+    as Triton specializes them at run time."""
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
+    div = [n for n in names if n not in const and (n.endswith("_ptr") or (n.startswith("s") and sig[n] == "i32"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
+    return k.asm["cubin"]
+
+
 def compile_vec(bits: int, block_n: int = 64, lazy: float = 0.0, words: int = 0, num_warps: int = 4,
                 d: int = 128, group: int = 64) -> bytes:
     """The sm_90 cubin of one decode_vec_kernel launch (no mask, no sliding window)."""
     gv = min(group, d)
     const = dict(HKV=32, D=d, BITS=bits, G=group, BLOCK_N=block_n, GV=gv, R=128, WINDOW=0, RING_FROM_NQ=False,
                  HAS_MASK=False, CP=min(d * bits // 8, gv), LAZY=float(lazy), WORDS=int(words))
-    names = triton_vec.decode_vec_kernel.arg_names
-    sig = {n: "constexpr" if n in const else PTRS.get(n, "i32") for n in names}
-    div = [n for n in names if n not in const and (n.endswith("_ptr") or (n.startswith("s") and n != "sm_scale"))]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
-    src = triton.compiler.ASTSource(fn=triton_vec.decode_vec_kernel, signature=sig, constexprs=const, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3, enable_fp_fusion=True))
-    return k.asm["cubin"]
+    return compile_sm90(triton_vec.decode_vec_kernel, const, PTRS, num_warps, 3)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

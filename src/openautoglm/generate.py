@@ -18,6 +18,8 @@ next token) is captured in a CUDA graph and replayed per token. The model's own 
 (quantized Linears call their custom ops), so nothing is copied or re-packed. Compiled kernels land in
 inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, or ``cache_dir=``), so a second process starts
 faster; ``GenerateResult.compile_s`` reports the first call's compile and capture time.
+Decode attention over the full-precision cache reads keys ``0..pos`` only (:mod:`openautoglm.kv.dense_decode`,
+one Triton launch on CUDA; :data:`DENSE_DECODE_KERNEL`); prefill keeps SDPA.
 On the CPU (or ``compile=False``) the same step runs eagerly: identical tokens, no speed-up.
 With ``kv=KVCacheConfig(bits=4, ...)`` the layers keep a quantized KV cache instead and decode attends to it
 with the fused kernel (:mod:`openautoglm.kv.fast_decode`).
@@ -36,10 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _hf
+from .kv import dense_decode
 from .quant.kernels import fused_linears
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# Decode attention over the full-precision cache with the Triton kernel of :mod:`.kv.dense_decode` (reads keys
+# 0..pos only) instead of SDPA over all L keys with a mask. Read when the decode step is compiled; the
+# environment's OPENAUTOGLM_DENSE_DECODE=0 turns it off.
+DENSE_DECODE_KERNEL = os.environ.get("OPENAUTOGLM_DENSE_DECODE", "1") != "0"
 
 
 @dataclass
@@ -59,8 +66,9 @@ class GenerateResult:
         return self.tokens.shape[0] * (self.new_tokens - 1) / max(self.decode_s, 1e-9)
 
 
-def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope):
-    """One Llama-family decoder layer on ``h (B, T, hidden)``, K/V written at ``pos (T,)`` of the caches."""
+def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope, decode: bool = False):
+    """One Llama-family decoder layer on ``h (B, T, hidden)``, K/V written at ``pos (T,)`` of the caches;
+    ``decode`` (one token, CUDA): attention by the dense decode kernel (falls back to SDPA where unsupported)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     B, T, _ = x.shape
@@ -74,8 +82,11 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
     q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v.transpose(1, 2))
-    o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
-                                       enable_gqa=attn.num_key_value_groups > 1)
+    if decode and T == 1 and DENSE_DECODE_KERNEL and (k_cache.is_cuda or dense_decode.INTERPRET):
+        o = dense_decode.decode_attention(q, k_cache, v_cache, pos, attn.scaling)
+    else:
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
+                                           enable_gqa=attn.num_key_value_groups > 1)
     h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
     return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
 
@@ -91,7 +102,7 @@ def _mlp(mlp: nn.Module, x):
 
 
 def _layer_decode(*args):  # separate code objects: decode and prefill keep separate compile caches
-    return _layer_step(*args)
+    return _layer_step(*args, decode=True)
 
 
 def _layer_prefill(*args):
