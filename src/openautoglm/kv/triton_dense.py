@@ -42,7 +42,7 @@ def dense_decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr, o_
     >= ``n_split`` (the combine is unrolled over it, the unused splits masked off)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # 64-bit offsets: a large batch's cache passes 2**31 elements
     hk = bh % HKV
     n_valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, L)
     start = split * CHUNK
