@@ -78,3 +78,18 @@ def test_sampling_eos_and_errors():
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         Generator(gpt2)
+
+
+def test_min_new_tokens_and_several_eos_match_transformers():
+    """EOS held back for min_new_tokens inside the step (as transformers' MinNewTokensLengthLogitsProcessor), any
+    of several EOS ids ends a row; the helper keeps its own padding (the first EOS) and check granularity."""
+    m = _model("llama")
+    ids = torch.randint(0, 256, (2, 5))
+    free = Generator(m).generate(ids, 8).tokens[:, 5:]
+    eos = [int(free[0, 0]), int(free[1, 0])]  # both rows would end at their first token
+    ref = m.generate(ids, max_new_tokens=8, min_new_tokens=3, eos_token_id=eos, pad_token_id=eos[0], do_sample=False)
+    out = Generator(m).generate(ids, 8, eos_token_id=eos, min_new_tokens=3, check_every=1)
+    assert not torch.isin(out.tokens[:, 5:8], torch.tensor(eos)).any()
+    assert torch.equal(out.tokens, ref)  # checked every step: stops where transformers stops
+    with pytest.raises(ValueError, match="eos_token_id"):
+        Generator(m).generate(ids, 8, eos_token_id=[])

@@ -28,9 +28,11 @@ with the fused kernel (:mod:`openautoglm.kv.fast_decode`).
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +132,26 @@ def _next_token(logits, temperature: float, top_k: int | None, top_p: float, do_
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
 
 
+def _ban_eos(logits, ban, index, min_new):
+    """EOS logits ``ban (vocab,)`` to -inf while the token being made, ``index (1,)``, is before ``min_new (1,)``:
+    transformers' ``MinNewTokensLengthLogitsProcessor`` on device tensors (no host sync, CUDA-graph safe)."""
+    return logits.masked_fill(ban & (index < min_new), -float("inf"))
+
+
+def _eos_ids(eos_token_id) -> list[int] | None:
+    """``eos_token_id`` (an int, a sequence of ints or a tensor of them) as a list; ``None`` stays ``None``."""
+    if eos_token_id is None:
+        return None
+    raw = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+    raw = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    try:
+        if not raw or any(isinstance(i, bool) for i in raw):
+            raise TypeError
+        return [operator.index(i) for i in raw]
+    except TypeError:
+        raise ValueError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}") from None
+
+
 class Generator:
     """Decode helper bound to one model (see the module docstring).
 
@@ -219,6 +241,8 @@ class Generator:
 
     def _step(self, st: dict, sample: tuple) -> None:
         logits = self._forward(st, st["tok"], st["pos"], self._dec)
+        if st["suppress"]:  # min_new_tokens: the new token's index is pos - start
+            logits = _ban_eos(logits, st["ban"], st["pos"] - st["start"], st["min_new"])
         st["tok"].copy_(_next_token(logits, *sample))
         st["out"].index_copy_(1, st["pos"] - st["start"], st["tok"])
         st["pos"].add_(1)
@@ -239,20 +263,35 @@ class Generator:
             self._step(st, sample)
         st["tok"].copy_(tok0)
         st["pos"].copy_(pos0)
-        st["graph"], st["graph_key"] = g, sample
+        st["graph"], st["graph_key"] = g, (sample, st["suppress"])
+
+    @staticmethod
+    def _set_eos(st: dict, eos: list[int] | None, min_new_tokens: int, suppress: bool, vocab: int) -> None:
+        """Fill the step's EOS inputs in place (the captured graph reads these buffers)."""
+        if "ban" not in st:
+            st["ban"] = torch.zeros(vocab, dtype=torch.bool, device=st["pos"].device)
+            st["min_new"] = torch.zeros(1, dtype=torch.long, device=st["pos"].device)
+        st["suppress"] = suppress
+        st["eos"] = None if eos is None else torch.tensor(eos, dtype=torch.long, device=st["pos"].device)
+        st["ban"].zero_()
+        if eos is not None:
+            st["ban"][[i for i in eos if 0 <= i < vocab]] = True  # out-of-vocabulary ids cannot be produced anyway
+        st["min_new"].fill_(min_new_tokens)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                 eos_token_id: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int = 0,
                  cache_len: int | None = None, check_every: int = 32) -> GenerateResult:
         """Continue ``input_ids (batch, prompt)`` by ``max_new_tokens`` tokens (all rows the same length).
 
         ``cache_len`` (default: prompt + new tokens rounded up to 256) sizes the static cache; calls with the
-        same batch and ``cache_len`` reuse the compiled step and its CUDA graph. With ``eos_token_id`` the
-        loop stops once every row has produced it (checked every ``check_every`` tokens; later tokens are
-        set to ``eos_token_id``).
+        same batch and ``cache_len`` reuse the compiled step and its CUDA graph. With ``eos_token_id`` (one id
+        or several) the loop stops once every row has produced one (checked every ``check_every`` tokens; a
+        row's later tokens are set to the first of ``eos_token_id``). ``min_new_tokens``: no EOS among a row's
+        first that many new tokens (their logits are -inf inside the captured step, as transformers'
+        ``min_new_tokens`` does).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, prompt) with a non-empty prompt, got {tuple(input_ids.shape)}")
@@ -268,16 +307,23 @@ class Generator:
             raise ValueError(f"prompt + new tokens = {need} exceeds the model's max_position_embeddings {limit}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        eos = _eos_ids(eos_token_id)
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
         sample = (float(temperature), top_k, float(top_p), bool(do_sample))
+        suppress = eos is not None and min_new_tokens > 0
         t_start = time.perf_counter()
         st = self._buffers(B, length)
-        fresh = st["graph"] is None or st["graph_key"] != sample
+        fresh = st["graph"] is None or st["graph_key"] != (sample, suppress)
         ids = input_ids.to(self.device)
         if "kv" in st:
             st["kv"].reset()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         logits = self._forward(st, ids, torch.arange(P, device=self.device), self._pre)
+        self._set_eos(st, eos, min_new_tokens, suppress, logits.shape[-1])
+        if suppress:
+            logits = logits.masked_fill(st["ban"], -float("inf"))  # the first new token (index 0 < min_new_tokens)
         st["tok"].copy_(_next_token(logits, *sample))
         st["start"].fill_(P - 1)
         st["out"][:, 0:1] = st["tok"]
@@ -290,7 +336,7 @@ class Generator:
             sync()
             compile_s = time.perf_counter() - t_start - prefill_s
         elif self.compile and fresh:
-            st["graph"], st["graph_key"] = None, sample
+            st["graph"], st["graph_key"] = None, (sample, suppress)
         t1 = time.perf_counter()
         done = 1
         while done < max_new_tokens:
@@ -298,13 +344,13 @@ class Generator:
             for _ in range(n):
                 st["graph"].replay() if self.cuda_graph else self._step(st, sample)
             done += n
-            if eos_token_id is not None and bool((st["out"][:, :done] == eos_token_id).any(1).all()):
+            if eos is not None and bool(torch.isin(st["out"][:, :done], st["eos"]).any(1).all()):
                 break
         sync()
         decode_s = time.perf_counter() - t1
         new = st["out"][:, :done].clone()
-        if eos_token_id is not None:
-            after = (new == eos_token_id).int().cumsum(1) - (new == eos_token_id).int() > 0
-            new[after] = eos_token_id
+        if eos is not None:
+            hit = torch.isin(new, st["eos"]).int()
+            new[hit.cumsum(1) - hit > 0] = eos[0]
         log.debug("generate: batch %d, %d new tokens, prefill %.3fs, decode %.3fs", B, done, prefill_s, decode_s)
         return GenerateResult(torch.cat([ids, new], 1), done, prefill_s, decode_s, compile_s)
