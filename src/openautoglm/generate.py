@@ -22,7 +22,8 @@ Decode attention over the full-precision cache reads keys ``0..pos`` only (:mod:
 one Triton launch on CUDA; :data:`DENSE_DECODE_KERNEL`); prefill keeps SDPA.
 On the CPU (or ``compile=False``) the same step runs eagerly: identical tokens, no speed-up.
 With ``kv=KVCacheConfig(bits=4, ...)`` the layers keep a quantized KV cache instead and decode attends to it
-with the fused kernel (:mod:`openautoglm.kv.fast_decode`).
+with the fused kernel (:mod:`openautoglm.kv.fast_decode`). ``model.generate(..., cache_implementation="static")``
+reaches this helper through :func:`enable_fast_generate` (:mod:`openautoglm.generate_hf`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _hf
+from .generate_hf import enable_fast_generate  # noqa: F401  (model.generate routed to Generator)
 from .kv import dense_decode
 from .quant.kernels import fused_linears
 
