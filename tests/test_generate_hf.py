@@ -214,3 +214,21 @@ def test_model_change_rebuilds_the_generator(model):
     quantize(model, QuantConfig(scheme="w8", include=("*mlp*",)))
     out = model.generate(ids, max_new_tokens=3, **STATIC)
     assert routed(model)._gen is not first and torch.equal(out, _hf(model, ids, max_new_tokens=3, **STATIC))
+
+
+def test_installed_by_quantize_and_from_pretrained_unless_opted_out(monkeypatch, tiny_llama_dir):
+    from openautoglm import AutoModelForCausalLM, DynamicQuantizer
+    from openautoglm.quant import QuantConfig, quantize
+
+    m = make_tiny_llama()
+    assert routed(m) is None
+    quantize(m, QuantConfig(scheme="w4", group_size=32))
+    assert routed(m) is not None and not routed(m).allow_cpu
+    assert routed(DynamicQuantizer.quantize(make_tiny_llama(), bits=8)) is not None
+    assert routed(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)) is not None
+    off = enable_fast_generate(make_tiny_llama(), enabled=False)  # the user's choice survives quantize
+    quantize(off, QuantConfig(scheme="w8"))
+    assert routed(off) is None
+    monkeypatch.setenv(ENV, "0")
+    assert routed(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)) is None
+    assert routed(DynamicQuantizer.quantize(make_tiny_llama(), bits=8)) is None

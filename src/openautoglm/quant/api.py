@@ -137,6 +137,9 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
     if hasattr(model, "config"):
         hub.record_transform(model, TRANSFORM, {"config": config.to_dict(), "modules": chosen})
     model.quant_result = result
+    from ..generate_hf import enable_by_default
+
+    enable_by_default(model)  # model.generate(cache_implementation="static") -> the compiled decode
     log.info("quantized %d Linear layers to %s (%d skipped): %.1f MiB -> %.1f MiB", len(chosen), config.scheme,
              len(skipped), result.bytes_before / 2**20, result.bytes_after / 2**20)
     return result
