@@ -213,36 +213,61 @@ def profile_step(gen: Generator, log, steps: int = 5) -> dict:
 
 
 def generate_row(model, variant, dev, args, log) -> dict:
-    """``model.generate(..., cache_implementation="static")``: transformers compiles the forward (fullgraph=True,
-    so a graph break fails the row instead of hiding in the figure); first call, then the best of two."""
+    """``model.generate(..., cache_implementation="static")`` twice in one call, the same prompt and arguments:
+    transformers' loop (openautoglm's routing off; transformers compiles the forward, fullgraph=True, so a graph
+    break fails the row instead of hiding in the figure) and the routed path (``enable_fast_generate``: the call
+    runs the compiled CUDA-graph decode, ``Generator``). Each: first call, then the best of two; ``routed`` also
+    says whether its output equals transformers' (``same_as_transformers``) and which path served the calls."""
     from transformers import CompileConfig
+
+    from openautoglm.generate import enable_fast_generate
+    from openautoglm.generate_hf import routed
 
     r = {"variant": variant, "scheme": apply_variant(model, variant)}
     prompt = _prompt(1, args.prompt, dev, model.config.vocab_size, 11)
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, cache_implementation="static",
-              pad_token_id=0, compile_config=CompileConfig(fullgraph=True))
+              pad_token_id=0)
+    enable_fast_generate(model, enabled=False)  # transformers' own loop (quantize() installs the routing)
+    hf_kw = dict(kw, compile_config=CompileConfig(fullgraph=True))
     t = time.perf_counter()
     try:
-        first = model.generate(prompt, **kw)
+        first = model.generate(prompt, **hf_kw)
         r["fullgraph"] = True
     except Exception as e:  # noqa: BLE001 - a graph break: record it, time transformers' default compile
         r["fullgraph"], r["fullgraph_error"] = False, repr(e)[:300]
         torch._dynamo.reset()
-        kw.pop("compile_config")
-        first = model.generate(prompt, **kw)
+        hf_kw.pop("compile_config")
+        first = model.generate(prompt, **hf_kw)
     sync()
     r["first_call_s"] = time.perf_counter() - t
+    out, r["call_s"] = _time_calls(model, prompt, hf_kw)
+    r["tokens_per_s"] = args.new / min(r["call_s"])
+    r["same_tokens"] = bool(torch.equal(out, first))
+    enable_fast_generate(model, allow_cpu=dev.type == "cpu")  # the CPU smoke runs the same path eagerly
+    t = time.perf_counter()
+    fast_first = model.generate(prompt, **kw)
+    sync()
+    fr = {"first_call_s": time.perf_counter() - t}
+    fast, fr["call_s"] = _time_calls(model, prompt, kw)
+    fr["tokens_per_s"] = args.new / min(fr["call_s"])
+    fr["same_tokens"] = bool(torch.equal(fast, fast_first))
+    fr["same_as_transformers"] = bool(fast.shape == out.shape and torch.equal(fast.to(out.device), out))
+    fr["x_transformers"] = fr["tokens_per_s"] / r["tokens_per_s"]
+    fr["calls"] = dict(routed(model).counts)  # {"fast": 3, "transformers": 0} when every call was routed
+    r["routed"] = fr
+    log("generate", variant, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "routed"},
+        "routed", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in fr.items()})
+    return r
+
+
+def _time_calls(model, prompt, kw, n: int = 2) -> tuple[torch.Tensor, list[float]]:
     times = []
-    for _ in range(2):
+    for _ in range(n):
         t = time.perf_counter()
         out = model.generate(prompt, **kw)
         sync()
         times.append(time.perf_counter() - t)
-    r["tokens_per_s"] = args.new / min(times)
-    r["call_s"] = times
-    r["same_tokens"] = bool(torch.equal(out, first))
-    log("generate", variant, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})
-    return r
+    return out, times
 
 
 def _ratios(res: dict) -> None:
@@ -282,6 +307,8 @@ def _ratios(res: dict) -> None:
         b = gens.get(k.split("/")[0] + "/bf16", {})
         if "tokens_per_s" in g and "tokens_per_s" in b:
             g["x_bf16_generate"] = g["tokens_per_s"] / b["tokens_per_s"]
+        if "tokens_per_s" in g.get("routed", {}) and "tokens_per_s" in b.get("routed", {}):
+            g["routed"]["x_bf16_generate"] = g["routed"]["tokens_per_s"] / b["routed"]["tokens_per_s"]
 
 
 def write_json(res: dict, out: Path, plot: bool = False) -> None:
@@ -349,4 +376,9 @@ def summarize(res: dict) -> None:
     for k, g in res.get("generate", {}).items():
         print(f"generate {k}: {f(g.get('tokens_per_s'), 7, 1)} tok/s x{f(g.get('x_bf16_generate'), 4)} "
               f"first {f(g.get('first_call_s'), 5, 1)} s fullgraph {g.get('fullgraph')} {g.get('error', '')[:100]}")
+        if "routed" in g:
+            fr = g["routed"]
+            print(f"generate {k} routed: {f(fr.get('tokens_per_s'), 7, 1)} tok/s x{f(fr.get('x_bf16_generate'), 4)} "
+                  f"x{f(fr.get('x_transformers'), 4)} transformers' first {f(fr.get('first_call_s'), 5, 1)} s "
+                  f"same output {fr.get('same_as_transformers')} calls {fr.get('calls')}")
     print("skipped:", res.get("skipped", []))
