@@ -232,3 +232,21 @@ def test_installed_by_quantize_and_from_pretrained_unless_opted_out(monkeypatch,
     monkeypatch.setenv(ENV, "0")
     assert routed(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)) is None
     assert routed(DynamicQuantizer.quantize(make_tiny_llama(), bits=8)) is None
+
+
+@pytest.mark.parametrize("routes", [True, False])
+def test_transformers_warnings_logged_once_on_either_path(model, spies, routes):
+    """Resolving the arguments runs transformers' preparation steps; their warnings come out once, on both paths."""
+    if not routes:  # resolved in full, then sent to transformers (the helper cannot go past the positions)
+        model.config.max_position_embeddings = 26
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())
+    lg = logging.getLogger("transformers.generation.utils")
+    lg.addHandler(handler)
+    try:  # batched, no attention mask, no pad token: transformers warns
+        model.generate(_ids(2), max_new_tokens=3, pad_token_id=None, **STATIC)
+    finally:
+        lg.removeHandler(handler)
+    assert spies["fast" if routes else "hf"] == 1
+    assert sum("attention mask and the pad token id were not set" in m for m in seen) == 1

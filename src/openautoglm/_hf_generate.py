@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +35,7 @@ _INERT = {"bos_token_id", "decoder_start_token_id", "compile_config", "cache_con
           "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size",
           "continuous_batching_config", "transformers_version"}
 _SAMPLING_ONLY = {"min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}  # warpers applied only when sampling
+_LOGGERS = ("utils", "configuration_utils")
 _NEUTRAL = {"guidance_scale": 1.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0}
 
 
@@ -50,10 +52,47 @@ class GenerateCall:
     top_p: float
     eos: list[int] | None
     pad: int | None
+    held: list[logging.LogRecord] = field(default_factory=list, repr=False)
+
+    def log_held(self) -> None:
+        """Emit the warnings transformers logged while the call was resolved."""
+        for r in self.held:
+            logging.getLogger(r.name).handle(r)
+        self.held = []
+
+
+class _Held(logging.Filter):
+    """Holds transformers' log records back while resolving: they are emitted once, by whichever path runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
 
 
 def resolve(model, args: tuple, kwargs: dict) -> GenerateCall | str:
-    """The effective parameters of ``model.generate(*args, **kwargs)``, or why only transformers' loop serves it."""
+    """The effective parameters of ``model.generate(*args, **kwargs)``, or why only transformers' loop serves it.
+
+    transformers' warnings about the arguments (lengths, pad / attention mask) are held in the result: the router
+    logs them (:meth:`GenerateCall.log_held`) when it decodes; on a fallback transformers' own ``generate`` logs
+    them."""
+    held, loggers = _Held(), [logging.getLogger(f"transformers.generation.{m}") for m in _LOGGERS]
+    for lg in loggers:
+        lg.addFilter(held)
+    try:
+        out = _resolve(model, args, kwargs)
+    finally:
+        for lg in loggers:
+            lg.removeFilter(held)
+    if isinstance(out, GenerateCall):
+        out.held = held.records
+    return out
+
+
+def _resolve(model, args: tuple, kwargs: dict) -> GenerateCall | str:
     from transformers import GenerationMixin
 
     if type(model).generate is not GenerationMixin.generate:

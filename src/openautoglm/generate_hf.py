@@ -86,6 +86,7 @@ class RoutedGenerate:
         self._note(model, "fast", f"model.generate of {type(model).__name__} runs openautoglm's compiled static-cache "
                                   f"decode ({'CUDA graph' if self._gen.cuda_graph else 'eager, allow_cpu'}); "
                                   f"opt out: {ENV}=0 or enable_fast_generate(model, enabled=False)")
+        call.log_held()
         return _decode(self._gen, call)
 
     # ------------------------------------------------------------------ helpers
