@@ -243,10 +243,13 @@ def test_transformers_warnings_logged_once_on_either_path(model, spies, routes):
     handler = logging.Handler()
     handler.emit = lambda r: seen.append(r.getMessage())
     lg = logging.getLogger("transformers.generation.utils")
+    level = lg.level
     lg.addHandler(handler)
+    lg.setLevel(logging.WARNING)  # whatever verbosity earlier tests left transformers at
     try:  # batched, no attention mask, no pad token: transformers warns
         model.generate(_ids(2), max_new_tokens=3, pad_token_id=None, **STATIC)
     finally:
         lg.removeHandler(handler)
+        lg.setLevel(level)
     assert spies["fast" if routes else "hf"] == 1
     assert sum("attention mask and the pad token id were not set" in m for m in seen) == 1
