@@ -218,7 +218,8 @@ class Generator:
                                     tok=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
                                     pos=torch.zeros(1, dtype=torch.long, device=self.device), graph=None,
                                     out=torch.zeros(batch, length, dtype=torch.long, device=self.device),
-                                    start=torch.zeros(1, dtype=torch.long, device=self.device))
+                                    start=torch.zeros(1, dtype=torch.long, device=self.device),
+                                    suppress=False)  # min_new_tokens on (set per call by _set_eos)
             if self.kv is not None:
                 from .kv.fast_decode import KVStores
 
