@@ -222,6 +222,9 @@ def generate_bench(shape, variant, dev, args) -> dict:
     torch._dynamo.reset()
     model = build(shape, dev)
     apply_variant(model, variant)
+    from openautoglm.generate import enable_fast_generate
+
+    enable_fast_generate(model, enabled=False)  # transformers' own loop (quantize() routes generate to Generator)
     vocab = model.config.vocab_size
     try:
         prompt = torch.randint(0, vocab, (1, args.prompt), device=dev)

@@ -93,6 +93,7 @@ def attention_section(base, res):
     for variant in ("bf16", "w4"):
         m = base if variant == "bf16" else copy.deepcopy(base)
         apply_variant(m, variant)
+        enable_fast_generate(m, enabled=False)  # transformers' own loop (quantize() routes generate to Generator)
         prompt = torch.randint(0, m.config.vocab_size, (1, 128), device="cuda")
         ref = None
         for name, flags in BACKENDS.items():
@@ -124,6 +125,8 @@ def generate_section(base, res):
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
+    from openautoglm.generate import enable_fast_generate
+
     torch._logging.set_logs(perf_hints=True)
     out = res.setdefault("generate", {})
     new = 64
@@ -132,6 +135,7 @@ def generate_section(base, res):
         counters.clear()
         m = base if variant == "bf16" else copy.deepcopy(base)
         apply_variant(m, variant)
+        enable_fast_generate(m, enabled=False)  # transformers' own loop (quantize() routes generate to Generator)
         prompt = torch.randint(0, m.config.vocab_size, (1, 128), device="cuda")
         kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
                   pad_token_id=0, compile_config=CompileConfig(fullgraph=True))
