@@ -348,6 +348,9 @@ def test_pdl_switch(monkeypatch):
         assert ops.use_pdl(cuda) == (switch and triton_has_it), (switch, triton_has_it)
     assert ops._pdl_kw(True) == {"launch_pdl": True} and ops._pdl_kw(False) == {}
     code = "from openautoglm.quant import ops; print(ops.PDL, ops._pdl_triton())"
-    env = {**os.environ, "OPENAUTOGLM_PDL": "0", "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.stdout.split() == ["False", "False"], r.stdout + r.stderr[-2000:]
+    for value, want in (("1", "True"), ("0", "False"), (None, "False")):  # off by default (measured neutral)
+        env = {k: v for k, v in os.environ.items() if k != "OPENAUTOGLM_PDL"} | {"TRITON_INTERPRET": "1"}
+        if value is not None:
+            env["OPENAUTOGLM_PDL"] = value
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.stdout.split() == [want, "False"], (value, r.stdout + r.stderr[-2000:])

@@ -14,7 +14,7 @@ All take the codes ``w`` (int4 two a byte ``(N, K/2)`` uint8, int8 ``(N, K)`` or
 
 Launch configurations come from :data:`GEMV_TUNED` (measured on the H100, keyed by format, row bucket and
 shape) or from a heuristic for shapes not in the table. On sm_90+ GPUs the decode GEMVs are launched with
-programmatic dependent launch (:data:`PDL`, :func:`use_pdl`; the FMA kernel then always prefetches, ``PF = 1``).
+programmatic dependent launch (:data:`PDL`, off by default, :func:`use_pdl`; the FMA kernel then always prefetches, ``PF = 1``).
 """
 
 from __future__ import annotations
@@ -62,11 +62,14 @@ def _ascending() -> bool:
     return (major, minor) < (3, 7)
 _MASK16, _XOR15 = 0x000F0000, 0x4B400000  # constants of triton_decode's code conversions
 
-# Programmatic dependent launch of the decode GEMVs (see triton_decode's notes): on by default where the GPU
-# (sm_90+) and Triton support it; ``OPENAUTOGLM_PDL=0`` or ``ops.PDL = False`` turn it off (read at each launch;
-# a captured CUDA graph keeps the choice made at capture). Contract: the weights a GEMV reads must not be
-# written by the kernel launched just before it on the same stream (PDL reads them before waiting for it).
-PDL: bool = os.environ.get("OPENAUTOGLM_PDL", "1").strip().lower() not in ("0", "false", "off", "no")
+# Programmatic dependent launch of the decode GEMVs (see triton_decode's notes), where the GPU (sm_90+) and
+# Triton support it. OFF by default: measured neutral on the H100 (quant_speed_h100_run6.json, 7B decode batch 1:
+# w4 332.4 vs 331.5 tok/s with / without, w8 242.6 vs 245.5; a 32 x (norm, GEMV) chain in one CUDA graph 22.3 vs
+# 22.2 us a pair, quant_gpu_checks_h100.json) -- the kernels before each GEMV are inductor's, which never trigger
+# their dependents early, so nothing overlaps. ``OPENAUTOGLM_PDL=1`` or ``ops.PDL = True`` turn it on (read at
+# each launch; a captured CUDA graph keeps the choice made at capture). Contract: the weights a GEMV reads must not
+# be written by the kernel launched just before it on the same stream (PDL reads them before waiting for it).
+PDL: bool = os.environ.get("OPENAUTOGLM_PDL", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 @functools.lru_cache(maxsize=1)
