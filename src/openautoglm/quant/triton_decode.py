@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import pdl_sync
+from .triton_gemv import pdl_sync, select_weight
 
 BIAS = tl.constexpr(0x43000000)  # float32 128.0: a nibble at bits 16..19 reads as 128 + nibble
 
@@ -155,24 +155,9 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
         t5 = tl.arange(0, T)[None, None, None, :, None]
         TAX: tl.constexpr = 3
     e5 = tl.arange(0, E)[None, None, None, None, :]
-    if NW == 1:
-        lb = pid_n
-        n_loc = N
-        off = 0
-        wp, sp, zp, sg, zg = w_ptr, s_ptr, z_ptr, stride_sg, stride_zg
-    else:  # which weight this program reads, its local row block, and where its rows go in y
-        nb0 = tl.cdiv(N0, BLOCK_N)
-        nb1 = tl.cdiv(N1, BLOCK_N)
-        in0 = pid_n < nb0
-        in1 = pid_n < nb0 + nb1
-        lb = tl.where(in0, pid_n, tl.where(in1, pid_n - nb0, pid_n - nb0 - nb1))
-        n_loc = tl.where(in0, N0, tl.where(in1, N1, N - N0 - N1))
-        off = tl.where(in0, 0, tl.where(in1, N0, N0 + N1))
-        wp = tl.where(in0, w_ptr, tl.where(in1, w1_ptr, w2_ptr))
-        sp = tl.where(in0, s_ptr, tl.where(in1, s1_ptr, s2_ptr))
-        zp = tl.where(in0, z_ptr, tl.where(in1, z1_ptr, z2_ptr))
-        sg = tl.where(in0, stride_sg, tl.where(in1, sg1, sg2))
-        zg = tl.where(in0, stride_zg, tl.where(in1, zg1, zg2))
+    lb, n_loc, off, wp, sp, zp, sg, zg = select_weight(pid_n, N, w_ptr, s_ptr, z_ptr, stride_sg, stride_zg, w1_ptr,
+                                                       s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2,
+                                                       zg2, N1, BLOCK_N, NW)
     rows = lb * BLOCK_N + r5 * RB + rb5                         # rows of the selected weight
     orow = tl.max(tl.sum(rows + t5 * 0, 4), TAX)              # output rows, in the layout of the results
     rows_s = tl.where(rows < n_loc, rows, 0)                   # clamped: unmasked vector loads

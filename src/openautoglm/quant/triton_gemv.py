@@ -51,6 +51,30 @@ def _f32(bits):
 
 
 @triton.jit
+def select_weight(pid_n, N, w_ptr, s_ptr, z_ptr, stride_sg, stride_zg, w1_ptr, s1_ptr, z1_ptr, sg1, zg1, N0,
+                  w2_ptr, s2_ptr, z2_ptr, sg2, zg2, N1, BLOCK_N: tl.constexpr, NW: tl.constexpr):
+    """Which of ``NW`` (1..3) weights side by side in ``y`` row block ``pid_n`` reads (weight 0 has ``N0`` rows,
+    weight 1 ``N1``, weight 2 the rest; row blocks never straddle weights): its local row block, its row count,
+    its first column in ``y``, and its codes / scales / zeros pointers and group strides. Shared by the decode
+    GEMVs (``decode_kernel`` and ``gemv_kernel``)."""
+    if NW == 1:
+        return pid_n, N, 0, w_ptr, s_ptr, z_ptr, stride_sg, stride_zg
+    nb0 = tl.cdiv(N0, BLOCK_N)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    in0 = pid_n < nb0
+    in1 = pid_n < nb0 + nb1
+    lb = tl.where(in0, pid_n, tl.where(in1, pid_n - nb0, pid_n - nb0 - nb1))
+    n_loc = tl.where(in0, N0, tl.where(in1, N1, N - N0 - N1))
+    off = tl.where(in0, 0, tl.where(in1, N0, N0 + N1))
+    wp = tl.where(in0, w_ptr, tl.where(in1, w1_ptr, w2_ptr))
+    sp = tl.where(in0, s_ptr, tl.where(in1, s1_ptr, s2_ptr))
+    zp = tl.where(in0, z_ptr, tl.where(in1, z1_ptr, z2_ptr))
+    sg = tl.where(in0, stride_sg, tl.where(in1, sg1, sg2))
+    zg = tl.where(in0, stride_zg, tl.where(in1, zg1, zg2))
+    return lb, n_loc, off, wp, sp, zp, sg, zg
+
+
+@triton.jit
 def pdl_sync():
     """Programmatic dependent launch: wait until the kernels this launch depends on have finished and their
     writes are visible, then let the next launch start (its own prologue overlaps this kernel's tail). Only
@@ -147,24 +171,9 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K
     BB: tl.constexpr = BLOCK_K // 2 if FMT == 4 else BLOCK_K  # bytes of a row in a tile
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if NW == 1:
-        lb = pid_n
-        n_loc = N
-        off = 0
-        wp, sp, zp, sg, zg = w_ptr, s_ptr, z_ptr, stride_sg, stride_zg
-    else:  # which weight this program reads, its local row block, and where its rows go in y
-        nb0 = tl.cdiv(N0, BLOCK_N)
-        nb1 = tl.cdiv(N1, BLOCK_N)
-        in0 = pid_n < nb0
-        in1 = pid_n < nb0 + nb1
-        lb = tl.where(in0, pid_n, tl.where(in1, pid_n - nb0, pid_n - nb0 - nb1))
-        n_loc = tl.where(in0, N0, tl.where(in1, N1, N - N0 - N1))
-        off = tl.where(in0, 0, tl.where(in1, N0, N0 + N1))
-        wp = tl.where(in0, w_ptr, tl.where(in1, w1_ptr, w2_ptr))
-        sp = tl.where(in0, s_ptr, tl.where(in1, s1_ptr, s2_ptr))
-        zp = tl.where(in0, z_ptr, tl.where(in1, z1_ptr, z2_ptr))
-        sg = tl.where(in0, stride_sg, tl.where(in1, sg1, sg2))
-        zg = tl.where(in0, stride_zg, tl.where(in1, zg1, zg2))
+    lb, n_loc, off, wp, sp, zp, sg, zg = select_weight(pid_n, N, w_ptr, s_ptr, z_ptr, stride_sg, stride_zg, w1_ptr,
+                                                       s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2,
+                                                       zg2, N1, BLOCK_N, NW)
     rn = lb * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the selected weight
     mask_n = rn < n_loc
     rn_s = tl.where(mask_n, rn, 0)  # clamped rows: unmasked (vectorized) loads, masked store
