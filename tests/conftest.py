@@ -7,6 +7,8 @@ evaluation helpers; everything else is small so tests run in seconds on a 2-core
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,31 @@ def make_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **
 def family(request) -> str:
     """Parametrizes a test over every supported family (use with :func:`make_tiny`)."""
     return request.param
+
+
+def run_interpreted(script: str) -> None:
+    """Run ``script`` in a fresh Python under Triton's CPU interpreter (``TRITON_INTERPRET=1`` must be set before
+    triton is imported); it passes by printing ``OK``. Skips where triton is missing or its interpreter cannot run
+    with this numpy."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    probe = subprocess.run([sys.executable, "-c", "import triton"], env=env, capture_output=True)
+    if probe.returncode:
+        pytest.skip("triton is not installed")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    if "only 0-dimensional arrays" in r.stderr:
+        pytest.skip("this numpy is too new for triton's interpreter")
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def sm90_tool():
+    """``benchmarks/kv_kernel_regs.py`` (sm_90 compiles, registers and SASS through the cuobjdump of Triton's
+    NVIDIA backend), or skip where this Triton cannot compile for sm_90."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import kv_kernel_regs as kr
+    except Exception as e:  # noqa: BLE001 - a triton without the NVIDIA backend
+        pytest.skip(f"no sm_90 compile here: {e}")
+    if not (kr.BIN / "cuobjdump").exists():
+        pytest.skip("triton's NVIDIA backend has no cuobjdump")
+    return kr

@@ -11,12 +11,10 @@ for the H100 (sm_90) with no register spills and its tile loads pipelined.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_interpreted, sm90_tool
 import torch
 
 from openautoglm.kv import dense_decode as dd
@@ -75,19 +73,8 @@ GENERATOR_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_interpreted(script: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    probe = subprocess.run([sys.executable, "-c", "import triton"], env=env, capture_output=True)
-    if probe.returncode:
-        pytest.skip("triton is not installed")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    if "only 0-dimensional arrays" in r.stderr:
-        pytest.skip("this numpy is too new for triton's interpreter")
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
-
-
 def test_dense_decode_kernel_and_generator_in_interpreter():
-    _run_interpreted(KERNEL_SCRIPT + GENERATOR_SCRIPT)  # one interpreter process
+    run_interpreted(KERNEL_SCRIPT + GENERATOR_SCRIPT)  # one interpreter process
 
 
 def test_op_on_cpu_is_the_masked_sdpa_and_compiles():
@@ -130,16 +117,7 @@ def test_dense_decode_kernel_compiles_for_sm90():
     """sm_90 cubins through Triton's own ptxas (no GPU): 7B (head_dim 128, group 1), 1B-shaped (64, group 8),
     Qwen-like (128, group 7) and head_dim 256; no spills, at most 128 registers (4 programs of 4 warps per SM),
     the K/V tiles loaded with cp.async (Triton's loop pipelining) and the MMAs on tensor cores."""
-    pytest.importorskip("triton")
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import kv_kernel_regs as kr
-    except Exception as e:  # noqa: BLE001 - a triton without the NVIDIA backend
-        pytest.skip(f"no sm_90 compile here: {e}")
-    if not (kr.BIN / "cuobjdump").exists():
-        pytest.skip("triton's NVIDIA backend has no cuobjdump")
+    kr = sm90_tool()
     from openautoglm.kv import triton_dense
 
     ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}

@@ -9,12 +9,9 @@ window (a ring of block slots) and the growing (exact-size) store. Skipped where
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from conftest import run_interpreted, sm90_tool
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -123,23 +120,12 @@ VEC_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_interpreted(script: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    probe = subprocess.run([sys.executable, "-c", "import triton"], env=env, capture_output=True)
-    if probe.returncode:
-        pytest.skip("triton is not installed")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    if "only 0-dimensional arrays" in r.stderr:
-        pytest.skip("this numpy is too new for triton's interpreter")
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
-
-
 def test_kv_vec_kernel_in_interpreter():
-    _run_interpreted(VEC_SCRIPT)
+    run_interpreted(VEC_SCRIPT)
 
 
 def test_kv_kernels_in_interpreter():
-    _run_interpreted(SCRIPT)
+    run_interpreted(SCRIPT)
 
 
 def test_kv_vec_kernel_compiles_for_sm90():
@@ -147,16 +133,7 @@ def test_kv_vec_kernel_compiles_for_sm90():
     enough registers for 3 programs of 4 warps per multiprocessor (<= 168 a thread; the first version held
     209 and ran 2), spills nothing, and takes fewer SASS instructions per 64-token tile than byte reads with
     eager rescaling (the interpreter cannot show either)."""
-    pytest.importorskip("triton")
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import kv_kernel_regs as kr
-    except Exception as e:  # noqa: BLE001 - a triton without the NVIDIA backend
-        pytest.skip(f"no sm_90 compile here: {e}")
-    if not (kr.BIN / "cuobjdump").exists():
-        pytest.skip("triton's NVIDIA backend has no cuobjdump")
+    kr = sm90_tool()
     from openautoglm.kv import ops
 
     cfg = ops.DECODE_CONFIG

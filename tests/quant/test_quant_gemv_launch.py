@@ -17,26 +17,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import sm90_tool
 
 H100_V1 = [(8, False, 16, 256, 2), (9, False, 16, 256, 2), (8, True, 64, 64, 3), (9, True, 128, 64, 3)]  # fmt, DOT,
 # BLOCK_N, BLOCK_K, num_stages of the v1 rows of gemv_tuned.json (4 warps)
-
-
-def regs_tool():
-    """``benchmarks/kv_kernel_regs.py`` (registers and SASS of a cubin through the cuobjdump of Triton's NVIDIA
-    backend), or skip where this Triton cannot compile for sm_90."""
-    pytest.importorskip("triton")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import kv_kernel_regs as kr
-    except Exception as e:  # noqa: BLE001 - a triton without the NVIDIA backend
-        pytest.skip(f"no sm_90 compile here: {e}")
-    if not (kr.BIN / "cuobjdump").exists():
-        pytest.skip("triton's NVIDIA backend has no cuobjdump")
-    return kr
 
 
 def compile_sm90(fn, const: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 2, **options):
@@ -192,7 +178,7 @@ def test_v1_gemv_multi_in_interpreter():
 def test_v1_gemv_multi_compiles_for_sm90():
     """Per-weight pointers chosen per program keep the 16-byte weight vectors (the selects keep the pointers'
     16-divisibility) and spill nothing, in every v1 configuration of the H100 table."""
-    kr = regs_tool()
+    kr = sm90_tool()
     import re
 
     def vectors(k):  # 16-byte global loads (LDG.E.128) and global->shared copies (LDGSTS...128) in the SASS
@@ -297,7 +283,7 @@ def test_pdl_compiles_for_sm90():
     of dependents; only loads come before the wait (the first iteration's weights: at least one global load, and
     no store or atomic; that the activation loads come after it is not visible in the PTX), nothing spills inside
     a loop, and without ``PDL`` there is no grid-dependency instruction at all."""
-    kr = regs_tool()
+    kr = sm90_tool()
     import re
 
     from openautoglm.quant import ops
