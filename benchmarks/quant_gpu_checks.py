@@ -23,35 +23,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from openautoglm.kv import dense_decode  # noqa: E402
 from openautoglm.quant import QuantConfig, ops, quantize  # noqa: E402
+from quant_tune import time_us  # noqa: E402
 
 RES: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
              "date": time.strftime("%Y-%m-%d %H:%M"), "git_commit": os.environ.get("GIT_COMMIT", "?")}
 
 
-def graph_time_us(fn, reps: int = 50) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph (each replay runs ``fn`` 10 times)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 100)  # ms / 10 calls -> us per call
-    return sorted(times)[len(times) // 2]
+CUDA = torch.device("cuda")
 
 
 def attention_checks():
@@ -70,8 +52,8 @@ def attention_checks():
             worst = max(worst, (a - r).abs().max().item())
             cos_min = min(cos_min, F.cosine_similarity(a.flatten(), r.flatten(), 0).item())
         pos = torch.tensor([L // 2], device="cuda")
-        t_k = graph_time_us(lambda: dense_decode.decode_triton(q, k, v, pos, scale))
-        t_r = graph_time_us(lambda: dense_decode.decode_reference(q, k, v, pos, scale))
+        t_k = time_us([lambda: dense_decode.decode_triton(q, k, v, pos, scale)], CUDA, 50)
+        t_r = time_us([lambda: dense_decode.decode_reference(q, k, v, pos, scale)], CUDA, 50)
         row = dict(B=B, H=H, Hkv=Hkv, D=D, L=L, max_abs_err=worst, cos_min=cos_min, kernel_us=t_k, sdpa_us=t_r,
                    x_sdpa=t_r / t_k)
         out.append(row)
@@ -105,7 +87,7 @@ def gemv_checks():
             a, b = multi().float(), sep().float()
             rel = ((a - b).norm() / b.norm()).item()
             res = {"scheme": scheme, "shape": name, "rel_diff_multi_vs_separate": rel,
-                   "multi_us": graph_time_us(multi), "separate_us": graph_time_us(sep)}
+                   "multi_us": time_us([multi], CUDA, 50), "separate_us": time_us([sep], CUDA, 50)}
             if hasattr(ops, "PDL"):
                 prev = ops.PDL
                 try:
@@ -141,7 +123,7 @@ def pdl_chain():
     try:
         for flag in (True, False):
             ops.PDL = flag
-            out[f"pdl_{flag}"] = {"us_per_pair": graph_time_us(chain, reps=20) / 32, "out": chain().float()}
+            out[f"pdl_{flag}"] = {"us_per_pair": time_us([chain], CUDA, 20) / 32, "out": chain().float()}
     finally:
         ops.PDL = prev
     same = bool(torch.equal(out["pdl_True"]["out"], out["pdl_False"]["out"]))
