@@ -4,7 +4,7 @@ For each model shape (7B: 32 query / 32 KV heads x 128; 1B-shaped: 32 / 4 x 64; 
 (1, 8), cache length L (512, 4096) and query position (a short prompt's 128 and the cache's last row): the
 masked SDPA exactly as the Generator's compiled layer runs it (``torch.compile(fullgraph=True)`` of
 ``F.scaled_dot_product_attention(q, k, v, attn_mask=arange(L) <= pos)``, inductor picks the backend) and
-:func:`openautoglm.kv.dense_decode.decode_triton` under its default and a few other launch configurations
+:func:`openautoglm.kv.kernels.dense_decode.decode_triton` under its default and a few other launch configurations
 (programs per SM, pipeline stages, tile). Each is checked against the float32 reference once (max abs error),
 then timed in a CUDA graph (quant_tune's harness: calls rotating over cache copies that together exceed L2,
 median of replays). Figures: microseconds, speed-up over SDPA, GB/s over the bytes that must be read (keys
@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openautoglm.kv import dense_decode as dd  # noqa: E402
+from openautoglm.kv.kernels import dense_decode as dd  # noqa: E402
 from quant_tune import copy_gbps, time_us  # noqa: E402
 
 SHAPES = {"7b": (32, 32, 128), "1b": (32, 4, 64), "qwen": (28, 4, 128)}

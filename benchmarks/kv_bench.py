@@ -31,7 +31,7 @@ def run_gpu(args) -> dict:
     smoke = args.smoke
     t0 = time.time()
     out = Path(args.out)
-    from openautoglm.kv import ops
+    from openautoglm.kv.kernels import ops
 
     res = {"environment": environment(), "settings": vars(args).copy(), "decode_config": dict(ops.DECODE_CONFIG)}
     res["model"] = "SMOKE tiny random Llama (not a result)" if smoke else \
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.decode_config:
-        from openautoglm.kv import ops
+        from openautoglm.kv.kernels import ops
 
         cfg = json.loads(args.decode_config)
         unknown = set(cfg) - set(ops.DECODE_CONFIG)

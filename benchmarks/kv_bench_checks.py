@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from openautoglm.kv import ops
+from openautoglm.kv.kernels import ops
 from openautoglm.kv.static_store import StaticQuantStore
 
 # (bits, group, residual, capacity, window, kv_heads, query heads per kv head, head_dim, batch, prefill, decode)

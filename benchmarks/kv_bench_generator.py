@@ -1,4 +1,4 @@
-"""Decode-speed rows in openautoglm.generate.Generator (compiled layer step, CUDA graph) and a kernel profile.
+"""Decode-speed rows in openautoglm.generation.generator.Generator (compiled layer step, CUDA graph) and a kernel profile.
 
 The Generator's own full-precision static buffers + SDPA (``bf16-static``) and its quantized cache
 (``Generator(kv=KVCacheConfig(bits, ...))``: the device append kernel and the fused split-KV decode kernel),
@@ -24,8 +24,8 @@ def kv_config(kind: str, n_layers: int):
 
 @torch.no_grad()
 def generator_row(model, kind: str, batch: int, ctx: int, steps: int, device: str, weights_bytes: int) -> dict:
-    """Decode tokens/s in openautoglm.generate.Generator from ``ctx`` synthetic tokens (compiled, CUDA graph)."""
-    from openautoglm.generate import Generator
+    """Decode tokens/s in openautoglm.generation.generator.Generator from ``ctx`` synthetic tokens (compiled, CUDA graph)."""
+    from openautoglm.generation.generator import Generator
 
     n = model.config.num_hidden_layers
     kv = kv_config(kind, n)
@@ -101,7 +101,7 @@ def generator_row(model, kind: str, batch: int, ctx: int, steps: int, device: st
 @torch.no_grad()
 def profile_step(model, spec: str, device: str, weights_bytes: int, layers: int = 8) -> dict:
     """Top CUDA kernels of a few Generator decode steps (eager replay of the compiled step) for ``kind@ctx x batch``."""
-    from openautoglm.generate import Generator
+    from openautoglm.generation.generator import Generator
 
     if device != "cuda":
         return {"spec": spec, "skipped": "no CUDA device"}

@@ -2,7 +2,7 @@
 
 Caches compared, all filled with the same synthetic keys/values (so no prefill is timed):
 
-Decode speed, in openautoglm.generate.Generator (one decoder layer compiled with torch.compile(fullgraph=True)
+Decode speed, in openautoglm.generation.generator.Generator (one decoder layer compiled with torch.compile(fullgraph=True)
 and shared by every layer, the whole decode step captured in one CUDA graph):
   bf16-static      the Generator's full-precision static K/V buffers + SDPA
   int8 / int4      Generator(kv=KVCacheConfig(bits)): preallocated quantized stores, device append kernel and

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from openautoglm import _hf, hub
+from openautoglm import hub, _hf
 from openautoglm.evaluate import bleu_vs_baseline, heldout_prompts, heldout_token_ids, perplexity
 from openautoglm.kv import KVCacheConfig
 from openautoglm.kv.metrics import attention_fidelity, cached_perplexity, greedy_with_cache

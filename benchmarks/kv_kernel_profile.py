@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kv_kernel_sweep import make_store  # noqa: E402
-from openautoglm.kv import ops  # noqa: E402
+from openautoglm.kv.kernels import ops  # noqa: E402
 
 CONFIGS = {"dot": dict(vec=False), "vec": dict(vec=True)}
 

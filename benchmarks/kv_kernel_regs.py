@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from openautoglm.kv import triton_vec  # noqa: E402
+from openautoglm.kv.kernels import triton_vec  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 PTRS = {"q_ptr": "*bf16", "kq_ptr": "*u8", "ks_ptr": "*fp16", "km_ptr": "*fp16", "vq_ptr": "*u8", "vs_ptr": "*fp16",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from openautoglm.kv import ops  # noqa: E402
+from openautoglm.kv.kernels import ops  # noqa: E402
 from openautoglm.kv.static_store import StaticQuantStore  # noqa: E402
 from quant_tune import copy_gbps  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from quant_tune import time_us as _graph_us  # noqa: E402

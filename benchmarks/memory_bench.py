@@ -2,7 +2,7 @@
 
 A grid of random-weight Llama-shaped models (160M, 1B = Llama-3.2-1B shape, 7B = Llama-2-7B shape) x
 inference (prefill with a KV cache, last-token logits as ``generate`` does) / training (steps of
-``openautoglm.train``'s loop: fused AdamW, pure bf16 or bf16/fp16 autocast with fp32 master weights,
+``openautoglm.training.loop``'s loop: fused AdamW, pure bf16 or bf16/fp16 autocast with fp32 master weights,
 activation checkpointing on/off, gradient accumulation). Each case is estimated from its config alone
 (meta device) and measured with ``torch.cuda.max_memory_allocated`` above the bytes allocated before the
 model was built (cuBLAS/cuBLASLt workspaces are created by a warm-up first and reported separately).
@@ -157,7 +157,7 @@ def measure_train_plain(model, c: dict, device: str) -> tuple[dict, torch.optim.
 
 
 def measure_train(model, c: dict, device: str) -> dict:
-    from openautoglm.train import TrainConfig, autocast_ctx, batch_at, build_optimizer, prepare_model
+    from openautoglm.training.loop import TrainConfig, autocast_ctx, batch_at, build_optimizer, prepare_model
 
     cfg = TrainConfig(steps=2, micro_batch=c["batch"], seq_len=c["seq_len"], amp=c["amp"], grad_checkpointing=c["ckpt"],
                       grad_accum=c["accum"], progress=False)
@@ -233,7 +233,7 @@ def warm_up(device: str) -> dict:
 
 
 def _optimizer(c: dict) -> str:
-    """Our loop (openautoglm.train) builds the fused AdamW; the plain loop gets torch's default ("adamw")."""
+    """Our loop (openautoglm.training.loop) builds the fused AdamW; the plain loop gets torch's default ("adamw")."""
     return "adamw" if c.get("loop") == "plain" else "adamw_fused"
 
 

@@ -1,6 +1,6 @@
 """Weight quantization on the GPU: bf16 vs ours (w8a8, w8, w4) vs torchao, in ONE harness.
 
-Every variant runs through the same helper, ``openautoglm.generate.Generator``: a static KV cache, the
+Every variant runs through the same helper, ``openautoglm.generation.generator.Generator``: a static KV cache, the
 decoder layer compiled once (``torch.compile(fullgraph=True)``) and the whole decode step captured in one
 CUDA graph, prompt 128, 256 new tokens, batch 1 and 8; prefill of 2048 tokens through the same compiled
 layers; weight bytes and peak GPU memory; achieved weight-read bandwidth at batch 1 vs a device-to-device
@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from openautoglm.memory.estimate import model_bytes  # noqa: E402
 from openautoglm.quant import QuantConfig, quantize  # noqa: E402
-from openautoglm.generate import Generator  # noqa: E402
+from openautoglm.generation.generator import Generator  # noqa: E402
 from quant_bench_lib import T0, build, copy_bandwidth, log, plot, summarize, sync, timed  # noqa: E402
 
 OURS = {"w8a8": "auto", "w8": "w8", "w4": "w4"}
@@ -222,7 +222,7 @@ def generate_bench(shape, variant, dev, args) -> dict:
     torch._dynamo.reset()
     model = build(shape, dev)
     apply_variant(model, variant)
-    from openautoglm.generate import enable_fast_generate
+    from openautoglm.generation.generator import enable_fast_generate
 
     enable_fast_generate(model, enabled=False)  # transformers' own loop (quantize() routes generate to Generator)
     vocab = model.config.vocab_size
@@ -320,7 +320,7 @@ def main() -> None:
         args.models, args.prompt, args.new, args.prefill = "smoke", 8, 8, 64
         args.variants = ",".join(v for v in args.variants.split(",") if not v.startswith("ao-"))
     if args.tuned and Path(args.tuned).exists():
-        from openautoglm.quant import ops
+        from openautoglm.quant.kernels import ops
 
         tuned = json.loads(Path(args.tuned).read_text())["tuned"]
         ops.GEMV_TUNED.update({tuple(int(v) for v in k.split(",")): c for k, c in tuned.items()})
@@ -341,7 +341,7 @@ def main() -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "torchao": ao_version,
            "git_commit": commit or os.environ.get("GIT_COMMIT", "?"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "harness": "openautoglm.generate.Generator: static KV cache, decoder layer compiled once (fullgraph), "
+           "harness": "openautoglm.generation.generator.Generator: static KV cache, decoder layer compiled once (fullgraph), "
                       "whole decode step in one CUDA graph; prefill through the same compiled layers",
            "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "models": {}}
     res["copy_GBps"] = copy_bandwidth(dev)

@@ -1,6 +1,6 @@
 """Where a decode step's time goes besides the GEMVs (H100 diagnostics for issue 11).
 
-1. The decode attention of ``openautoglm.generate.Generator`` under each SDPA backend inductor can lower the
+1. The decode attention of ``openautoglm.generation.generator.Generator`` under each SDPA backend inductor can lower the
    masked decode attention to (cuDNN, memory-efficient, math), bf16 and w4 7B-shaped Llama, batch 1: step time
    (CUDA-graph replays) and kernel time by kind (torch.profiler).
 2. ``model.generate(..., cache_implementation="static")`` (transformers compiles the forward, mode
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_bench_lib import build  # noqa: E402
 from quant_speed_lib import apply_variant  # noqa: E402
 
-from openautoglm.generate import Generator  # noqa: E402
+from openautoglm.generation.generator import Generator  # noqa: E402
 
 T0 = time.time()
 BACKENDS = {"cudnn": dict(cudnn=True, efficient=True, flash=True, math=True),
@@ -125,7 +125,7 @@ def generate_section(base, res):
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    from openautoglm.generate import enable_fast_generate
+    from openautoglm.generation.generator import enable_fast_generate
 
     torch._logging.set_logs(perf_hints=True)
     out = res.setdefault("generate", {})

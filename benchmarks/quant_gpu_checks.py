@@ -25,8 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from openautoglm.kv import dense_decode  # noqa: E402
-from openautoglm.quant import QuantConfig, ops, quantize  # noqa: E402
+from openautoglm.kv.kernels import dense_decode  # noqa: E402
+from openautoglm.quant import QuantConfig, quantize
+from openautoglm.quant.kernels import ops  # noqa: E402
 from quant_tune import time_us  # noqa: E402
 
 RES: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

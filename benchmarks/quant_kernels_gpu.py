@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from openautoglm.quant import kernels, ops  # noqa: E402
+from openautoglm.quant import kernels
+from openautoglm.quant.kernels import ops  # noqa: E402
 from openautoglm.quant.config import QuantConfig  # noqa: E402
 from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
 from openautoglm.quant.math import to_fp8  # noqa: E402

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from openautoglm.quant import QuantConfig, ops  # noqa: E402
+from openautoglm.quant import QuantConfig
+from openautoglm.quant.kernels import ops  # noqa: E402
 from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
 
 if len(sys.argv) > 1 and Path(sys.argv[1]).exists():

@@ -8,7 +8,7 @@ skipped sections are listed in the JSON), the JSON rewritten after every row:
    and 1B Llama shapes, GB/s against a device copy measured in the same run; prefill layers at 2048 tokens,
    and q/k/v, gate/up dequantized into one matrix + one GEMM vs one per layer. The tuned launch
    configurations are used by everything after.
-2. 7B-shaped random Llama through ``openautoglm.generate.Generator`` (static cache, compiled layer, CUDA
+2. 7B-shaped random Llama through ``openautoglm.generation.generator.Generator`` (static cache, compiled layer, CUDA
    graph): bf16, w4, w8, w8a8 (fp8 on the H100): decode batch 1 and 8 (prompt 128, 256 new tokens),
    prefill 2048 (GPU time by CUDA events, w4/w8 also without the q/k/v, gate/up prefill fusion, a
    torch.profiler breakdown by kernel kind), weight bytes, logits cosine vs bf16; a profile of one w4 decode step.
@@ -89,8 +89,8 @@ def _free(dev):
 
 # Ablations: ``VARIANT@SWITCH`` runs VARIANT with one of the decode path's switches off (decode only, no prefill),
 # so the JSON says what each piece is worth in the same run.
-ABLATIONS = {"nopdl": ("openautoglm.quant.ops", "PDL", False),  # programmatic dependent launch of the GEMVs
-             "sdpa": ("openautoglm.generate", "DENSE_DECODE_KERNEL", False)}  # SDPA instead of our decode attention
+ABLATIONS = {"nopdl": ("openautoglm.quant.kernels.ops", "PDL", False),  # programmatic dependent launch of the GEMVs
+             "sdpa": ("openautoglm.generation.generator", "DENSE_DECODE_KERNEL", False)}  # SDPA instead of our decode attention
 
 
 def _switch(name: str | None, value=None):
@@ -234,7 +234,7 @@ def main() -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
            "torchao": ao, "git_commit": commit or "?",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "harness": "openautoglm.generate.Generator: static KV cache, one decoder layer compiled (fullgraph), the "
+           "harness": "openautoglm.generation.generator.Generator: static KV cache, one decoder layer compiled (fullgraph), the "
                       "whole decode step in one CUDA graph; prefill through the same compiled layer",
            "prompt": args.prompt, "new_tokens": args.new, "prefill_tokens": args.prefill, "budget_s": args.budget_s,
            "retuned_formats": "all" if retune is None else sorted(retune), "argv": sys.argv[1:],

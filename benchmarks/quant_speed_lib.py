@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from openautoglm.generate import Generator
+from openautoglm.generation.generator import Generator
 from openautoglm.memory.estimate import model_bytes
 from openautoglm.quant import DynamicQuantizer, QuantConfig, quantize
 
@@ -220,8 +220,8 @@ def generate_row(model, variant, dev, args, log) -> dict:
     says whether its output equals transformers' (``same_as_transformers``) and which path served the calls."""
     from transformers import CompileConfig
 
-    from openautoglm.generate import enable_fast_generate
-    from openautoglm.generate_hf import routed
+    from openautoglm.generation.generator import enable_fast_generate
+    from openautoglm.generation.routing import routed
 
     r = {"variant": variant, "scheme": apply_variant(model, variant)}
     prompt = _prompt(1, args.prompt, dev, model.config.vocab_size, 11)

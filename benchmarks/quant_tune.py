@@ -2,7 +2,7 @@
 
 For each Llama layer shape ``(N, K)`` and M = 1 and 8 activation rows: bf16 ``F.linear`` (cuBLAS); tinygemm
 (``torch._weight_int4pack_mm``, the kernel of torchao's int4 weight-only) on the same int4 codes; and our
-decode kernels (:mod:`openautoglm.quant.triton_decode`) for w4 (k32 order, g128, asymmetric), w8 (per
+decode kernels (:mod:`openautoglm.quant.kernels.triton_decode`) for w4 (k32 order, g128, asymmetric), w8 (per
 channel) and the e4m3 weights of w8a8-fp8, over a few launch configurations each (FMA and tensor-core
 kernels, rows per thread, split-K). Every configuration is first checked against the float reference on
 fresh random inputs (output poisoned with NaN) and then timed: a CUDA graph of calls rotating over weight
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from openautoglm.quant import kernels, ops  # noqa: E402
+from openautoglm.quant import kernels
+from openautoglm.quant.kernels import ops  # noqa: E402
 from openautoglm.quant.config import QuantConfig  # noqa: E402
 from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
 from openautoglm.quant.math import pack_int4, to_fp8, unpack_int4_k32  # noqa: E402

@@ -115,7 +115,7 @@ def _inmemory_check(model, ckpt: Path, scheme: str, layers: int, device: str) ->
     from safetensors import safe_open
     from torch import nn
 
-    from openautoglm import _hf, hub
+    from openautoglm import hub, _hf
     from openautoglm.quant import LINEAR_CLASSES, QuantConfig
 
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"] \

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_bench_lib import Decoder  # noqa: E402
 from tp_overhead_gpu import environment  # noqa: E402
 
-from openautoglm import _hf, parallel  # noqa: E402
+from openautoglm import parallel, _hf  # noqa: E402
 from openautoglm.memory.estimate import estimate_memory, model_bytes  # noqa: E402
 
 SHAPES = {  # Llama-2-13B (MHA) and Llama-2/3-70B-like (GQA 8) shapes; tiny for a CPU check

@@ -2,7 +2,7 @@
 
 A LlamaForCausalLM with grouped-query attention (16 query heads, 4 KV heads per layer), trained at a
 context of 2048 tokens on the corpus built by ``scripts/build_corpus.py`` through the project's training
-loop :func:`openautoglm.train.train`: bf16 autocast, AdamW with decoupled weight decay, linear warm-up then
+loop :func:`openautoglm.training.loop.train`: bf16 autocast, AdamW with decoupled weight decay, linear warm-up then
 cosine decay, gradient accumulation and optional activation checkpointing.
 
 The shipped checkpoint was produced by this script's first version (git 38e6e89: a hand-written loop with
@@ -96,7 +96,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from openautoglm.train import TrainConfig, train
+    from openautoglm.training.loop import TrainConfig, train
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True

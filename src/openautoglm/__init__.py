@@ -51,7 +51,7 @@ _register_lazy({  # KV cache: fused decode attention, calibrated cross-layer sha
     "enable_fused_attention": "openautoglm.kv.attention", "search_sharing": "openautoglm.kv.share_search",
     "MixedKVCache": "openautoglm.kv.mixed",
 })
-_register_lazy({"enable_fast_generate": "openautoglm.generate_hf"})  # model.generate -> compiled static-cache decode
+_register_lazy({"enable_fast_generate": "openautoglm.generation.routing"})  # model.generate -> compiled static-cache decode
 _register_lazy({  # budget-driven compression
     "compress_to_budget": "openautoglm.auto", "apply_recipe": "openautoglm.auto", "load_recipe": "openautoglm.auto",
 })

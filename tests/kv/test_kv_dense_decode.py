@@ -1,4 +1,4 @@
-"""Decode attention over the full-precision static cache (:mod:`openautoglm.kv.dense_decode`).
+"""Decode attention over the full-precision static cache (:mod:`openautoglm.kv.kernels.dense_decode`).
 
 The Triton kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, a subprocess) on fresh random
 inputs against the masked SDPA it replaces (float32 reference on the same rounded inputs): GQA groups 1, 4
@@ -17,13 +17,13 @@ import pytest
 from conftest import run_interpreted, sm90_tool
 import torch
 
-from openautoglm.kv import dense_decode as dd
+from openautoglm.kv.kernels import dense_decode as dd
 
 KERNEL_SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
-    from openautoglm.kv import dense_decode as dd
-    from openautoglm.quant.ops import tickets
+    from openautoglm.kv.kernels import dense_decode as dd
+    from openautoglm.quant.kernels.ops import tickets
     torch.manual_seed(0)
     L = 256
     # one split (the CPU counts one multiprocessor); 3 to 8 splits of 96 to 32 keys (most past small pos);
@@ -56,8 +56,8 @@ KERNEL_SCRIPT = textwrap.dedent("""
 # the Generator's decode step calls the kernel for every layer and step and gives the SDPA step's tokens
 GENERATOR_SCRIPT = textwrap.dedent("""
     import transformers as tf
-    import openautoglm.generate as G
-    from openautoglm.kv import dense_decode as dd
+    import openautoglm.generation.generator as G
+    from openautoglm.kv.kernels import dense_decode as dd
     calls = []
     kernel = dd.decode_triton
     dd.decode_triton = lambda *a, **k: (calls.append(a[0].shape), kernel(*a, **k))[1]
@@ -118,7 +118,7 @@ def test_dense_decode_kernel_compiles_for_sm90():
     Qwen-like (128, group 7) and head_dim 256; no spills, at most 128 registers (4 programs of 4 warps per SM),
     the K/V tiles loaded with cp.async (Triton's loop pipelining) and the MMAs on tensor cores."""
     kr = sm90_tool()
-    from openautoglm.kv import triton_dense
+    from openautoglm.kv.kernels import triton_dense
 
     ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
     ptrs.update(pos_ptr="*i64", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", ticket_ptr="*i32", qk_scale="fp32")

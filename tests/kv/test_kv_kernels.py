@@ -15,7 +15,7 @@ from conftest import run_interpreted, sm90_tool
 
 SCRIPT = textwrap.dedent("""
     import torch
-    from openautoglm.kv import ops
+    from openautoglm.kv.kernels import ops
     from openautoglm.kv.static_store import StaticQuantStore
     from openautoglm.kv.stores import QuantStore
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ SCRIPT = textwrap.dedent("""
 # rescaling of the accumulators.
 VEC_SCRIPT = textwrap.dedent("""
     import torch
-    from openautoglm.kv import ops
+    from openautoglm.kv.kernels import ops
     from openautoglm.kv.static_store import StaticQuantStore
     from openautoglm.kv.stores import QuantStore
     torch.manual_seed(1)
@@ -134,7 +134,7 @@ def test_kv_vec_kernel_compiles_for_sm90():
     209 and ran 2), spills nothing, and takes fewer SASS instructions per 64-token tile than byte reads with
     eager rescaling (the interpreter cannot show either)."""
     kr = sm90_tool()
-    from openautoglm.kv import ops
+    from openautoglm.kv.kernels import ops
 
     cfg = ops.DECODE_CONFIG
     for bits in (4, 8):

@@ -92,14 +92,14 @@ def test_compiled_decode_step_captures_the_fused_op():
 
 
 def test_generator_with_quantized_cache():
-    """openautoglm.generate.Generator(kv=...): the same tokens as model.generate with the same quantized cache;
+    """openautoglm.generation.generator.Generator(kv=...): the same tokens as model.generate with the same quantized cache;
     compiled, the fused decode layer graph is shared by the layers (one graph with a store, one reading another's)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from openautoglm.generate import Generator
+    from openautoglm.generation.generator import Generator
     from openautoglm.kv import KVCacheConfig
-    from openautoglm.kv import fast_decode
+    from openautoglm.generation import kv_decode as fast_decode
 
     model = make_tiny_llama(num_hidden_layers=3)
     ids = torch.randint(2, 8192, (2, 40), generator=torch.Generator().manual_seed(6))

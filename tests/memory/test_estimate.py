@@ -9,7 +9,7 @@ from conftest import TINY_LLAMA, make_tiny_llama
 from openautoglm.memory import MemoryProfiler, estimate_memory
 from openautoglm.memory import formulas as F
 from openautoglm.memory.shapes import LayerShape, model_shape
-from openautoglm.train import TrainConfig, autocast_ctx, build_optimizer, prepare_model
+from openautoglm.training.loop import TrainConfig, autocast_ctx, build_optimizer, prepare_model
 
 CFG = {"model_type": "llama", **TINY_LLAMA}
 

@@ -1,4 +1,4 @@
-"""Launches of the decode GEMVs: several weights in one launch of the v1 kernel (:mod:`openautoglm.quant.triton_gemv`,
+"""Launches of the decode GEMVs: several weights in one launch of the v1 kernel (:mod:`openautoglm.quant.kernels.triton_gemv`,
 ``NW`` = 2 / 3).
 
 The kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, in a subprocess) against float references
@@ -54,7 +54,7 @@ def loop_spills(sass: str) -> list[str]:
 
 
 def v1_sm90(fmt: int, dot: bool, bn: int, bk: int, stages: int, nw: int, split: bool, **extra):
-    from openautoglm.quant.triton_gemv import gemv_kernel
+    from openautoglm.quant.kernels.triton_gemv import gemv_kernel
 
     code, scale = {8: ("*i8", "*fp16"), 9: ("*fp8e4nv", "*fp32")}[fmt]
     ptrs = {f"{a}{i}_ptr": t for i in ("", "1", "2") for a, t in (("w", code), ("s", scale), ("z", scale))}
@@ -64,7 +64,8 @@ def v1_sm90(fmt: int, dot: bool, bn: int, bk: int, stages: int, nw: int, split: 
 
 SCRIPT = textwrap.dedent("""
     import torch
-    from openautoglm.quant import kernels, ops, triton_gemv
+    from openautoglm.quant import kernels
+    from openautoglm.quant.kernels import ops, triton_gemv
     from openautoglm.quant.config import QuantConfig
     from openautoglm.quant.linear import LINEAR_CLASSES
     seed = torch.seed()
@@ -198,7 +199,8 @@ PDL_SCRIPT = textwrap.dedent("""
     import torch
     import triton
     import triton.language as tl  # noqa: F401 - a jit function's module must see it
-    from openautoglm.quant import kernels, ops, triton_decode, triton_gemv
+    from openautoglm.quant import kernels
+    from openautoglm.quant.kernels import ops, triton_decode, triton_gemv
     from openautoglm.quant.config import QuantConfig
     from openautoglm.quant.linear import LINEAR_CLASSES
     from openautoglm.quant.math import to_fp8
@@ -286,8 +288,8 @@ def test_pdl_compiles_for_sm90():
     kr = sm90_tool()
     import re
 
-    from openautoglm.quant import ops
-    from openautoglm.quant.triton_decode import decode_dot_kernel, decode_kernel
+    from openautoglm.quant.kernels import ops
+    from openautoglm.quant.kernels.triton_decode import decode_dot_kernel, decode_kernel
 
     if not ops._pdl_triton():
         pytest.skip("this Triton has no programmatic dependent launch")
@@ -323,7 +325,7 @@ def test_pdl_switch(monkeypatch):
     devices with a Triton that has it, never in the interpreter."""
     import torch
 
-    from openautoglm.quant import ops
+    from openautoglm.quant.kernels import ops
 
     assert not ops.use_pdl(torch.device("cpu"))
     cuda = torch.device("cuda", 0)
@@ -333,7 +335,7 @@ def test_pdl_switch(monkeypatch):
         monkeypatch.setattr(ops, "_pdl_triton", lambda v=triton_has_it: v)
         assert ops.use_pdl(cuda) == (switch and triton_has_it), (switch, triton_has_it)
     assert ops._pdl_kw(True) == {"launch_pdl": True} and ops._pdl_kw(False) == {}
-    code = "from openautoglm.quant import ops; print(ops.PDL, ops._pdl_triton())"
+    code = "from openautoglm.quant.kernels import ops; print(ops.PDL, ops._pdl_triton())"
     for value, want in (("1", "True"), ("0", "False"), (None, "False")):  # off by default (measured neutral)
         env = {k: v for k, v in os.environ.items() if k != "OPENAUTOGLM_PDL"} | {"TRITON_INTERPRET": "1"}
         if value is not None:

@@ -163,7 +163,7 @@ def test_layouts_give_identical_perplexity_on_bundled_model():
 
 
 def test_tuned_gemv_configs_are_used():
-    from openautoglm.quant import ops
+    from openautoglm.quant.kernels import ops
 
     assert ops.GEMV_TUNED, "gemv_tuned.json is shipped with the package"
     key = next(iter(ops.GEMV_TUNED))

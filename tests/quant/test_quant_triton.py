@@ -20,7 +20,8 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import torch
-    from openautoglm.quant import ops, kernels
+    from openautoglm.quant import kernels
+    from openautoglm.quant.kernels import ops
     from openautoglm.quant.config import QuantConfig
     from openautoglm.quant.linear import LINEAR_CLASSES
     from openautoglm.quant.math import quantize_per_token, to_fp8

@@ -27,7 +27,8 @@ import torch
 
 torch.set_num_threads(1)  # forked children must not inherit a started OpenMP pool; one thread is deterministic
 
-from openautoglm import _atomic, hub  # noqa: E402
+from openautoglm import hub
+from openautoglm._util import atomic as _atomic  # noqa: E402
 from openautoglm.cli import main  # noqa: E402
 
 WRITE_MODES = ("w", "a", "x", "+")
@@ -67,7 +68,7 @@ def install(trip: Trip, exchange: bool) -> None:
     import safetensors.torch as st
     import transformers.modeling_utils as mu
 
-    from openautoglm import train as train_mod
+    from openautoglm.training import loop as train_mod
 
     def wrap_simple(mod, name, label):
         real = getattr(mod, name)
@@ -321,7 +322,7 @@ def drive_train(spec: dict, report: dict) -> None:
 
 
 def _check_checkpoint(run: Path, point: dict, report: dict) -> int | None:
-    from openautoglm import _train_io as io
+    from openautoglm.training import checkpoints as io
 
     if not run.exists() or not io.has_checkpoint(run):
         return None

@@ -329,7 +329,7 @@ TRAIN = {
 @fuzz_settings(50)
 @given(kw=kwargs_of(TRAIN))
 def test_train_config_and_train(kw):
-    from openautoglm.train import TrainConfig, train
+    from openautoglm.training.loop import TrainConfig, train
 
     with case("bad_input", "TrainConfig"):
         ok, cfg = _clean(TrainConfig, kw)

@@ -81,8 +81,8 @@ def test_disk_full_mid_file_keeps_previous_output(tiny_llama_dir, tmp_path, monk
 
 
 def test_disk_full_during_training_checkpoint(tmp_path, monkeypatch):
-    from openautoglm import _train_io as io
-    from openautoglm.train import TrainConfig, train
+    from openautoglm.training import checkpoints as io
+    from openautoglm.training.loop import TrainConfig, train
 
     from .test_bad_input_api import tiny as make_tiny_llama
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from openautoglm._finite import NonFiniteError
+from openautoglm._util.finite import NonFiniteError
 
 from ._support import case
 from .test_bad_input_api import IDS, tiny
@@ -103,7 +103,7 @@ def test_nonfinite_activation_during_calibration_is_named(verb):
 
 
 def test_nonfinite_training_loss_stops_before_the_step(tmp_path):
-    from openautoglm.train import TrainConfig, train
+    from openautoglm.training.loop import TrainConfig, train
 
     with case("numerical", "training loss NaN"):
         m = tiny()

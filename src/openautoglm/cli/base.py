@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from .. import _hf, hub
+from .. import hub, _hf
 from ..memory.estimate import model_bytes
 from . import app, console
 from ._common import check_dtype, check_finite, check_json_out, fmt_bytes, pick_device, read_text_file, table
@@ -223,7 +223,7 @@ def generate(
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
         fast_kv = kv is None or (kv.bits is not None and not kv.share)  # the helper keeps quantized caches too
         if fast_kv and tp == 1 and torch.device(dev).type == "cuda" and _fast_generate_ok(m):
-            from ..generate import Generator
+            from ..generation.generator import Generator
 
             res = Generator(m, kv=kv).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature,
                                                top_p=top_p, eos_token_id=tok.eos_token_id)
@@ -233,7 +233,7 @@ def generate(
         elif kv is None:
             out = m.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
         else:
-            from ..kv.generation import generate_with
+            from ..generation.kv import generate_with
 
             out, cache = generate_with(m, ids, kv, max_new_tokens=max_new_tokens, fused=tp == 1,
                                        pad_token_id=tok.pad_token_id, **kwargs)
@@ -246,8 +246,8 @@ def generate(
 
 
 def _fast_generate_ok(model) -> bool:
-    """Whether the compiled static-cache helper (openautoglm.generate) can run this model."""
-    from ..generate import Generator
+    """Whether the compiled static-cache helper (openautoglm.generation.generator) can run this model."""
+    from ..generation.generator import Generator
 
     try:
         Generator(model, compile=False, cuda_graph=False)

@@ -119,11 +119,12 @@ def train(
 
     --out holds checkpoint/ (a run started again with the same --out resumes from it), model/ (the final
     model) and train_result.json."""
-    from .. import _train_io, hub
+    from .. import hub
+    from ..training import checkpoints as _train_io
     from ..errors import OutputExistsError
     from ..memory.plan import plan_training
-    from ..train import TrainConfig
-    from ..train import train as run_train
+    from ..training.loop import TrainConfig
+    from ..training.loop import train as run_train
 
     dev = pick_device(device)
     train_text = read_text_file(text, "--text")

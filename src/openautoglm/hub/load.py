@@ -201,7 +201,7 @@ def _fill(model: nn.Module, reader: CheckpointReader, path: Path, device: torch.
     model = model.to(device)  # no copies: everything is there already; re-runs device hooks of quantized modules
     model.name_or_path = str(path)
     _attach(model, path)
-    from ..generate_hf import enable_by_default
+    from ..generation.routing import enable_by_default
 
     enable_by_default(model)  # model.generate(cache_implementation="static") -> the compiled decode
     return model

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .._atomic import recover
+from .._util.atomic import recover
 from ..errors import CheckpointError, ModelNotFoundError
 
 log = logging.getLogger("openautoglm.hub")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .._atomic import atomic_directory
+from .._util.atomic import atomic_directory
 from ..errors import CheckpointError, OutputExistsError
 
 log = logging.getLogger("openautoglm.hub")

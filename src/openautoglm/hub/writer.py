@@ -4,7 +4,7 @@ The names, shapes and dtypes of every output tensor are known before any weight 
 built on the meta device in its final, compressed form), so :class:`StreamingWriter` lays out all shards and
 writes their headers up front; each tensor is then written at its offset as soon as its layer is done and
 freed right after. The host holds about one tensor, never a shard. Files go into the temporary folder of an
-:func:`~openautoglm._atomic.atomic_directory`, renamed into place only when everything was written.
+:func:`~openautoglm._util.atomic.atomic_directory`, renamed into place only when everything was written.
 """
 
 from __future__ import annotations

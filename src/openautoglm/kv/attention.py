@@ -4,7 +4,7 @@
 transformers and switches the model to it. For every layer whose cache slot is an openautoglm
 quantized store and whose step has one query token, the cache's ``update`` stores the token and leaves
 the store here (``set_pending``); the attention function then runs
-:func:`~openautoglm.kv.ops.decode_attention` on the quantized store directly, instead of attending to
+:func:`~openautoglm.kv.kernels.ops.decode_attention` on the quantized store directly, instead of attending to
 dequantized copies. Every other call (prefill chunks, other caches, other layers) goes to the attention
 function the model used before (sdpa or eager), unchanged. With the fused function not enabled, the
 caches return dequantized keys and values and any attention function works.

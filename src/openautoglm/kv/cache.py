@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .. import _checks as C
+from .._util import checks as C
 from .. import _hf
 from .attention import fused_enabled, set_pending
 from .stores import storage_bytes

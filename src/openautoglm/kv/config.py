@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .. import _checks as C
+from .._util import checks as C
 from .cache import validate_quant_args
 
 

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .. import _checks as C
+from .._util import checks as C
 from .cache import CompressedKVCache, KVLayer, layer_count, validate_quant_args
 from .stores import FullStore, QuantStore
 

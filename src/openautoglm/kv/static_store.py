@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import ops, packing
+from . import packing
+from .kernels import ops
 from .stores import _StoreBase, first_needed_block, value_group
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import ops, packing
+from . import packing
+from .kernels import ops
 
 
 def storage_bytes(tensors) -> int:

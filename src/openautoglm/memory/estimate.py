@@ -132,7 +132,7 @@ def estimate_memory(
     device: str | torch.device | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of inference (prefill of ``seq_len`` tokens with a KV cache) or of one
-    training step of :func:`openautoglm.train.train` (steady state, optimizer states allocated).
+    training step of :func:`openautoglm.training.loop.train` (steady state, optimizer states allocated).
 
     Parameters
     ----------

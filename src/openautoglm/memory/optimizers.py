@@ -101,7 +101,7 @@ class OptimizerSpec:
 def from_name(name: str, device: str | torch.device = "cuda") -> OptimizerSpec:
     """``"adamw"`` is what ``torch.optim.AdamW(params)`` does by default on ``device`` (foreach on CUDA, the
     for-loop on the CPU); ``adamw_fused`` / ``adamw_foreach`` / ``adamw_forloop`` pin the implementation;
-    ``sgd`` is momentum SGD with weight decay (as :func:`openautoglm.train.build_optimizer` builds it)."""
+    ``sgd`` is momentum SGD with weight decay (as :func:`openautoglm.training.loop.build_optimizer` builds it)."""
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"optimizer={name!r}; accepted: {', '.join(NAMES)} or a torch.optim optimizer object")
     dev = torch.device(device)

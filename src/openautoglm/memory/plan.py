@@ -24,7 +24,7 @@ from .shapes import ModelShape, model_shape
 
 # (amp, optimizer) in order of preference: training quality and stability first
 # (amp, optimizer kind) in order of preference: training quality and stability first. Each tier tries the
-# allowed optimizer names of its kind (the default, adamw_fused, is what openautoglm.train builds).
+# allowed optimizer names of its kind (the default, adamw_fused, is what openautoglm.training.loop builds).
 TIERS = [("bf16", "adamw"), ("none", "adamw"), ("fp16", "adamw"), ("bf16", "adafactor"), ("none", "adafactor"),
          ("bf16", "sgd"), ("none", "sgd")]
 
@@ -59,8 +59,8 @@ class TrainingPlan:
         return self.estimate.total
 
     def train_config(self, **overrides):
-        """A :class:`openautoglm.train.TrainConfig` running this plan (``overrides``: steps, lr, out_dir, ...)."""
-        from ..train import TrainConfig
+        """A :class:`openautoglm.training.loop.TrainConfig` running this plan (``overrides``: steps, lr, out_dir, ...)."""
+        from ..training.loop import TrainConfig
 
         return TrainConfig(**{"micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "seq_len": self.seq_len,
                               "amp": self.amp, "optimizer": self.optimizer,

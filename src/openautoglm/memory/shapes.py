@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import _hf, hub
+from .. import hub, _hf
 from .formulas import Arch, LayerShape
 
 @dataclass

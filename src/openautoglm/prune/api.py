@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .. import _checks as C
+from .._util import checks as C
 from .heads import HeadPruneConfig, HeadPruner
 from .importance import calibration_ids
 from .lowrank import LowRankConfig, low_rank

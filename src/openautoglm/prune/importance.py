@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _hf
-from .._finite import InputWatch, check_loss
+from .._util.finite import InputWatch, check_loss
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .. import _checks as C
-from .._finite import InputWatch, check_weights
+from .._util import checks as C
+from .._util.finite import InputWatch, check_weights
 from ..hub import record_transform
 from .importance import calibration_ids
 from .sparsity import DEFAULT_TARGETS, target_linears

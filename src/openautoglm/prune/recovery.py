@@ -1,6 +1,6 @@
 """Recovery fine-tune after pruning: a short causal-LM fine-tune on training text, full or LoRA (peft).
 
-Runs through the project's training loop :func:`openautoglm.train.train` (AdamW, warm-up + cosine, clipping,
+Runs through the project's training loop :func:`openautoglm.training.loop.train` (AdamW, warm-up + cosine, clipping,
 AMP on GPU). Weights zeroed by sparsity stay zero: their masks are re-applied after every optimizer step
 (and after merging LoRA adapters). Train on the *training* split, never on the held-out text you evaluate on.
 """
@@ -55,7 +55,7 @@ class RecoveryConfig:
 class RecoveryResult:
     losses: list[float] = field(default_factory=list)  # training loss per step
     seconds: float = 0.0
-    trainer: str = "openautoglm.train"
+    trainer: str = "openautoglm.training.loop"
     method: str = "full"
 
     def to_dict(self) -> dict:
@@ -113,7 +113,7 @@ def _apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
 
 def _train(model: nn.Module, token_ids: torch.Tensor, c: RecoveryConfig,
            masks: dict[nn.Parameter, torch.Tensor], progress: bool) -> RecoveryResult:
-    from ..train import TrainConfig, train
+    from ..training.loop import TrainConfig, train
 
     device = next(model.parameters()).device
     amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "none")

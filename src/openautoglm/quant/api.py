@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import _hf, hub
-from .._finite import check_weights
+from .. import hub, _hf
+from .._util.finite import check_weights
 from ..memory.estimate import model_bytes
 from .config import QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
@@ -137,7 +137,7 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
     if hasattr(model, "config"):
         hub.record_transform(model, TRANSFORM, {"config": config.to_dict(), "modules": chosen})
     model.quant_result = result
-    from ..generate_hf import enable_by_default
+    from ..generation.routing import enable_by_default
 
     enable_by_default(model)  # model.generate(cache_implementation="static") -> the compiled decode
     log.info("quantized %d Linear layers to %s (%d skipped): %.1f MiB -> %.1f MiB", len(chosen), config.scheme,

@@ -6,7 +6,7 @@ import fnmatch
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .. import _checks as C
+from .._util import checks as C
 
 SCHEMES = ("w8a8", "w8a8-fp8", "w8", "w4", "static")
 OBSERVERS = ("minmax", "percentile")

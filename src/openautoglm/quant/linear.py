@@ -79,7 +79,7 @@ class QuantLinear(nn.Module):
         tickets of the decode kernels are allocated here, outside any CUDA graph."""
         w = getattr(self, "qweight", None)
         if w is not None and w.is_cuda:
-            from . import ops
+            from .kernels import ops
 
             ops.tickets(w.device, -(-self.out_features // 8))  # one ticket per row block of the smallest tile
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .._atomic import atomic_directory
+from .._util.atomic import atomic_directory
 from .config import QuantConfig
 from .onload import QuantizeOnLoad
 

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from .._finite import NonFiniteError, check_weights
+from .._util.finite import NonFiniteError, check_weights
 from .config import QuantConfig
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import _hf_attention as _attn
-from ._hf_attention import (  # noqa: F401  (the adapter's public surface: callers use _hf.<name>)
+from . import attention as _attn
+from .attention import (  # noqa: F401  (the adapter's public surface: callers use _hf.<name>)
     INDEXED_GQA_ATTENTION,
     _AttnConfigView,
     as_linear,

@@ -117,7 +117,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def _raise_disk_full(e: BaseException, final: Path) -> None:
     """Turn "no space left" (or over quota, or over the file-size limit) into a :class:`DiskFullError` that says
     what happened to ``final``."""
-    from .errors import DiskFullError
+    from ..errors import DiskFullError
 
     if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in _DISK_FULL:
         where = f" ({e.filename})" if e.filename else ""

@@ -27,8 +27,21 @@ from pathlib import Path
 
 import torch
 
-from .ops_prefill import (FMT_E4M3, FMT_INT4_K32, FMT_INT4_PAIRS, FMT_INT8, GEMM_TUNED, cdiv, dequant,  # noqa: F401
-                          dequant_cat, gemm_config, launch_dequant, launch_gemm, quant_rows, wq_gemm)
+from .ops_prefill import (  # noqa: F401
+    FMT_E4M3,
+    FMT_INT4_K32,
+    FMT_INT4_PAIRS,
+    FMT_INT8,
+    GEMM_TUNED,
+    cdiv,
+    dequant,
+    dequant_cat,
+    gemm_config,
+    launch_dequant,
+    launch_gemm,
+    quant_rows,
+    wq_gemm,
+)
 from .ops_prefill import meta_strides as _meta_strides
 
 

@@ -1,4 +1,4 @@
-"""openautoglm.generate_hf: model.generate(cache_implementation="static") routed to the compiled decode gives
+"""openautoglm.generation.routing: model.generate(cache_implementation="static") routed to the compiled decode gives
 transformers' output (tokens, EOS padding, length), and every call it cannot serve exactly goes to transformers."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from conftest import make_tiny, make_tiny_llama
 from transformers import LlamaForCausalLM, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
-import openautoglm.generate as G
-from openautoglm.generate import enable_fast_generate
-from openautoglm.generate_hf import ENV, RoutedGenerate, routed
+import openautoglm.generation.generator as G
+from openautoglm.generation.generator import enable_fast_generate
+from openautoglm.generation.routing import ENV, RoutedGenerate, routed
 
 STATIC = dict(cache_implementation="static", do_sample=False)
 
@@ -174,7 +174,7 @@ def test_unsupported_family_falls_back_once(monkeypatch, caplog):
     init = G.Generator.__init__
     monkeypatch.setattr(G.Generator, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
     ids = _ids(1, prompt=5)
-    with caplog.at_level(logging.DEBUG, logger="openautoglm.generate_hf"):
+    with caplog.at_level(logging.DEBUG, logger="openautoglm.generation.routing"):
         for _ in range(2):
             out = m.generate(ids, max_new_tokens=4, **STATIC)
     assert len(built) == 1 and torch.equal(out, _hf(m, ids, max_new_tokens=4, **STATIC))
@@ -187,7 +187,7 @@ def test_enable_disable_idempotent_and_copies(model, caplog):
     assert isinstance(r, RoutedGenerate) and enable_fast_generate(model, allow_cpu=True) is model
     assert routed(model) is r and LlamaForCausalLM.generate is type(model).generate  # the class is untouched
     ids = _ids(1)
-    with caplog.at_level(logging.INFO, logger="openautoglm.generate_hf"):
+    with caplog.at_level(logging.INFO, logger="openautoglm.generation.routing"):
         a = model.generate(ids, max_new_tokens=5, **STATIC)
         model.generate(ids, max_new_tokens=5, **STATIC)
     assert sum("compiled static-cache decode" in x.getMessage() for x in caplog.records) == 1  # logged once

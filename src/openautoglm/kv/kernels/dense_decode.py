@@ -1,6 +1,6 @@
 """Decode attention over a full-precision static KV cache: one Triton launch that reads only the valid keys.
 
-:class:`openautoglm.generate.Generator` keeps per-layer K/V buffers of a fixed length ``L`` and decodes one token
+:class:`openautoglm.generation.generator.Generator` keeps per-layer K/V buffers of a fixed length ``L`` and decodes one token
 per sequence at position ``pos`` (a device tensor: the step is replayed from a CUDA graph). SDPA with the
 boolean mask ``arange(L) <= pos`` reads all ``L`` keys every step; :func:`decode_attention` reads ``0 .. pos``
 only (flash-decoding, :mod:`.triton_dense`), with the split count a static function of the shapes so the
@@ -70,7 +70,7 @@ def decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (``pos``: (1,) integer tensor on the device) -> ``(B, H, 1, D)`` in q's dtype. ``cfg`` overrides
     :data:`DENSE_CONFIG` (keys of the same names). One launch; the workspace is allocated here (inside a
     CUDA graph it comes from the graph's pool), the tickets are shared with the split-K GEMVs."""
-    from ..quant.ops import tickets
+    from ...quant.kernels.ops import tickets
     from .triton_dense import dense_decode_kernel
 
     cfg = {**DENSE_CONFIG, **(cfg or {})}

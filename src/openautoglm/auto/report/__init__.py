@@ -13,8 +13,8 @@ import logging
 import math
 from pathlib import Path
 
-from .budget import fmt_bytes
-from .result import AutoResult
+from ..budget import fmt_bytes
+from ..result import AutoResult
 
 log = logging.getLogger(__name__)
 

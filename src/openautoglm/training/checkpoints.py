@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._atomic import atomic_directory, recover
-from .errors import CheckpointError
-from .hub.validate import validate_safetensors
+from .._util.atomic import atomic_directory, recover
+from ..errors import CheckpointError
+from ..hub.validate import validate_safetensors
 
 CKPT = "checkpoint"
 

@@ -1,4 +1,4 @@
-"""The quantized KV cache inside :class:`openautoglm.generate.Generator` (compiled layer, CUDA-graph step).
+"""The quantized KV cache inside :class:`openautoglm.generation.generator.Generator` (compiled layer, CUDA-graph step).
 
 ``Generator(model, kv=KVCacheConfig(bits=4))`` keeps one :class:`~.static_store.StaticQuantStore` per
 layer (none for a layer that reads an earlier layer's cache) instead of full-precision K/V buffers. The
@@ -17,10 +17,10 @@ from torch import nn
 
 from .. import _hf
 from ..quant.kernels import fused_decode
-from . import ops
-from .config import KVCacheConfig
-from .quantized import resolve_residual, validate_share
-from .static_store import StaticQuantStore
+from ..kv.kernels import ops
+from ..kv.config import KVCacheConfig
+from ..kv.quantized import resolve_residual, validate_share
+from ..kv.static_store import StaticQuantStore
 
 
 def _qkv(layer: nn.Module, h, cos, sin, rope):
@@ -40,7 +40,7 @@ def _qkv(layer: nn.Module, h, cos, sin, rope):
 
 def _finish(layer: nn.Module, h, o):
     """o: (batch, tokens, heads, head_dim) attention output -> the layer's output hidden states."""
-    from ..generate import _mlp  # the Generator's MLP step (gate/up in one launch for quantized weights)
+    from .generator import _mlp  # the Generator's MLP step (gate/up in one launch for quantized weights)
 
     b, t = o.shape[:2]
     h = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
@@ -100,7 +100,7 @@ class KVStores:
             st.reset()
 
     def nbytes(self) -> int:
-        from .stores import storage_bytes
+        from ..kv.stores import storage_bytes
 
         return storage_bytes(t for st in self.stores for t in st.tensors())
 

@@ -3,7 +3,7 @@
 transformers' generation loop does host work between decode steps (logits processors, stopping criteria, cache
 bookkeeping): on the H100 it adds ~2.3 ms per token to a 6.3 ms bf16 7B step and ~3.5 ms to our w4 model's 3.0 ms
 step. :func:`enable_fast_generate` installs an instance-level ``generate`` that hands the calls
-:class:`~openautoglm.generate.Generator` serves exactly (static cache asked for, greedy or sampling with
+:class:`~openautoglm.generation.generator.Generator` serves exactly (static cache asked for, greedy or sampling with
 temperature / top-k / top-p, no padding, token ids out) to one cached ``Generator(model)`` -- layer step compiled
 once, whole step replayed from a CUDA graph, no host sync per token -- and every other call to transformers'
 ``generate`` unchanged, logging at DEBUG why. The output follows transformers' rules: ``(batch, prompt + steps)``
@@ -26,7 +26,8 @@ import weakref
 import torch
 from torch import nn
 
-from . import _hf, _hf_generate
+from .. import _hf
+from .._hf import generate as _hf_generate
 
 log = logging.getLogger(__name__)
 ENV = "OPENAUTOGLM_FAST_GENERATE"
@@ -112,7 +113,7 @@ class RoutedGenerate:
             return f"the model's tensors lie on {sorted(map(str, devices))} (one device needed)"
         key = hash((mods, tens))
         if key != self._key:
-            from .generate import Generator
+            from .generator import Generator
 
             self._gen = self._unsupported = None
             try:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .errors import OpenAutoGLMError
+from ..errors import OpenAutoGLMError
 
 
 class NonFiniteError(OpenAutoGLMError, ValueError):

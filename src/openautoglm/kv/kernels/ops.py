@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import packing
+from .. import packing
 
 log = logging.getLogger(__name__)
 

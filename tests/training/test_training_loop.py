@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from openautoglm.train import TrainConfig, batch_at, lr_at, train
+from openautoglm.training.loop import TrainConfig, batch_at, lr_at, train
 
 
 def _ids(n=4096, seed=0):

@@ -1,11 +1,11 @@
-"""openautoglm.generate: the static-cache decode helper gives the tokens transformers' generate gives."""
+"""openautoglm.generation.generator: the static-cache decode helper gives the tokens transformers' generate gives."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from openautoglm.generate import Generator
+from openautoglm.generation.generator import Generator
 
 KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
           vocab_size=256, max_position_embeddings=512)
@@ -39,7 +39,7 @@ def test_quantized_model_and_layer_graph_reuse():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    import openautoglm.generate as G
+    import openautoglm.generation.generator as G
     from openautoglm.quant import QuantConfig, quantize
 
     m = _model("llama")

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .. import _hf
-from .attention import enable_fused_attention
-from .config import KVCacheConfig
+from ..kv.attention import enable_fused_attention
+from ..kv.config import KVCacheConfig
 
 
 @torch.no_grad()
