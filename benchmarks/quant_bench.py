@@ -222,7 +222,7 @@ def generate_bench(shape, variant, dev, args) -> dict:
     torch._dynamo.reset()
     model = build(shape, dev)
     apply_variant(model, variant)
-    from openautoglm.generation.generator import enable_fast_generate
+    from openautoglm.generation import enable_fast_generate
 
     enable_fast_generate(model, enabled=False)  # transformers' own loop (quantize() routes generate to Generator)
     vocab = model.config.vocab_size

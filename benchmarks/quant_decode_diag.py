@@ -125,7 +125,7 @@ def generate_section(base, res):
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    from openautoglm.generation.generator import enable_fast_generate
+    from openautoglm.generation import enable_fast_generate
 
     torch._logging.set_logs(perf_hints=True)
     out = res.setdefault("generate", {})

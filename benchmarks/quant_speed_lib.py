@@ -220,7 +220,7 @@ def generate_row(model, variant, dev, args, log) -> dict:
     says whether its output equals transformers' (``same_as_transformers``) and which path served the calls."""
     from transformers import CompileConfig
 
-    from openautoglm.generation.generator import enable_fast_generate
+    from openautoglm.generation import enable_fast_generate
     from openautoglm.generation.routing import routed
 
     r = {"variant": variant, "scheme": apply_variant(model, variant)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from . import hub
 from .errors import CheckpointError, ModelNotFoundError, OpenAutoGLMError, UnsupportedModelError
 from .hub import AutoModelForCausalLM, AutoTokenizer, from_pretrained, load_tokenizer, save_pretrained, shipped_models
 
@@ -35,7 +36,7 @@ def _register_lazy(names: dict[str, str]) -> None:
 
 _register_lazy({
     "DynamicQuantizer": "openautoglm.quant.api",
-    "StaticQuantizer": "openautoglm.quant.api",
+    "StaticQuantizer": "openautoglm.quant.static",
     "QuantConfig": "openautoglm.quant.config",
     "quantize": "openautoglm.quant.api",
     "quantize_pretrained": "openautoglm.quant.pretrained",
@@ -66,10 +67,32 @@ def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'openautoglm' has no attribute {name!r}")
-    try:
-        return getattr(importlib.import_module(mod), name)
-    except (ModuleNotFoundError, AttributeError) as e:
-        raise AttributeError(f"openautoglm.{name} is not available in this build ({e})") from None
+    return getattr(importlib.import_module(mod), name)
+
+
+# ----------------------------------------------------------------------------- composition root
+# The hub (loading) sits below the capabilities in the import layers and never imports them; they plug into
+# it here. Each callable imports its capability on first use, so ``import openautoglm`` stays light.
+
+def _import_transform_capabilities() -> None:
+    """Import the packages whose ``register_rebuilder`` calls let recorded transforms be rebuilt on load."""
+    for mod in ("openautoglm.quant", "openautoglm.prune", "openautoglm.kv", "openautoglm.auto.recipe"):
+        importlib.import_module(mod)
+
+
+def _quantize_on_load(model, quantization, bits, *, device, source):
+    return importlib.import_module("openautoglm.quant.onload").QuantizeOnLoad.for_model(
+        model, quantization, bits, device=device, source=source)
+
+
+def _route_generate(model) -> None:
+    """``model.generate(cache_implementation="static")`` -> the compiled decode, unless the user opted out."""
+    importlib.import_module("openautoglm.generation.routing").enable_by_default(model)
+
+
+hub.plugins.add_rebuilder_provider(_import_transform_capabilities)
+hub.plugins.set_quantize_on_load(_quantize_on_load)
+hub.plugins.on_model_ready(_route_generate)
 
 
 def __dir__() -> list[str]:

@@ -13,7 +13,7 @@ from conftest import make_tiny, make_tiny_llama
 from transformers import LlamaForCausalLM, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 import openautoglm.generation.generator as G
-from openautoglm.generation.generator import enable_fast_generate
+from openautoglm.generation import enable_fast_generate
 from openautoglm.generation.routing import ENV, RoutedGenerate, routed
 
 STATIC = dict(cache_implementation="static", do_sample=False)

@@ -11,6 +11,7 @@ import torch
 
 from openautoglm import AutoModelForCausalLM, hub
 from openautoglm.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+from openautoglm.hub.config import _resolve_dtype
 
 
 def _logits(model, ids):
@@ -167,7 +168,7 @@ def test_pickle_opt_in_still_rejects_code(tiny_llama_dir, tmp_path):
 
 def test_bad_dtype_and_type():
     with pytest.raises(ValueError, match="unknown dtype 'int3'"):
-        hub._resolve_dtype("int3", None)
+        _resolve_dtype("int3", None)
     with pytest.raises(TypeError, match="name or a folder path"):
         hub.resolve_model_path(42)
 

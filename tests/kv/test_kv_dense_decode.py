@@ -23,7 +23,7 @@ KERNEL_SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from openautoglm.kv.kernels import dense_decode as dd
-    from openautoglm.quant.kernels.ops import tickets
+    from openautoglm._util.scratch import tickets
     torch.manual_seed(0)
     L = 256
     # one split (the CPU counts one multiprocessor); 3 to 8 splits of 96 to 32 keys (most past small pos);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny, make_tiny_llama
 from openautoglm import _hf
 from openautoglm.kv import KVCacheConfig
 from openautoglm.memory import estimate_memory, model_bytes
@@ -27,6 +27,24 @@ def test_mixed_quantization_weights_exact():
     assert abs(estimate_memory(model, seq_len=256, batch=2).terms["weights"] - est.terms["weights"]) <= 64
     assert estimate_memory(make_tiny_llama(0, torch.bfloat16), quantization=[c.to_dict() for c in MIXED],
                            seq_len=256, batch=2).terms["weights"] == est.terms["weights"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_estimate_selects_the_layers_quantize_selects(family):
+    """One selector: the estimator's meta-model surgery (mixed recipes) quantizes exactly the modules
+    ``quantize`` does -- GPT-2's Conv1D projections included -- so their weight bytes agree."""
+    from openautoglm.memory.mixed import apply_quant_structure, meta_copy
+    from openautoglm.quant.api import quantized_layers
+
+    cfgs = [QuantConfig(scheme="w4", group_size=32, include=("*.h.0.*", "model.layers.0.*"), exclude=()),
+            QuantConfig(scheme="w8")]
+    model = make_tiny(family)
+    planned = apply_quant_structure(meta_copy(model), cfgs)
+    for cfg in cfgs:
+        quantize(model, QuantConfig.from_dict({**cfg.to_dict(), "exclude": [*cfg.exclude, *quantized_layers(model)]}))
+    assert planned == quantized_layers(model) and planned
+    est = estimate_memory(make_tiny(family), quantization=cfgs, seq_len=64, batch=1)
+    assert abs(est.terms["weights"] - model_bytes(model)) <= 64
 
 
 def test_per_layer_kv_bytes_match_the_cache():

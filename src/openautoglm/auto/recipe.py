@@ -137,12 +137,6 @@ def recorded_kv_config(model_or_config) -> KVCacheConfig | None:
     return KVCacheConfig.from_dict(found[-1]["config"]) if found else None
 
 
-@hub.register_rebuilder("kv_cache")
-def _rebuild_kv(model: nn.Module, spec: dict) -> None:
-    """A runtime setting: nothing to rebuild in the weights; remembered on the model for generate/eval."""
-    model.kv_cache_config = KVCacheConfig.from_dict(spec["config"])
-
-
 @hub.register_rebuilder("recipe")
 def _rebuild_recipe(model: nn.Module, spec: dict) -> None:
     """The record of the whole recipe; its steps are recorded (and rebuilt) one by one."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..memory.estimate import MemoryEstimate
+from .recipe import kv_config_of
+from .report import write_report
 from .search import Candidate
 from .sensitivity import Sensitivities
 from .space import Unit
@@ -43,8 +45,6 @@ class AutoResult:
 
     @property
     def kv_config(self):
-        from .recipe import kv_config_of
-
         return kv_config_of(self.recipe)
 
     def describe(self, c: Candidate) -> str:
@@ -104,6 +104,4 @@ class AutoResult:
 
     def write_report(self, out_dir, title: str | None = None) -> Path:
         """Write ``report.md``, ``report.html`` (plots embedded) and the PNGs into ``out_dir``; returns the md path."""
-        from .report import write_report
-
         return write_report(self, Path(out_dir), title=title)

@@ -34,7 +34,7 @@ from ..evaluate import perplexity
 from ..kv.config import KVCacheConfig
 from ..kv.emulate import decode_perplexity
 from ..prune.heads import mask_heads
-from ..quant.api import _set_module
+from .._util.modules import set_module
 from ..quant.linear import LINEAR_CLASSES
 from . import pruning
 from .space import Unit, WeightOption
@@ -102,11 +102,11 @@ def swapped(model: nn.Module, plan: dict[str, WeightOption]):
                 continue
             lin = model.get_submodule(name)
             originals[name] = lin
-            _set_module(model, name, LINEAR_CLASSES[opt.scheme].from_linear(lin, opt.config([name])))
+            set_module(model, name, LINEAR_CLASSES[opt.scheme].from_linear(lin, opt.config([name])))
         yield model
     finally:
         for name, lin in originals.items():
-            _set_module(model, name, lin)
+            set_module(model, name, lin)
 
 
 def tensor_fingerprint(model: nn.Module) -> str:

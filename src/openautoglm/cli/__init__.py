@@ -6,7 +6,6 @@ the message goes to stderr, with a traceback only under ``--debug``.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -20,46 +19,11 @@ except ImportError:  # pragma: no cover - older typer
 _EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
 _CLICK_ERR = (click.ClickException, _tclick.exceptions.ClickException)
 _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
-from rich.console import Console
 
-app = typer.Typer(
-    name="openautoglm",
-    help="Shrink LLM memory (weights, KV cache, activations) and see where the memory goes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-_state = {"debug": False}
+from ._app import _state, app, console, err_console  # noqa: E402,F401
 
-
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log."),
-) -> None:
-    _state["debug"] = debug
-    # Before any CUDA allocation: expandable segments keep reserved memory near allocated memory. A budgeted pick
-    # (compress --budget) OOMs under a 14 GiB cap with the default allocator (4 GiB reserved but unallocated) and
-    # fits with them (benchmarks/results/auto_fit_gpu*.json). A user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not debug:
-        # transformers is chatty about generation defaults; keep our own INFO logs.
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-# Register the sub-commands (each module adds its commands to ``app``).
-from . import base  # noqa: E402,F401
-
-for _name in ("compress", "memory"):  # command modules of the capabilities present in this build
-    try:
-        __import__(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _e:  # pragma: no cover - only while that module does not exist
-        if _e.name != f"{__name__}.{_name}":
-            raise
+# The command modules add their commands to ``app`` when imported.
+from . import base, compress, memory  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import hub
 from ..memory.estimate import model_bytes
-from . import console
+from ._app import console
 from ._common import fmt_bytes, pick_device, table
 
 BUDGET_TERMS = {"all": ("weights", "kv_cache", "activations", "logits", "workspace"),

@@ -13,7 +13,7 @@ import typer
 
 from .. import hub, _hf
 from ..memory.estimate import model_bytes
-from . import app, console
+from ._app import app, console
 from ._common import check_dtype, check_finite, check_json_out, fmt_bytes, pick_device, read_text_file, table
 
 

@@ -28,7 +28,7 @@ from rich.progress import (
 
 from .. import hub, _hf
 from ..memory.estimate import model_bytes
-from . import app, console
+from ._app import app, console
 from ._common import check_dtype, fmt_bytes, pick_device, read_text_file, table
 from .prune import HELP as PRUNE_HELP
 from .prune import pruning_step

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console
+from ._app import app, console
 from ._common import check_json_out, fmt_bytes, parse_bytes, pick_device, read_text_file, table
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console
+from ._app import app, console
 from ._common import check_dtype, fmt_bytes, read_text_file, table
 
 HELP = {

@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _hf
-from .routing import enable_fast_generate  # noqa: F401  (model.generate routed to Generator)
 from ..kv.kernels import dense_decode
-from ..quant.kernels import fused_linears
+from . import block
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -74,35 +73,15 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
     """One Llama-family decoder layer on ``h (B, T, hidden)``, K/V written at ``pos (T,)`` of the caches;
     ``decode`` (one token, CUDA): attention by the dense decode kernel (falls back to SDPA where unsupported)."""
     attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    B, T, _ = x.shape
-    hd = attn.head_dim
-    qkv = fused_linears(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # quantized: one launch / one GEMM
-    if qkv is None:
-        qkv = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    q, k, v = (t.view(B, T, -1, hd) for t in qkv)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    q, k, v = block.qkv(layer, h, cos, sin, rope)
     k_cache.index_copy_(2, pos, k)
-    v_cache.index_copy_(2, pos, v.transpose(1, 2))
-    if decode and T == 1 and DENSE_DECODE_KERNEL and (k_cache.is_cuda or dense_decode.INTERPRET):
+    v_cache.index_copy_(2, pos, v)
+    if decode and q.shape[2] == 1 and DENSE_DECODE_KERNEL and (k_cache.is_cuda or dense_decode.INTERPRET):
         o = dense_decode.decode_attention(q, k_cache, v_cache, pos, attn.scaling)
     else:
         o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
                                            enable_gqa=attn.num_key_value_groups > 1)
-    h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
-
-
-def _mlp(mlp: nn.Module, x):
-    """The Llama-family gated MLP; gate and up in one launch at batch 1 (one GEMM at prefill) when they are
-    quantized layers."""
-    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        gu = fused_linears(x, (mlp.gate_proj, mlp.up_proj))
-        if gu is not None:
-            return mlp.down_proj(mlp.act_fn(gu[0]) * gu[1])
-    return mlp(x)
+    return block.finish(layer, h, o.transpose(1, 2))
 
 
 def _layer_decode(*args):  # separate code objects: decode and prefill keep separate compile caches

@@ -16,47 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _hf
-from ..quant.kernels import fused_decode
 from ..kv.kernels import ops
+from .block import finish, qkv
 from ..kv.config import KVCacheConfig
 from ..kv.quantized import resolve_residual, validate_share
 from ..kv.static_store import StaticQuantStore
 
 
-def _qkv(layer: nn.Module, h, cos, sin, rope):
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    b, t, _ = x.shape
-    hd = attn.head_dim
-    qkv = fused_decode(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # quantized weights: one launch at batch 1
-    if qkv is None:
-        qkv = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    q, k, v = (y.view(b, t, -1, hd) for y in qkv)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    return q, k, v.transpose(1, 2)
-
-
-def _finish(layer: nn.Module, h, o):
-    """o: (batch, tokens, heads, head_dim) attention output -> the layer's output hidden states."""
-    from .generator import _mlp  # the Generator's MLP step (gate/up in one launch for quantized weights)
-
-    b, t = o.shape[:2]
-    h = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
-
-
 def layer_decode(layer: nn.Module, h, cos, sin, rope, kq, ks, km, vq, vs, vm, rk, rv, length, layout: list,
                  append: bool):
     """One decoder layer for one new token per sequence, reading (and, if ``append``, writing) a quantized store."""
-    q, k, v = _qkv(layer, h, cos, sin, rope)
+    q, k, v = qkv(layer, h, cos, sin, rope)
     view = ops.StoreView(kq, ks, km, vq, vs, vm, rk, rv, length, *ops._unlayout(layout))
     if append:
         ops.append_token(view, k, v)
         length.add_(1)
     o = ops.decode_attention(view, q, None, layer.self_attn.scaling)
-    return _finish(layer, h, o)
+    return finish(layer, h, o)
 
 
 class KVStores:
@@ -107,7 +83,7 @@ class KVStores:
     @torch.no_grad()
     def prefill_layer(self, i: int, layer: nn.Module, h, cos, sin, rope, exact: dict):
         """Eager prefill of layer ``i`` from an empty cache: exact causal attention over the prompt."""
-        q, k, v = _qkv(layer, h, cos, sin, rope)
+        q, k, v = qkv(layer, h, cos, sin, rope)
         if i in self.share:
             k, v = exact[self.share[i]]
         else:
@@ -117,4 +93,4 @@ class KVStores:
         grp = q.shape[1] // k.shape[1]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling,
                                            enable_gqa=grp > 1)
-        return _finish(layer, h, o.transpose(1, 2))
+        return finish(layer, h, o.transpose(1, 2))

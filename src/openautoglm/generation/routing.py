@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import _hf
 from .._hf import generate as _hf_generate
+from .generator import Generator
 
 log = logging.getLogger(__name__)
 ENV = "OPENAUTOGLM_FAST_GENERATE"
@@ -113,8 +114,6 @@ class RoutedGenerate:
             return f"the model's tensors lie on {sorted(map(str, devices))} (one device needed)"
         key = hash((mods, tens))
         if key != self._key:
-            from .generator import Generator
-
             self._gen = self._unsupported = None
             try:
                 self._gen = Generator(model)

@@ -10,18 +10,18 @@ weights.
 
 One file per job: ``names`` (names -> folders), ``validate`` (safetensors headers, shard indexes),
 ``config`` (config.json, dtypes), ``load`` (building and filling models), ``save`` (atomic saving),
-``registry`` (the transform log and its rebuilders).
+``registry`` (the transform log and its rebuilders), ``plugins`` (where the capabilities above the hub plug
+into loading: rebuilders, quantize on load, model-ready callbacks).
 """
 
 from __future__ import annotations
 
-from .config import _load_config, _resolve_dtype
 from .lazy import OUTER, LoadHook, stream_into
+from . import plugins
 from .load import (
     PICKLE_FILES,
     AutoModelForCausalLM,
     AutoTokenizer,
-    _load_pickle,
     build_empty,
     empty_model,
     from_pretrained,
@@ -32,17 +32,16 @@ from .load import (
 from .names import PACKAGE_DIR, SHIPPED_MODELS, looks_like_hub_id, resolve_model_path, shipped_models
 from .reader import CheckpointReader
 from .registry import (
-    _REBUILDERS,
     FORMAT_VERSION,
     META_KEY,
     Rebuilder,
-    _import_plugins,
     applied_transforms,
+    apply_rebuilders,
     record_transform,
     register_rebuilder,
     registered_transforms,
 )
-from .save import TOKENIZER_FILES, _attach, _looks_like_model_dir, check_output_dir, save_pretrained
+from .save import TOKENIZER_FILES, check_output_dir, save_pretrained
 from .validate import (
     CheckpointTensors,
     check_against_model,
@@ -56,5 +55,5 @@ __all__ = [
     "Rebuilder", "SHIPPED_MODELS", "TOKENIZER_FILES", "applied_transforms", "empty_model", "from_pretrained",
     "load_tokenizer", "record_transform", "register_rebuilder", "registered_transforms", "resolve_model_path",
     "check_output_dir", "save_pretrained", "shipped_models", "validate_safetensors", "weight_files", "CheckpointTensors",
-    "checkpoint_tensors", "check_against_model",
+    "checkpoint_tensors", "check_against_model", "apply_rebuilders", "plugins",
 ]

@@ -18,7 +18,8 @@ from .config import _load_config, _resolve_dtype
 from .lazy import check_coverage, stream_into
 from .names import resolve_model_path
 from .reader import CheckpointReader
-from .registry import _REBUILDERS, _import_plugins, applied_transforms
+from . import plugins
+from .registry import applied_transforms, apply_rebuilders, registered_transforms, unknown_transforms
 from .save import _attach
 from .validate import weight_files
 
@@ -64,11 +65,10 @@ def build_empty(path: Path, config, torch_dtype: torch.dtype, trust_remote_code:
 
     transforms = applied_transforms(config)
     if transforms:
-        _import_plugins()
-        unknown = [t.get("type") for t in transforms if t.get("type") not in _REBUILDERS]
+        unknown = unknown_transforms(transforms)
         if unknown:
             raise CheckpointError(f"config.json in {path} records transforms {unknown} that this openautoglm does "
-                                  f"not know; known: {sorted(_REBUILDERS)}")
+                                  f"not know; known: {registered_transforms()}")
     with init_empty_weights(include_buffers=include_buffers):
         try:
             model = _HFAuto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -79,7 +79,7 @@ def build_empty(path: Path, config, torch_dtype: torch.dtype, trust_remote_code:
                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         for t in transforms:
             try:
-                _REBUILDERS[t["type"]](model, t)
+                apply_rebuilders(model, [t])
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
                 raise CheckpointError(f"config.json in {path} records a {t.get('type')!r} transform that does not "
                                       f"fit the model: {type(e).__name__}: {e}") from None
@@ -185,9 +185,7 @@ def oom_guard(path: Path, nbytes: int):
 def _fill(model: nn.Module, reader: CheckpointReader, path: Path, device: torch.device, quantization, bits):
     hook = None
     if quantization is not None or bits is not None:
-        from ..quant.onload import QuantizeOnLoad
-
-        hook = QuantizeOnLoad.for_model(model, quantization, bits, device=device, source=path)
+        hook = plugins.quantize_on_load(model, quantization, bits, device=device, source=path)
     check_coverage(model, reader, hook, path)
     place_buffers(model, device)
     unused = stream_into(model, reader, device, hook=hook)
@@ -201,9 +199,7 @@ def _fill(model: nn.Module, reader: CheckpointReader, path: Path, device: torch.
     model = model.to(device)  # no copies: everything is there already; re-runs device hooks of quantized modules
     model.name_or_path = str(path)
     _attach(model, path)
-    from ..generation.routing import enable_by_default
-
-    enable_by_default(model)  # model.generate(cache_implementation="static") -> the compiled decode
+    plugins.model_ready(model)  # model.generate(cache_implementation="static") -> the compiled decode
     return model
 
 
@@ -286,5 +282,4 @@ def empty_model(name_or_path: str | os.PathLike, *, dtype=None, trust_remote_cod
     """
     path = resolve_model_path(name_or_path, trust_remote_code=trust_remote_code)
     config = _load_config(path, trust_remote_code)
-    _import_plugins()
     return build_empty(path, config, _resolve_dtype(dtype, config), trust_remote_code, include_buffers=True)

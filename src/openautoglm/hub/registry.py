@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .. import _hf
+from .plugins import load_rebuilders
 from .save import _attach
 
 META_KEY = "openautoglm"
@@ -37,7 +38,7 @@ def register_rebuilder(kind: str) -> Callable[[Rebuilder], Rebuilder]:
 
 
 def registered_transforms() -> list[str]:
-    _import_plugins()
+    load_rebuilders()
     return sorted(_REBUILDERS)
 
 
@@ -64,13 +65,22 @@ def applied_transforms(model_or_config) -> list[dict]:
     return list(meta.get("transforms", []))
 
 
-def _import_plugins() -> None:
-    # Each capability registers its rebuilder on import; import them lazily so `import openautoglm` stays light.
-    import importlib
+def apply_rebuilders(model: nn.Module, transforms: list[dict], *, skip_unknown: bool = False) -> None:
+    """Re-apply the structure of each recorded transform to the empty (meta) ``model``, in order.
 
-    for mod in ("openautoglm.quant", "openautoglm.prune", "openautoglm.auto"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # capability not present in this build
-            if e.name != mod:
-                raise
+    Raises ``KeyError`` naming an unknown transform type and the known ones, unless ``skip_unknown`` (the
+    estimator prices what it cannot rebuild analytically)."""
+    load_rebuilders()
+    for t in transforms:
+        fn = _REBUILDERS.get(t.get("type"))
+        if fn is None:
+            if skip_unknown:
+                continue
+            raise KeyError(f"transform {t.get('type')!r} is not known to this openautoglm; known: {sorted(_REBUILDERS)}")
+        fn(model, t)
+
+
+def unknown_transforms(transforms: list[dict]) -> list:
+    """Types among ``transforms`` that no registered rebuilder handles."""
+    load_rebuilders()
+    return [t.get("type") for t in transforms if t.get("type") not in _REBUILDERS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .. import hub
 from .._util import checks as C
 from .cache import validate_quant_args
 
@@ -133,3 +134,9 @@ class KVCacheConfig:
         from transformers import DynamicCache
 
         return DynamicCache(config=model_config)
+
+
+@hub.register_rebuilder("kv_cache")
+def _rebuild_kv(model, spec: dict) -> None:
+    """A runtime setting: nothing to rebuild in the weights; remembered on the model for generate/eval."""
+    model.kv_cache_config = KVCacheConfig.from_dict(spec["config"])

@@ -17,12 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _hf
-from ..evaluate import PerplexityResult, bleu_vs_baseline, token_windows
+from .._util.modules import model_device
+from ..evaluate import PerplexityResult, token_windows
 from .config import KVCacheConfig
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -49,7 +46,7 @@ def cached_perplexity(
         raise ValueError(f"chunk={chunk} must be in [1, seq_len={seq_len}]")
     windows = token_windows(tokenizer, text, token_ids=token_ids, max_tokens=max_tokens, seq_len=seq_len)
     n_win = windows.shape[0]
-    dev = _device(model)
+    dev = model_device(model)
     nll, count = 0.0, 0
     for i in tqdm(range(0, n_win, batch_size), desc=f"perplexity[{kv.label()}]", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
@@ -106,7 +103,7 @@ def attention_fidelity(
     need = context + probe
     if token_ids.numel() < need * n_windows:
         raise ValueError(f"need {need * n_windows} tokens for {n_windows} windows of {need}; got {token_ids.numel()}")
-    dev = _device(model)
+    dev = model_device(model)
     cos_all: dict[str, list] = {name: [] for name in kvs}
     with _eager_attention(model):
         for w in range(n_windows):
@@ -126,7 +123,7 @@ def attention_fidelity(
 @torch.no_grad()
 def greedy_with_cache(model, tokenizer, prompts: list[str], kv: KVCacheConfig, max_new_tokens: int = 128) -> list[str]:
     """Greedy continuations of each prompt (one at a time), each with a fresh cache built from ``kv``."""
-    dev = _device(model)
+    dev = model_device(model)
     outs = []
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
@@ -137,8 +134,3 @@ def greedy_with_cache(model, tokenizer, prompts: list[str], kv: KVCacheConfig, m
         )
         outs.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
     return outs
-
-
-def generation_bleu(model, tokenizer, prompts: list[str], kv: KVCacheConfig, references: list[str], max_new_tokens: int = 128) -> float:
-    """BLEU-4 (sacrebleu) of greedy generations with ``kv`` against the full-precision ``references``."""
-    return bleu_vs_baseline(greedy_with_cache(model, tokenizer, prompts, kv, max_new_tokens), references)

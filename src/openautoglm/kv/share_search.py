@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _hf
+from .._util.modules import model_device
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,12 @@ class SharingPlan:
                 "evaluations": self.evaluations}
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def calibration_loss(model: nn.Module, windows: torch.Tensor, share: dict[int, int]) -> float:
     """Mean next-token NLL of ``windows`` (n, seq) with layers ``share`` (layer -> source) reading their source's KV."""
     from .quantized import QuantizedKVCache
 
-    dev = _device(model)
+    dev = model_device(model)
     nll, count = 0.0, 0
     for w in windows:
         x = w.view(1, -1).to(dev)
@@ -82,7 +79,7 @@ def layer_kv_means(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """(n_layers, 2 * kv_heads * head_dim): every layer's mean key and value over the calibration tokens."""
     from transformers import DynamicCache
 
-    dev = _device(model)
+    dev = model_device(model)
     sums = None
     for w in windows:
         cache = DynamicCache(config=model.config)

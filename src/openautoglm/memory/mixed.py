@@ -15,14 +15,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .. import _hf
+from .._util.modules import set_module
+from ..quant.api import select_linears
+from ..quant.config import QuantConfig
+from ..quant.linear import LINEAR_CLASSES
+
 KV_FULL = (None, 16, "bf16", "fp16", "fp32")
 _KV_NAMES = {8: "int8", 4: "int4", 2: "int2"}
 
 
 def as_config_list(quantization) -> list | None:
     """A list of QuantConfigs when ``quantization`` asks for a per-module recipe, else None (uniform form)."""
-    from ..quant.config import QuantConfig
-
     if isinstance(quantization, QuantConfig):
         return [quantization] if tuple(quantization.include) != ("*",) else None
     if isinstance(quantization, (list, tuple)):
@@ -40,25 +44,19 @@ def as_config_list(quantization) -> list | None:
 
 
 def apply_quant_structure(model: nn.Module, configs: Sequence) -> dict[str, str]:
-    """Swap the selected ``nn.Linear`` s of a meta-device ``model`` for empty quantized modules, in place.
+    """Swap the Linears of a meta-device ``model`` that ``configs`` select for empty quantized modules, in place.
 
-    Each Linear takes the first config that selects it and supports its shape (the others stay float, as
-    :func:`openautoglm.quant.api.select_linears` skips them). Returns ``{module name: scheme}``.
+    Each Linear takes the first config that selects it, chosen by the same selector as
+    :func:`openautoglm.quant.quantize` (:func:`openautoglm.quant.api.select_linears`: ``nn.Linear`` and GPT-2's
+    ``Conv1D``, tied and unsupported shapes left float). Returns ``{module name: scheme}``.
     """
-    from ..quant.api import _set_module, _tied_names
-    from ..quant.linear import LINEAR_CLASSES
-
-    tied = _tied_names(model)
     chosen: dict[str, str] = {}
-    for name, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear or name in tied:
-            continue
-        for cfg in configs:
-            cls = LINEAR_CLASSES[cfg.scheme]
-            if cfg.matches(name) and cls.supports(mod, cfg) is None:
-                _set_module(model, name, cls.empty(mod, cfg, device="meta"))
-                chosen[name] = cfg.scheme
-                break
+    for cfg in configs:
+        cls = LINEAR_CLASSES[cfg.scheme]
+        names, _ = select_linears(model, cfg, skip_quantized=True)
+        for name in names:
+            set_module(model, name, cls.empty(_hf.as_linear(model.get_submodule(name)), cfg, device="meta"))
+            chosen[name] = cfg.scheme
     return chosen
 
 
@@ -85,19 +83,6 @@ def quantized_linear_workspace(scheme: str, tokens: int, in_features: int, out_f
     if scheme == "w8a8-fp8":
         return M * K if cuda else 4 * (M * K + N * K)
     raise ValueError(f"unknown quantization scheme {scheme!r}")
-
-
-def workspace_bytes(model: nn.Module, tokens: int, cb: int, cuda: bool = True) -> tuple[int, str]:
-    """The largest quantized-Linear transient of ``model`` (one layer computes at a time)."""
-    from ..quant.linear import QuantLinear
-
-    best, what = 0, ""
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            b = quantized_linear_workspace(mod.scheme, tokens, mod.in_features, mod.out_features, cb, cuda)
-            if b > best:
-                best, what = b, f"{name} ({mod.scheme}, {mod.out_features}x{mod.in_features})"
-    return best, what
 
 
 def prefill_workspace(s, spec, T: int, head_rows: int, cb: int, h: int, layers, cuda: bool = True):

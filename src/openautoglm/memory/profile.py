@@ -196,11 +196,6 @@ class MemoryProfiler:
                 self._hooks.append(mod.register_forward_hook(post(name)))
 
     # ------------------------------------------------------------------ results
-    @property
-    def peak_delta(self) -> int:
-        """Peak bytes above what was allocated on entry."""
-        return self.peak_bytes - self.start_bytes
-
     def breakdown(self) -> dict[str, int]:
         """Measured terms in the estimator's names: weights, gradients, optimizer_states, the rest, total."""
         out: dict[str, int] = {"total": int(self.peak_bytes)}

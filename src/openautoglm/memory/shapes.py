@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import hub, _hf
+from .._util.modules import model_bytes
 from .formulas import Arch, LayerShape
 
 @dataclass
@@ -58,8 +59,6 @@ def _meta_model_from_config(config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     transforms = hub.applied_transforms(config)
-    if transforms:
-        hub._import_plugins()
     for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "n_embd", "n_layer", "n_head"):
         v = getattr(_hf.text_config(config), k, None)
@@ -70,10 +69,7 @@ def _meta_model_from_config(config) -> nn.Module:
             model = AutoModelForCausalLM.from_config(config)
         except (ZeroDivisionError, AssertionError, RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"cannot build a {config.model_type} model from this config: {e}") from None
-        for t in transforms:
-            fn = hub._REBUILDERS.get(t.get("type"))
-            if fn is not None:  # unknown transforms are handled analytically by the estimator
-                fn(model, t)
+        hub.apply_rebuilders(model, transforms, skip_unknown=True)  # unknown ones: priced analytically
     return model
 
 
@@ -211,7 +207,6 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     nq = sum(1 for m in model.modules() if type(m).__module__.startswith("openautoglm.quant"))
     qlin = [(m.scheme, int(m.in_features), int(m.out_features)) for m in model.modules()
             if type(m).__module__.startswith("openautoglm.quant") and getattr(m, "scheme", "")]
-    from .sizes import model_bytes
 
     return ModelShape(
         name=str(name), model_type=str(getattr(config, "model_type", "?")), vocab=int(tc.vocab_size), hidden=hidden,

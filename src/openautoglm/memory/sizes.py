@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import _hf
+from .._util.modules import model_bytes  # noqa: F401  (public here: openautoglm.memory.model_bytes)
 from .formulas import LayerShape
 from .shapes import ModelShape
 
@@ -23,35 +24,6 @@ def dtype_bytes(dtype: torch.dtype | str) -> float:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8,
                  "fp8": torch.float8_e4m3fn}.get(dtype) or getattr(torch, dtype)
     return torch.empty((), dtype=dtype).element_size()
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters and persistent buffers (tied tensors counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
-        total += _tensor_bytes(t, seen)
-    return total
-
-
-def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
-    """Stored bytes of ``t``; wrapper tensor subclasses (e.g. torchao's quantized tensors) are counted
-    through their inner tensors (``__tensor_flatten__``), shared storages once."""
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
-    if t.is_meta:
-        key = id(t)
-    else:
-        try:
-            key = t.untyped_storage().data_ptr()
-        except RuntimeError:  # a subclass without flatten support: count its logical size
-            return t.numel() * t.element_size()
-    if key in seen:
-        return 0
-    seen.add(key)
-    return t.numel() * t.element_size()
 
 
 def kv_cache_bytes(config, tokens: int, batch: int = 1, dtype: torch.dtype | str = torch.bfloat16) -> int:

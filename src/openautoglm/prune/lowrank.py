@@ -17,6 +17,7 @@ from torch import nn
 
 from .._util import checks as C
 from .._util.finite import InputWatch, check_weights
+from .._util.modules import set_module
 from ..hub import record_transform
 from .importance import calibration_ids
 from .sparsity import DEFAULT_TARGETS, target_linears
@@ -102,11 +103,6 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def replace_with_low_rank(model: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
     lin = model.get_submodule(name)
     new = LowRankLinear(lin.in_features, lin.out_features, up.shape[1], lin.bias is not None,
@@ -116,7 +112,7 @@ def replace_with_low_rank(model: nn.Module, name: str, up: torch.Tensor, down: t
         new.down.weight.copy_(down)
         if lin.bias is not None:
             new.up.bias.copy_(lin.bias)
-    _set_module(model, name, new)
+    set_module(model, name, new)
     return new
 
 
@@ -247,5 +243,5 @@ def rebuild_low_rank(model: nn.Module, spec: dict) -> None:
     """Loader hook: swap the recorded modules for empty :class:`LowRankLinear` of the recorded ranks."""
     for name, r in spec.get("ranks", {}).items():
         lin = model.get_submodule(name)
-        _set_module(model, name, LowRankLinear(lin.in_features, lin.out_features, int(r), lin.bias is not None,
+        set_module(model, name, LowRankLinear(lin.in_features, lin.out_features, int(r), lin.bias is not None,
                                                device=lin.weight.device, dtype=lin.weight.dtype))

@@ -19,10 +19,9 @@ from torch import nn
 
 from .. import hub, _hf
 from .._util.finite import check_weights
-from ..memory.estimate import model_bytes
+from .._util.modules import model_bytes, model_device, set_module, tied_names
 from .config import QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
-from .static import StaticQuantizer  # noqa: F401  (public name of this module)
 
 log = logging.getLogger(__name__)
 TRANSFORM = "quantize"
@@ -54,28 +53,23 @@ def quantized_layers(model: nn.Module) -> dict[str, str]:
     return {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is None:
-        return set()
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is emb.weight}
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
+def select_linears(model: nn.Module, config: QuantConfig, *, skip_quantized: bool = False
+                   ) -> tuple[list[str], dict[str, str]]:
     """Names of the Linear layers to quantize, and of the matching ones that cannot be (with reasons).
 
-    Raises ``ValueError`` when the patterns select layers that are already quantized: a partly quantized
-    model can be quantized further, but only on its remaining float layers.
+    The one selector of the package: ``quantize``, quantize-on-load, the static calibration and the estimator's
+    per-module recipes (:func:`openautoglm.memory.mixed.apply_quant_structure`) all choose layers here --
+    plain ``nn.Linear`` s and GPT-2's ``Conv1D`` s (:func:`openautoglm._hf.is_linear_like`) that match the
+    patterns, are not tied to the input embeddings and have a shape the scheme supports.
+
+    Raises ``ValueError`` when the patterns select layers that are already quantized (a partly quantized
+    model can be quantized further, but only on its remaining float layers), unless ``skip_quantized``: then
+    they are passed over, as a later config of a per-module recipe does.
     """
     cls = LINEAR_CLASSES[config.scheme]
-    tied = _tied_names(model)
+    tied = tied_names(model)
     already = {n: s for n, s in quantized_layers(model).items() if config.matches(n)}
-    if already:
+    if already and not skip_quantized:
         names = sorted(already)
         shown = ", ".join(f"{n} ({already[n]})" for n in names[:4])
         shown += f" and {len(names) - 4} more" if len(names) > 4 else ""
@@ -130,24 +124,17 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
         new = cls.from_linear(_hf.as_linear(model.get_submodule(name)), config)  # Conv1D: as its Linear
         if act_scales is not None:
             new.act_scale.data.fill_(act_scales[name])
-        _set_module(model, name, new)
+        set_module(model, name, new)
         if progress:
             progress(name, i + 1, len(chosen))
     result.bytes_after = model_bytes(model)
     if hasattr(model, "config"):
         hub.record_transform(model, TRANSFORM, {"config": config.to_dict(), "modules": chosen})
     model.quant_result = result
-    from ..generation.routing import enable_by_default
-
-    enable_by_default(model)  # model.generate(cache_implementation="static") -> the compiled decode
+    hub.plugins.model_ready(model)  # model.generate(cache_implementation="static") -> the compiled decode
     log.info("quantized %d Linear layers to %s (%d skipped): %.1f MiB -> %.1f MiB", len(chosen), config.scheme,
              len(skipped), result.bytes_before / 2**20, result.bytes_after / 2**20)
     return result
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class DynamicQuantizer:
@@ -164,7 +151,7 @@ class DynamicQuantizer:
         if isinstance(bits, bool) or bits not in (4, 8):
             raise ValueError(f"bits={bits!r} is not supported; accepted: 8 (w8a8) or 4 (w4, group 128)")
         if scheme is None:
-            scheme = "w4" if bits == 4 else _pick_w8a8(_model_device(model))
+            scheme = "w4" if bits == 4 else _pick_w8a8(model_device(model))
         elif QuantConfig(scheme=scheme).bits != bits:
             raise ValueError(f"scheme {scheme!r} is not a {bits}-bit scheme")
         cfg = QuantConfig(scheme=scheme, group_size=group_size, include=tuple(include), exclude=tuple(exclude))
@@ -188,4 +175,4 @@ def rebuild(model: nn.Module, spec: dict) -> None:
         lin = _hf.as_linear(mod)
         if lin is None:
             raise ValueError(f"checkpoint records quantized module {name!r} but the model has a {type(mod).__name__} there")
-        _set_module(model, name, cls.empty(lin, config, device="meta"))
+        set_module(model, name, cls.empty(lin, config, device="meta"))

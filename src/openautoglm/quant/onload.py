@@ -25,8 +25,8 @@ from torch import nn
 
 from .. import _hf
 from ..hub.lazy import OUTER, LoadHook, assign, layers_prefix, unit_of
-from ..memory.estimate import model_bytes
-from .api import TRANSFORM, QuantResult, _pick_w8a8, _set_module, select_linears
+from .._util.modules import model_bytes, set_module
+from .api import TRANSFORM, QuantResult, _pick_w8a8, select_linears
 from .config import QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
 from .static import Observer, calibration_batches
@@ -124,7 +124,7 @@ class QuantizeOnLoad(LoadHook):
             self.floats[name] = lin
             for p, _ in lin.named_parameters(recurse=False):
                 self.claimed[f"{name}.{p}"] = name
-            _set_module(model, name, self.cls.empty(_hf.as_linear(lin), config, device="meta"))  # Conv1D too
+            set_module(model, name, self.cls.empty(_hf.as_linear(lin), config, device="meta"))  # Conv1D too
         self.inputs: list[tuple[tuple, dict]] = []
         self.hidden: list[torch.Tensor] = []
 
@@ -173,7 +173,7 @@ class QuantizeOnLoad(LoadHook):
         layer = _hf.decoder_layers(model)[unit]
         names = [n for n in self.floats if unit_of(n, self.prefix) == unit]
         for n in names:
-            _set_module(model, n, self.floats[n])
+            set_module(model, n, self.floats[n])
         with _observing(model, names, self.config) as observers:
             self.hidden = [_hf.run_decoder_layer(layer, h, args, kw) for h, (args, kw) in zip(self.hidden, self.inputs)]
         for n in names:
@@ -187,7 +187,7 @@ class QuantizeOnLoad(LoadHook):
             if left:
                 norm = _hf.final_norm(model)
                 for n in left:
-                    _set_module(model, n, self.floats[n])
+                    set_module(model, n, self.floats[n])
                 with _observing(model, left, self.config) as observers:
                     for h in self.hidden:
                         model.get_output_embeddings()(norm(h))
@@ -211,7 +211,7 @@ class QuantizeOnLoad(LoadHook):
             raise ValueError(f"cannot quantize {name}: {e}") from None
         if act_scale is not None:
             new.act_scale.data.fill_(act_scale)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         self.done.add(name)
 
 

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from .._util.finite import NonFiniteError, check_weights
+from ..evaluate import heldout_token_ids
+from ..hub import load_tokenizer
+from .api import _apply, select_linears
 from .config import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,6 @@ class StaticQuantizer:
     @contextlib.contextmanager
     def calibrate(self, model: nn.Module):
         """Record the input ranges of the selected Linear layers while the block runs (hooks removed after)."""
-        from .api import select_linears
-
         names, _ = select_linears(model, self.config)
         check_weights({n: model.get_submodule(n) for n in names}, "static calibration")
         handles = []
@@ -96,8 +97,6 @@ class StaticQuantizer:
     def quantize(self, model: nn.Module, *, tokenizer=None, text: str | None = None, max_tokens: int = 4096,
                  progress=None) -> nn.Module:
         """Quantize in place with the calibrated scales (calibrating on ``text`` first if nothing was observed)."""
-        from .api import _apply, select_linears
-
         if not self.observers:
             self.calibrate_on_text(model, tokenizer, text, max_tokens)
         names, _ = select_linears(model, self.config)
@@ -112,8 +111,6 @@ class StaticQuantizer:
 def calibration_batches(tokenizer, text: str | None = None, max_tokens: int = 4096, seq_len: int = 512) -> list[torch.Tensor]:
     """Token windows the static observers see: the last ``max_tokens`` tokens of the bundled held-out text
     (or the first ``max_tokens`` of ``text``), cut into ``(1, seq_len)`` batches (the last may be shorter)."""
-    from ..evaluate import heldout_token_ids
-
     ids = heldout_token_ids(tokenizer, text)
     ids = ids[-max_tokens:] if text is None else ids[:max_tokens]
     if ids.numel() < 2:
@@ -122,8 +119,6 @@ def calibration_batches(tokenizer, text: str | None = None, max_tokens: int = 40
 
 
 def _default_tokenizer(model: nn.Module):
-    from ..hub import load_tokenizer
-
     src = getattr(model, "_openautoglm_source", None) or getattr(model, "name_or_path", None)
     try:
         return load_tokenizer(src) if src else load_tokenizer("open-autoglm-base")

@@ -6,6 +6,8 @@ the Markdown and the HTML always say the same thing. Files are written to tempor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import base64
 import html
 import json
@@ -14,7 +16,10 @@ import math
 from pathlib import Path
 
 from ..budget import fmt_bytes
-from ..result import AutoResult
+from . import plots
+
+if TYPE_CHECKING:  # the result only types the arguments: at run time result.py imports this module
+    from ..result import AutoResult
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +155,6 @@ def _write(path: Path, text: str) -> None:
 
 def write_report(r: AutoResult, out_dir: Path, title: str | None = None) -> Path:
     """Plots (PNG), ``report.md`` and ``report.html`` in ``out_dir`` (created); returns ``report.md``."""
-    from . import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {}
     try:

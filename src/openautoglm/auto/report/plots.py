@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from pathlib import Path
+from ..search import pareto
 
-from ..result import AutoResult
+if TYPE_CHECKING:  # the result only types the arguments: at run time result.py imports this module
+    from ..result import AutoResult
+
 
 COLORS = {"weights": "#4C72B0", "kv_cache": "#DD8452", "activations": "#55A868", "logits": "#8C8C8C",
           "workspace": "#C44E52", "activations+workspace": "#55A868"}
@@ -67,8 +72,6 @@ def pareto_scatter(r: AutoResult, path: Path) -> Path:
     """Perplexity increase vs budgeted memory: uniform recipes and the search's trade-off curve (predicted on the
     calibration text), the verified shortlist and the pick (measured on the verification text), the Pareto front
     of the predicted points and the budget."""
-    from ..search import pareto
-
     plt = _plt()
     pts = r.uniform + r.front
 

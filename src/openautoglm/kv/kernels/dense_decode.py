@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..._util.scratch import tickets
 from . import ops
 
 # Launch configuration. ``per_sm``: (splits x sequences x KV heads) programs per multiprocessor the split count
@@ -70,7 +71,6 @@ def decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (``pos``: (1,) integer tensor on the device) -> ``(B, H, 1, D)`` in q's dtype. ``cfg`` overrides
     :data:`DENSE_CONFIG` (keys of the same names). One launch; the workspace is allocated here (inside a
     CUDA graph it comes from the graph's pool), the tickets are shared with the split-K GEMVs."""
-    from ...quant.kernels.ops import tickets
     from .triton_dense import dense_decode_kernel
 
     cfg = {**DENSE_CONFIG, **(cfg or {})}

@@ -176,7 +176,6 @@ def fused_linears(x: torch.Tensor, mods) -> list[torch.Tensor] | None:
     return outs
 
 
-fused_decode = fused_linears  # the name of the decode-only version (kv.fast_decode)
 
 # Prefill of q/k/v and gate/up of weight-only layers through one dequantized matrix and one GEMM
 # (fused_linears); False: one dequantize + GEMM per layer (benchmarks compare both in one run).

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..._util.scratch import tickets  # noqa: F401  (ops.tickets: QuantLinear allocates them on a move)
 from .ops_prefill import (  # noqa: F401
     FMT_E4M3,
     FMT_INT4_K32,
@@ -182,24 +183,6 @@ def gemv_config(M: int, N: int, K: int, fmt: int, group: int, device: torch.devi
     cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], n_tiles))
     cfg.pop("waves", None)
     return cfg
-
-
-_TICKETS: dict[str, torch.Tensor] = {}
-
-
-def tickets(device: torch.device, n: int = 4096) -> torch.Tensor:
-    """Per-device int32 tickets of the split-K reduction; every launch leaves them at zero.
-
-    Allocated once, outside any CUDA graph (:class:`~.linear.QuantLinear` asks for them when it moves to a
-    GPU): a buffer first allocated inside a captured region would belong to that graph's memory pool.
-    Launches on one device share them, so GEMVs must not run concurrently on two streams of one device.
-    """
-    key = str(device)
-    t = _TICKETS.get(key)
-    if t is None or t.numel() < n:
-        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _TICKETS[key] = t
-    return t
 
 
 def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
