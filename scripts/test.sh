@@ -9,5 +9,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "$TORCH_PIN"
 fi
 "$PY" -m pip install -q -e ".[test]"
+# Imports point one way (the layers contract in pyproject.toml): an upward import fails here, before the tests.
+PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import sys, importlinter.cli as c; sys.exit(c.lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))" \
+    || { echo "import contract broken: see the layers in pyproject.toml [tool.importlinter]" >&2; exit 1; }
 # pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero status.
 exec "$PY" -m pytest -q "$@"

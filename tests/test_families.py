@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from openautoglm import AutoModelForCausalLM, QuantConfig, hub, quantize, _hf
+from openautoglm import AutoModelForCausalLM, QuantConfig, _hf, hub, quantize
 from openautoglm.kv import QuantizedKVCache
 from openautoglm.memory import MemoryProfiler, estimate_memory
 from openautoglm.prune import HeadPruner, mask_heads, remove_heads

@@ -10,8 +10,8 @@ import shutil
 import struct
 
 import pytest
-
 from conftest import make_tiny_llama
+
 from openautoglm import hub
 from openautoglm.cli import main
 from openautoglm.errors import CheckpointError

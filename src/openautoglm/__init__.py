@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from . import hub
 from .errors import CheckpointError, ModelNotFoundError, OpenAutoGLMError, UnsupportedModelError
-from .hub import AutoModelForCausalLM, AutoTokenizer, from_pretrained, load_tokenizer, save_pretrained, shipped_models
+from .hub import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    from_pretrained,
+    load_tokenizer,
+    save_pretrained,
+    shipped_models,
+)
 
 __version__ = "0.1.0"
 

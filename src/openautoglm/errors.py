@@ -7,6 +7,8 @@ validation) with a one-line message naming the bad value and what is accepted. T
 
 from __future__ import annotations
 
+import errno
+
 
 class OpenAutoGLMError(Exception):
     """Base class of openautoglm's own errors."""
@@ -25,7 +27,16 @@ class CheckpointError(OpenAutoGLMError, RuntimeError):
 
 
 class OutputExistsError(OpenAutoGLMError, FileExistsError, ValueError):
-    """The output folder exists and replacing it was not asked for (``overwrite=True`` / ``--overwrite``)."""
+    """The output folder exists and replacing it was not asked for (``overwrite=True`` / ``--overwrite``).
+
+    ``OutputExistsError(message, path)``: ``str()`` is the message alone (no ``[Errno 17]`` prefix); ``errno`` is
+    ``EEXIST`` and ``filename`` the path, as for any ``FileExistsError``."""
+
+    def __init__(self, message: str, path=None) -> None:
+        super().__init__(errno.EEXIST, message, *([str(path)] if path is not None else []))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class DiskFullError(OpenAutoGLMError, OSError):

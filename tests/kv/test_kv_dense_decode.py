@@ -14,8 +14,8 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import run_interpreted, sm90_tool
 import torch
+from conftest import run_interpreted, sm90_tool
 
 from openautoglm.kv.kernels import dense_decode as dd
 
@@ -67,7 +67,8 @@ GENERATOR_SCRIPT = textwrap.dedent("""
     ids = torch.randint(0, 256, (2, 7))
     got = G.Generator(m).generate(ids, max_new_tokens=6).tokens
     assert len(calls) == 5 * 2 and calls[0] == (2, 4, 1, 32), calls  # every decode step of both layers
-    G.DENSE_DECODE_KERNEL = False
+    import os
+    os.environ["OPENAUTOGLM_DENSE_DECODE"] = "0"  # read when a Generator is built
     assert torch.equal(G.Generator(m).generate(ids, max_new_tokens=6).tokens, got) and len(calls) == 10
     print("OK")
 """)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from openautoglm.kv import KVCacheConfig
 from openautoglm.kv.emulate import decode_perplexity, layer_bits_of
 from openautoglm.kv.metrics import cached_perplexity

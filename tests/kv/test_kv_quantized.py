@@ -9,10 +9,9 @@ from conftest import make_tiny_llama
 from transformers import DynamicCache
 
 from openautoglm import _hf
-from openautoglm.kv import KVCacheConfig, QuantizedKVCache, enable_fused_attention
-from openautoglm.kv import packing
-from openautoglm.kv.kernels import ops
+from openautoglm.kv import KVCacheConfig, QuantizedKVCache, enable_fused_attention, packing
 from openautoglm.kv.attention import disable_fused_attention
+from openautoglm.kv.kernels import ops
 from openautoglm.kv.quantized import resolve_residual
 from openautoglm.kv.stores import QuantStore
 

@@ -97,9 +97,9 @@ def test_generator_with_quantized_cache():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from openautoglm.generation import kv_decode as fast_decode
     from openautoglm.generation.generator import Generator
     from openautoglm.kv import KVCacheConfig
-    from openautoglm.generation import kv_decode as fast_decode
 
     model = make_tiny_llama(num_hidden_layers=3)
     ids = torch.randint(2, 8192, (2, 40), generator=torch.Generator().manual_seed(6))

@@ -60,3 +60,30 @@ def test_beyond_the_window_matches_transformers_sliding_cache():
     disable_fused_attention(model)
     assert F.cosine_similarity(outs[0].flatten(), ref.flatten(), 0) > 0.999
     assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+def test_default_window_is_auto_like_the_config():
+    """``QuantizedKVCache(bits=..., config=...)`` (no context given) sizes its window from the prompt, so it holds
+    what the config-built cache for that context holds; an explicit window is kept."""
+    import torch
+
+    from conftest import make_tiny_llama
+    from openautoglm import _hf
+    from openautoglm.kv import KVCacheConfig, QuantizedKVCache
+
+    model = make_tiny_llama()
+    n = 4096
+    ids = torch.randint(2, 8000, (1, n), generator=torch.Generator().manual_seed(3))
+    for bits, group in ((8, 64), (4, 32), (2, 32)):
+        seed_style = QuantizedKVCache(bits=bits, group_size=group, config=model.config)
+        assert seed_style.residual_length == "auto"
+        by_config = KVCacheConfig(bits=bits, group_size=group).build(model.config, context=n)
+        with torch.no_grad():
+            _hf.forward_with_cache(model, ids, seed_style)
+            _hf.forward_with_cache(model, ids, by_config)
+        want = {8: 64, 4: 64, 2: 256}[bits]  # 4096 / 64 (/ 16 at 2 bits), capped at 128 -> whole groups
+        want = min(want, 128) // group * group
+        assert seed_style.residual_length == by_config.residual_length == want, (bits, seed_style.residual_length)
+        assert seed_style.nbytes() == by_config.nbytes()
+        assert seed_style.stats()["quantized_tokens"] == (n - want) // group * group
+    assert QuantizedKVCache(bits=4, residual_length=32, config=model.config).residual_length == 32

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from openautoglm import hub
 from openautoglm.memory import estimate_memory, model_bytes
 

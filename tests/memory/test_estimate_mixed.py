@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny, make_tiny_llama
+
 from openautoglm import _hf
 from openautoglm.kv import KVCacheConfig
 from openautoglm.memory import estimate_memory, model_bytes

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from openautoglm.memory import MemoryProfiler, TensorTracker, estimate_memory
 
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=1,

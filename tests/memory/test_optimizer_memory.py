@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_LLAMA, make_tiny_llama
+
 from openautoglm.memory import MemoryProfiler, estimate_memory
 from openautoglm.memory import optimizers as O
 from openautoglm.memory.shapes import model_shape

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY_LLAMA
+
 from openautoglm.cli import main
 from openautoglm.memory.plan import NoFeasiblePlan, plan_training
 from openautoglm.memory.shapes import model_shape

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import make_tiny_llama
+
 from openautoglm.memory import MemoryProfiler
 
 

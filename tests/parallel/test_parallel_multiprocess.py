@@ -30,6 +30,7 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def results(tiny_llama_dir, tmp_path_factory, tokenizer):
     from conftest import make_tiny_llama
+
     from openautoglm import hub
     from openautoglm.quant.api import quantize
     from openautoglm.quant.config import QuantConfig

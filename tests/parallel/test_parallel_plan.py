@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 
-from conftest import make_tiny_llama
 from openautoglm import hub, parallel
 from openautoglm.memory.estimate import estimate_memory, model_bytes
 from openautoglm.parallel import ShardConfig, Slice, make_plan, module_slices, narrow_module, read_slice

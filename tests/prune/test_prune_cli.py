@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import openautoglm.cli.prune  # noqa: F401 - registers the `prune` command
-from openautoglm import hub, _hf
+from openautoglm import _hf, hub
 from openautoglm.cli import main
 from openautoglm.prune import PruneRecipe, check_nm
 

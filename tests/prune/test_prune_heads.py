@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from openautoglm import hub, _hf
+from openautoglm import _hf, hub
 from openautoglm.prune import HeadPruneConfig, HeadPruner, keep_masks, mask_heads, remove_heads
 from openautoglm.prune.importance import head_mask_grads
 

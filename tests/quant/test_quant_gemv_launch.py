@@ -60,7 +60,7 @@ def v1_sm90(fmt: int, dot: bool, bn: int, bk: int, stages: int, nw: int, split: 
     ptrs = {f"{a}{i}_ptr": t for i in ("", "1", "2") for a, t in (("w", code), ("s", scale), ("z", scale))}
     const = dict(FMT=fmt, GROUP=0, HAS_Z=False, BLOCK_M=16 if dot else 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split,
                  DOT=dot, NW=nw, **extra)
-    return compile_sm90(gemv_kernel, const, ptrs, 4, stages, **({"launch_pdl": True} if extra.get("PDL") else {}))
+    return compile_sm90(gemv_kernel, const, ptrs, 4, stages)
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -186,159 +186,35 @@ def test_v1_gemv_multi_compiles_for_sm90():
         return len(re.findall(r"LDG(?:STS)?\.E[.A-Z]*\.128", kr._cuobjdump(k.asm["cubin"], "-sass")))
 
     for fmt, dot, bn, bk, stages in H100_V1:
-        one = vectors(v1_sm90(fmt, dot, bn, bk, stages, 1, False, PDL=False))
+        one = vectors(v1_sm90(fmt, dot, bn, bk, stages, 1, False))
         assert one > 0, (fmt, dot)
         for nw, split in ((3, False), (2, True)):
-            k = v1_sm90(fmt, dot, bn, bk, stages, nw, split, PDL=False)
+            k = v1_sm90(fmt, dot, bn, bk, stages, nw, split)
             regs, stack = kr.registers(k.asm["cubin"])
             assert stack == 0 and regs <= 128, (fmt, dot, nw, regs, stack)
             assert vectors(k) == one, (fmt, dot, nw, vectors(k), one)
 
 
-PDL_SCRIPT = textwrap.dedent("""
-    import torch
-    import triton
-    import triton.language as tl  # noqa: F401 - a jit function's module must see it
-    from openautoglm.quant import kernels
-    from openautoglm.quant.kernels import ops, triton_decode, triton_gemv
-    from openautoglm.quant.config import QuantConfig
-    from openautoglm.quant.linear import LINEAR_CLASSES
-    from openautoglm.quant.math import to_fp8
-    seed = torch.seed()
-    print("seed", seed)
-    K = 256
-    SYNCS = []
-
-    @triton.jit
-    def no_sync():  # the interpreter has no grid-dependency instructions: count the calls instead
-        SYNCS.append(1)
-
-    triton_gemv.pdl_sync = no_sync
-    triton_decode.pdl_sync = no_sync
-
-    def both(launch, n, M, ref_w, what):
-        # the launch with PDL on (launch_pdl passed, the PDL paths of the kernels) and off: identical, and right
-        x = torch.randn(M, K, dtype=torch.float16)
-        ys = []
-        for on in (True, False):
-            ops.use_pdl = lambda device, on=on: on
-            SYNCS.clear()
-            y = torch.full((M, n), float("nan"), dtype=x.dtype)
-            launch(x, y)
-            assert bool(SYNCS) == on, (what, on, len(SYNCS))
-            ys.append(y)
-        assert torch.equal(ys[0], ys[1]), (what, float((ys[0].float() - ys[1].float()).abs().max()))
-        ref = x.float() @ ref_w.t()
-        rel = float((ys[0].float() - ref).norm() / ref.norm())
-        assert rel < 2e-3, (what, rel)
-
-    def layer(scheme, n, **kw):
-        lin = torch.nn.Linear(K, n, bias=False).half()
-        m = LINEAR_CLASSES[scheme].from_linear(lin, QuantConfig(scheme=scheme, **kw))
-        w, s, z, fmt, group, gm = m.decode_operands()
-        return (w, s, z), fmt, group, gm, kernels.dequant_torch(w, s, z, m.bits, m.group, torch.float32, gm, m.k32)
-
-    v1 = lambda split, dot, bk: dict(kernel="v1", BLOCK_N=32, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=4,
-                                     num_stages=1)
-    fma = lambda split, pf: dict(kernel="fma", R=2, T=4, SPLIT_K=split, num_warps=1, PF=pf)
-    dot = lambda split: dict(kernel="dot", BLOCK_N=16, TW=16, SPLIT_K=split, num_warps=1, num_stages=1)
-    for scheme, kw in (("w4", dict(symmetric=False, group_size=128)), ("w8", dict(group_size=64)), ("w8", {})):
-        (w, s, z), fmt, group, gm, dense = layer(scheme, 48, **kw)
-        one = lambda cfg: (lambda x, y: ops.launch_gemv(x, w, s, z, fmt, group, gm, y, cfg))
-        tag = (scheme, group)
-        if fmt != ops.FMT_INT4_K32:  # v1: FMA with an empty split (2 tiles over 3), tensor cores with split-K
-            both(one(v1(3, False, 128)), 48, 1, dense, tag + ("v1",))
-            both(one(v1(2, True, min(64, group))), 48, 4, dense, tag + ("v1 dot",))
-        both(one(fma(3, 0)), 48, 1, dense, tag + ("fma, PF=0 config",))  # 2 iterations over 3 splits
-        both(one(fma(1, 1)), 48, 3, dense, tag + ("fma",))
-        if ops.dot_ok(K, fmt, group):
-            both(one(dot(3)), 48, 5, dense, tag + ("dot",))  # 2 iterations over 3 splits
-    wq, ws = to_fp8(torch.randn(40, K))
-    f8 = lambda x, y: ops.launch_gemv(x, wq, ws, None, 9, K, False, y, v1(2, False, 64))
-    both(f8, 40, 1, wq.float() * ws, "e4m3")
-    for scheme, cfg in (("w8", v1(2, False, 128)), ("w4", fma(2, 1))):  # several weights in one launch
-        ls = [layer(scheme, n) for n in (48, 16, 32)]
-        ref_w = torch.cat([l_[-1] for l_ in ls])
-        fmt, group, gm = ls[0][1:4]
-        multi = lambda x, y: ops.launch_gemv_multi(x, *[[l_[0][i] for l_ in ls] for i in range(3)], fmt, group, gm,
-                                                   y, cfg)
-        both(multi, 96, 1, ref_w, (scheme, "multi"))
-    print("OK")
-""")
-
-
-def test_pdl_paths_in_interpreter():
-    """The PDL variants of the three decode kernels (first iteration's weights loaded before the wait, which the
-    interpreter cannot run: replaced by a counter) give results identical to the plain launches and right."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    probe = subprocess.run([sys.executable, "-c", "import triton"], env=env, capture_output=True)
-    if probe.returncode:
-        pytest.skip("triton is not installed")
-    r = subprocess.run([sys.executable, "-c", PDL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if "only 0-dimensional arrays" in r.stderr:
-        pytest.skip("this numpy is too new for triton's interpreter")
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-500:] + r.stderr[-3000:]
-
-
-def test_pdl_compiles_for_sm90():
-    """With ``PDL`` the three decode kernels compile for sm_90 with the grid-dependency wait and the early launch
-    of dependents; only loads come before the wait (the first iteration's weights: at least one global load, and
-    no store or atomic; that the activation loads come after it is not visible in the PTX), nothing spills inside
-    a loop, and without ``PDL`` there is no grid-dependency instruction at all."""
+def test_decode_kernels_compile_for_sm90_without_loop_spills():
+    """The FMA and tensor-core decode kernels compile for sm_90 in tuned 7B-class configurations and spill
+    nothing inside a loop."""
     kr = sm90_tool()
-    import re
 
     from openautoglm.quant.kernels import ops
     from openautoglm.quant.kernels.triton_decode import decode_dot_kernel, decode_kernel
 
-    if not ops._pdl_triton():
-        pytest.skip("this Triton has no programmatic dependent launch")
-
-    def dec(pdl):  # w4 k32, group 128 with zero points, one row, split-K: a tuned 7B configuration (R 4, T 8)
+    def dec():  # w4 k32, group 128 with zero points, one row, split-K, prefetch: a tuned 7B configuration (R 4, T 8)
         ptrs = {f"{a}{i}_ptr": t for i in ("", "1", "2") for a, t in (("w", "*u8"), ("s", "*fp16"), ("z", "*u8"))}
         const = dict(FMT=4, GROUP=128, HAS_Z=True, BLOCK_M=1, R=4, RB=16, T=8, SPLIT=True,
-                     ASCENDING=ops._ascending(), NW=1, PF=1, PDL=pdl)
-        return compile_sm90(decode_kernel, const, ptrs, 4, 1, **({"launch_pdl": True} if pdl else {}))
+                     ASCENDING=ops._ascending(), NW=1, PF=1)
+        return compile_sm90(decode_kernel, const, ptrs, 4, 1)
 
-    def dot(pdl):  # int8 per row, 2..16 rows
+    def dot():  # int8 per row, 2..16 rows
         ptrs = {"w_ptr": "*i8", "s_ptr": "*fp16", "z_ptr": "*fp16"}
-        const = dict(FMT=8, GROUP=0, HAS_Z=False, BLOCK_N=128, TW=16, SPLIT=True, PDL=pdl)
-        return compile_sm90(decode_dot_kernel, const, ptrs, 4, 2, **({"launch_pdl": True} if pdl else {}))
+        const = dict(FMT=8, GROUP=0, HAS_Z=False, BLOCK_N=128, TW=16, SPLIT=True)
+        return compile_sm90(decode_dot_kernel, const, ptrs, 4, 2)
 
-    builds = {"fma": dec, "dot": dot,
-              "v1 int8 qkv": lambda pdl: v1_sm90(8, False, 16, 256, 2, 3, False, PDL=pdl),
-              "v1 e4m3 dot split": lambda pdl: v1_sm90(9, True, 128, 64, 3, 1, True, PDL=pdl)}
-    for name, build in builds.items():
-        assert "griddepcontrol" not in build(False).asm["ptx"], name
-        k = build(True)
-        ptx = k.asm["ptx"]
-        assert ptx.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in ptx, name
-        before, after = ptx.split("griddepcontrol.wait")
-        assert re.search(r"\bld\.global", before), name
-        assert not re.search(r"\b(st\.global|atom\.|red\.)", before), name
-        assert re.search(r"\bst\.global", after), name
+    for name, build in {"fma": dec, "dot": dot}.items():
+        k = build()
         assert not loop_spills(kr._cuobjdump(k.asm["cubin"], "-sass")), (name, kr.registers(k.asm["cubin"]))
 
-
-def test_pdl_switch(monkeypatch):
-    """``ops.PDL`` (env ``OPENAUTOGLM_PDL``) turns programmatic dependent launch off; it is only used on CUDA
-    devices with a Triton that has it, never in the interpreter."""
-    import torch
-
-    from openautoglm.quant.kernels import ops
-
-    assert not ops.use_pdl(torch.device("cpu"))
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(ops, "_pdl_device", lambda index: True)  # an sm_90 GPU
-    for switch, triton_has_it in ((True, True), (False, True), (True, False)):
-        monkeypatch.setattr(ops, "PDL", switch)
-        monkeypatch.setattr(ops, "_pdl_triton", lambda v=triton_has_it: v)
-        assert ops.use_pdl(cuda) == (switch and triton_has_it), (switch, triton_has_it)
-    assert ops._pdl_kw(True) == {"launch_pdl": True} and ops._pdl_kw(False) == {}
-    code = "from openautoglm.quant.kernels import ops; print(ops.PDL, ops._pdl_triton())"
-    for value, want in (("1", "True"), ("0", "False"), (None, "False")):  # off by default (measured neutral)
-        env = {k: v for k, v in os.environ.items() if k != "OPENAUTOGLM_PDL"} | {"TRITON_INTERPRET": "1"}
-        if value is not None:
-            env["OPENAUTOGLM_PDL"] = value
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert r.stdout.split() == [want, "False"], (value, r.stdout + r.stderr[-2000:])

@@ -146,11 +146,11 @@ def test_k32_order_stores_the_same_codes():
 def test_layouts_give_identical_perplexity_on_bundled_model():
     """The group-major scale layout and the k32 code order store the same codes and scales: held-out perplexity
     is identical to the "rows" / "pairs" storage of older checkpoints."""
+    import copy
+
     from openautoglm import AutoModelForCausalLM, AutoTokenizer
     from openautoglm.evaluate import perplexity
     from openautoglm.quant import quantize
-
-    import copy
 
     tok = AutoTokenizer.from_pretrained("open-autoglm-base")
     base = AutoModelForCausalLM.from_pretrained("open-autoglm-base", dtype="float32")

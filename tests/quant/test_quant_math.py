@@ -7,8 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openautoglm.quant.math import (dequantize, error_bound, pack_int4, quantize, quantize_per_token, to_fp8,
-                                    unpack_int4)
+from openautoglm.quant.math import (
+    dequantize,
+    error_bound,
+    pack_int4,
+    quantize,
+    quantize_per_token,
+    to_fp8,
+    unpack_int4,
+)
 
 SLACK = 1e-5  # float32 rounding of the scale arithmetic
 

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 
-from conftest import make_tiny_llama
 from openautoglm import AutoModelForCausalLM, DynamicQuantizer, QuantConfig, StaticQuantizer, hub, quantize
 from openautoglm.quant import QuantLinear, is_quantized
 

@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import TINY_LLAMA
 from openautoglm import AutoModelForCausalLM, QuantConfig, hub, quantize
 from openautoglm.quant import is_quantized, quantized_layers
 

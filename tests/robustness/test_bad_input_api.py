@@ -14,10 +14,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
-
-from conftest import make_tiny_llama
 
 from ._support import call_clean, case, fuzz_settings
 

@@ -204,6 +204,7 @@ def test_quantized_checkpoint_without_scales(tiny_llama_dir, tmp_path, capsys):
 def test_corrupted_training_checkpoint(tmp_path):
     """A truncated training checkpoint: resume refuses it naming the file (it does not start over silently)."""
     from conftest import make_tiny_llama
+
     from openautoglm.training.loop import TrainConfig, train
 
     with case("corrupted_files", "train-checkpoint-truncated"):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from openautoglm.training.loop import TrainConfig, batch_at, lr_at, train
 
 

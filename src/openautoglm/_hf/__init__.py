@@ -238,8 +238,8 @@ def own_config(model: nn.Module) -> None:
     for module in model.modules():
         cfg = module.__dict__.get("config")
         if isinstance(cfg, _AttnConfigView):
-            base = cfg._oag_base
-            object.__setattr__(cfg, "_oag_base", copies.get(id(base), base))
+            base = cfg._openautoglm_base
+            object.__setattr__(cfg, "_openautoglm_base", copies.get(id(base), base))
         elif cfg is not None and id(cfg) in copies:
             module.config = copies[id(cfg)]
 
@@ -253,15 +253,15 @@ class _OverrideConfigView:
     """The attention module's config (or its per-module view) with ``_attn_implementation`` naming the override."""
 
     def __init__(self, config):
-        object.__setattr__(self, "_oag_inner", config)
+        object.__setattr__(self, "_openautoglm_inner", config)
 
     def __getattr__(self, name):
-        if name.startswith("__") or name == "_oag_inner":
+        if name.startswith("__") or name == "_openautoglm_inner":
             raise AttributeError(name)
-        return getattr(self._oag_inner, name)
+        return getattr(self._openautoglm_inner, name)
 
     def __setattr__(self, name, value):
-        setattr(self._oag_inner, name, value)
+        setattr(self._openautoglm_inner, name, value)
 
     @property
     def _attn_implementation(self):
@@ -269,7 +269,7 @@ class _OverrideConfigView:
 
 
 def _override_attention(module, query, key, value, attention_mask, **kwargs):
-    return module._oag_attn_override(module, query, key, value, attention_mask, **kwargs)
+    return module._openautoglm_attn_override(module, query, key, value, attention_mask, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,12 +287,12 @@ def override_attention(attn: nn.Module, fn):
     _register_override()
     old = attn.config
     attn.config = _OverrideConfigView(old)
-    attn._oag_attn_override = fn
+    attn._openautoglm_attn_override = fn
     try:
         yield attn
     finally:
         attn.config = old
-        del attn._oag_attn_override
+        del attn._openautoglm_attn_override
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 # ----------------------------------------------------------------------------- Linear-like layers
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -265,23 +264,23 @@ class _AttnConfigView:
     call time)."""
 
     def __init__(self, config, overrides: dict | None = None, indexed: bool = False):
-        object.__setattr__(self, "_oag_base", config)
-        object.__setattr__(self, "_oag_overrides", dict(overrides or {}))
-        object.__setattr__(self, "_oag_indexed", indexed)
+        object.__setattr__(self, "_openautoglm_base", config)
+        object.__setattr__(self, "_openautoglm_overrides", dict(overrides or {}))
+        object.__setattr__(self, "_openautoglm_indexed", indexed)
 
     def __getattr__(self, name):
-        if name.startswith("__") or name.startswith("_oag_"):
+        if name.startswith("__") or name.startswith("_openautoglm_"):
             raise AttributeError(name)
-        if name in self._oag_overrides:
-            return self._oag_overrides[name]
-        return getattr(self._oag_base, name)
+        if name in self._openautoglm_overrides:
+            return self._openautoglm_overrides[name]
+        return getattr(self._openautoglm_base, name)
 
     def __setattr__(self, name, value):
-        setattr(self._oag_base, name, value)
+        setattr(self._openautoglm_base, name, value)
 
     @property
     def _attn_implementation(self):
-        return INDEXED_GQA_ATTENTION if self._oag_indexed else self._oag_base._attn_implementation
+        return INDEXED_GQA_ATTENTION if self._openautoglm_indexed else self._openautoglm_base._attn_implementation
 
 
 def _base_attention_function(module: nn.Module):
@@ -289,7 +288,7 @@ def _base_attention_function(module: nn.Module):
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    impl = module.config._oag_base._attn_implementation
+    impl = module.config._openautoglm_base._attn_implementation
     if impl in (None, "eager"):
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if fn is None:
@@ -300,7 +299,7 @@ def _base_attention_function(module: nn.Module):
 
 def _indexed_gqa_attention(module, query, key, value, attention_mask, **kwargs):
     """query: (batch, n_q, seq, head_dim); key/value: (batch, n_kv, kv_seq, head_dim) -> gathered to n_q heads."""
-    idx = module.oag_kv_index
+    idx = module._openautoglm_kv_index
     key = key.index_select(1, idx)
     value = value.index_select(1, idx)
     return _base_attention_function(module)(module, query, key, value, attention_mask, **kwargs)
@@ -315,7 +314,7 @@ def _register_indexed_gqa() -> None:
 
 def attention_layout(attn: nn.Module) -> list[int]:
     """KV head read by each query head of an attention module, e.g. ``[0, 0, 1, 1]``."""
-    idx = getattr(attn, "oag_kv_index", None)
+    idx = getattr(attn, "_openautoglm_kv_index", None)
     if idx is not None:
         return [int(i) for i in idx.tolist()]
     n_q, n_kv = head_counts(attn)
@@ -334,9 +333,9 @@ def set_attention_layout(attn: nn.Module, kv_index: list[int]) -> None:
     if n_q == 0 or sorted(set(kv_index)) != list(range(n_kv)) or list(kv_index) != sorted(kv_index):
         raise ValueError(f"kv_index {kv_index} must be non-empty, non-decreasing and use KV heads 0..n-1")
     counts = [kv_index.count(g) for g in range(n_kv)]
-    base_cfg = attn.config._oag_base if isinstance(attn.config, _AttnConfigView) else attn.config
-    if "oag_kv_index" in attn._buffers:
-        del attn._buffers["oag_kv_index"]
+    base_cfg = attn.config._openautoglm_base if isinstance(attn.config, _AttnConfigView) else attn.config
+    if "_openautoglm_kv_index" in attn._buffers:
+        del attn._buffers["_openautoglm_kv_index"]
     set_head_counts(attn, n_q, n_kv)
     overrides = config_overrides(attn, n_q, n_kv)
     uniform = len(set(counts)) == 1  # uniform groups: the stock attention repeats K/V correctly
@@ -350,4 +349,4 @@ def set_attention_layout(attn: nn.Module, kv_index: list[int]) -> None:
     if not uniform:
         device = projection_modules(attn)[0].weight.device
         idx = torch.tensor(kv_index, dtype=torch.long, device="cpu" if device.type == "meta" else device)
-        attn.register_buffer("oag_kv_index", idx, persistent=False)
+        attn.register_buffer("_openautoglm_kv_index", idx, persistent=False)

@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import DiskFullError
+
 log = logging.getLogger(__name__)
 
 _NAME_KEEP = 80  # characters of the final name kept in temporary names (file names are at most 255 bytes)
@@ -117,8 +119,6 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def _raise_disk_full(e: BaseException, final: Path) -> None:
     """Turn "no space left" (or over quota, or over the file-size limit) into a :class:`DiskFullError` that says
     what happened to ``final``."""
-    from ..errors import DiskFullError
-
     if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in _DISK_FULL:
         where = f" ({e.filename})" if e.filename else ""
         raise DiskFullError(e.errno, f"{os.strerror(e.errno)} while writing {final}{where}; "

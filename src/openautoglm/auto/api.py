@@ -24,13 +24,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluate import heldout_prompts, heldout_token_ids
+from ..hub import load_tokenizer
 from ..kv.config import KVCacheConfig
 from ..memory.estimate import estimate_memory
 from ..prune.heads import mask_heads
-from . import search
+from . import quality, search
 from .budget import parse_budget
-from .plan import plan
-from .plan import choose
+from .plan import choose, plan
 from .plan import shortlist as plan_shortlist
 from .recipe import apply_recipe, make_recipe
 from .result import AutoResult
@@ -54,8 +55,6 @@ NOT_SEARCHED = (
 
 
 def _token_ids(tokenizer, text: str | None, part: str) -> torch.Tensor:
-    from ..evaluate import heldout_token_ids
-
     ids = heldout_token_ids(tokenizer, text)
     if text is None:  # bundled held-out text: calibrate on its second half, evaluate on its first
         half = ids.numel() // 2
@@ -200,8 +199,6 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
     names = [n for n in names if not (n in DOMINATED and DOMINATED[n] in names)]
     options = [WEIGHT_OPTIONS[n] for n in names]
     if tokenizer is None:
-        from ..hub import load_tokenizer
-
         src = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         if not src:
             raise ValueError("compress_to_budget needs tokenizer= (the model does not say where it was loaded from)")
@@ -249,12 +246,8 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                            "verification_perplexity": math.exp(check_base + pick.measured)}
     before = estimate_memory(model, mode="inference", batch=batch, seq_len=context, kv_group_size=kv_group_size,
                              kv_residual=kv_residual, device=device)
-    from . import quality
-
     prompts = []
     if verify and n_prompts:
-        from ..evaluate import heldout_prompts
-
         prompts = heldout_prompts(tokenizer, n_prompts) if eval_text is None else []
     probe = dict(probe=min(32, seq // 4), probe_context=min(512, seq - min(32, seq // 4)))  # attention rows compared
     base = quality.baseline(model, tokenizer, eval_ids, seq_len=seq, prompts=prompts,

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _hf
 from ..evaluate import bleu_vs_baseline, greedy_generate
 from ..kv.config import KVCacheConfig
 from ..kv.emulate import decode_perplexity
 from ..kv.metrics import _eager_attention, _probe_attentions, greedy_with_cache
 from ..memory.estimate import model_bytes
+from ..memory.profile import MemoryProfiler
 
 
 @dataclass
@@ -95,8 +97,6 @@ def measure_memory(model: nn.Module, kv: KVCacheConfig | None, *, batch: int, co
                    decode_steps: int = 2) -> dict:
     """Peak memory of a prefill of ``batch`` x ``context`` tokens through the recipe's cache plus a few decode
     steps (``memory.MemoryProfiler``: ``torch.cuda.max_memory_allocated`` on CUDA, live tensor bytes on CPU)."""
-    from .. import _hf
-    from ..memory.profile import MemoryProfiler
 
     dev = next(model.parameters()).device
     vocab = int(model.get_input_embeddings().weight.shape[0])

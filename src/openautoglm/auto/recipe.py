@@ -24,6 +24,8 @@ from torch import nn
 
 from .. import hub
 from ..kv.config import KVCacheConfig
+from ..prune.heads import remove_heads
+from ..quant.api import quantize
 from ..quant.config import QuantConfig
 
 FORMAT = "openautoglm-recipe"
@@ -111,8 +113,6 @@ def apply_recipe(model: nn.Module, recipe: dict, *, progress=None) -> KVCacheCon
 
     Returns the recipe's KV cache config (build a cache with ``kv.build(model.config)``), also recorded.
     """
-    from ..prune.heads import remove_heads
-    from ..quant.api import quantize
 
     recipe = validate_recipe(recipe)
     kv = None

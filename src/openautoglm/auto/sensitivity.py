@@ -30,13 +30,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._util import flags
+from .._util.modules import set_module
 from ..evaluate import perplexity
 from ..kv.config import KVCacheConfig
 from ..kv.emulate import decode_perplexity
 from ..prune.heads import mask_heads
-from .._util.modules import set_module
 from ..quant.linear import LINEAR_CLASSES
 from . import pruning
+from .denoise import denoised
 from .space import Unit, WeightOption
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,6 @@ class Sensitivities:
     def denoised(self) -> Sensitivities:
         """The costs the search uses: shrunk towards each option's mean as far as the noise demands, clamped at
         0 and monotone in bits (:func:`.denoise.denoised`)."""
-        from .denoise import denoised
-
         return denoised(self)
 
     def to_json(self) -> str:
@@ -125,7 +125,7 @@ def ids_hash(windows: torch.Tensor) -> str:
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    base = path or os.environ.get("OPENAUTOGLM_CACHE") or Path.home() / ".cache" / "openautoglm"
+    base = path or flags.cache_dir()
     return Path(base).expanduser() / "sensitivity"
 
 

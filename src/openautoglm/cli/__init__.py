@@ -20,10 +20,10 @@ _EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
 _CLICK_ERR = (click.ClickException, _tclick.exceptions.ClickException)
 _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
 
-from ._app import _state, app, console, err_console  # noqa: E402,F401
-
 # The command modules add their commands to ``app`` when imported.
+from ..errors import OutputExistsError  # noqa: E402
 from . import base, compress, memory  # noqa: E402,F401
+from ._app import _state, app, console, err_console  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +69,7 @@ def _rank_tag() -> str:
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
-    if isinstance(e, OSError) and e.strerror:  # "[Errno 17] ..." is noise for a user: the message and the path
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, OutputExistsError):
+        # "[Errno 28] ..." is noise for a user: the message and the path
         msg = e.strerror if e.filename is None else f"{e.strerror}: {e.filename}"
     return msg.splitlines()[0] + (" (run with --debug for details)" if "\n" in msg else "")

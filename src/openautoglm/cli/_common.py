@@ -10,6 +10,7 @@ from rich.table import Table
 from ..units import format_bytes as fmt_bytes  # noqa: F401  (re-exported for the commands)
 from ..units import parse_bytes  # noqa: F401
 
+
 def pick_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"

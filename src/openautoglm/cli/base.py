@@ -11,11 +11,10 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from .. import hub, _hf
+from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from ._app import app, console
 from ._common import check_dtype, check_finite, check_json_out, fmt_bytes, pick_device, read_text_file, table
-
 
 # Options shared by eval and generate (declared once).
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]

@@ -26,7 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .. import hub, _hf
+from .. import _hf, hub
 from ..memory.estimate import model_bytes
 from ._app import app, console
 from ._common import check_dtype, fmt_bytes, pick_device, read_text_file, table

@@ -120,9 +120,9 @@ def train(
     --out holds checkpoint/ (a run started again with the same --out resumes from it), model/ (the final
     model) and train_result.json."""
     from .. import hub
-    from ..training import checkpoints as _train_io
     from ..errors import OutputExistsError
     from ..memory.plan import plan_training
+    from ..training import checkpoints as _train_io
     from ..training.loop import TrainConfig
     from ..training.loop import train as run_train
 
@@ -133,7 +133,7 @@ def train(
         raise ValueError(f"--out {out} is a file; name a folder for the run")
     resuming = not overwrite and _train_io.has_checkpoint(out)
     if (out / "model").exists() and not resuming and not overwrite:
-        raise OutputExistsError(17, "--out already holds model/ of another run (no checkpoint to resume); pass "
+        raise OutputExistsError("--out already holds model/ of another run (no checkpoint to resume); pass "
                                 "--overwrite to replace it", str(out / "model"))
     hub.check_output_dir(out / "model", overwrite=True, what="--out model/")
     from ..memory.plan import MAX_GLOBAL_BATCH

@@ -19,7 +19,7 @@ next token) is captured in a CUDA graph and replayed per token. The model's own 
 inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, or ``cache_dir=``), so a second process starts
 faster; ``GenerateResult.compile_s`` reports the first call's compile and capture time.
 Decode attention over the full-precision cache reads keys ``0..pos`` only (:mod:`openautoglm.kv.kernels.dense_decode`,
-one Triton launch on CUDA; :data:`DENSE_DECODE_KERNEL`); prefill keeps SDPA.
+one Triton launch on CUDA; ``OPENAUTOGLM_DENSE_DECODE=0`` turns it off); prefill keeps SDPA.
 On the CPU (or ``compile=False``) the same step runs eagerly: identical tokens, no speed-up.
 With ``kv=KVCacheConfig(bits=4, ...)`` the layers keep a quantized KV cache instead and decode attends to it
 with the fused kernel (:mod:`openautoglm.generation.kv_decode`). ``model.generate(..., cache_implementation="static")``
@@ -28,6 +28,7 @@ reaches this helper through :func:`enable_fast_generate` (:mod:`openautoglm.gene
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
@@ -41,15 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _hf
+from .._util import flags
 from ..kv.kernels import dense_decode
 from . import block
+from . import kv_decode as fast_decode
+from .kv_decode import KVStores
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-# Decode attention over the full-precision cache with the Triton kernel of :mod:`.kv.dense_decode` (reads keys
-# 0..pos only) instead of SDPA over all L keys with a mask. Read when the decode step is compiled; the
-# environment's OPENAUTOGLM_DENSE_DECODE=0 turns it off.
-DENSE_DECODE_KERNEL = os.environ.get("OPENAUTOGLM_DENSE_DECODE", "1") != "0"
 
 
 @dataclass
@@ -69,14 +69,15 @@ class GenerateResult:
         return self.tokens.shape[0] * (self.new_tokens - 1) / max(self.decode_s, 1e-9)
 
 
-def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope, decode: bool = False):
+def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope, kernel: bool = False):
     """One Llama-family decoder layer on ``h (B, T, hidden)``, K/V written at ``pos (T,)`` of the caches;
-    ``decode`` (one token, CUDA): attention by the dense decode kernel (falls back to SDPA where unsupported)."""
+    ``kernel`` (one token): attention by the dense decode kernel (reads keys 0..pos only; it falls back to SDPA
+    where unsupported), else masked SDPA over the whole cache."""
     attn = layer.self_attn
     q, k, v = block.qkv(layer, h, cos, sin, rope)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
-    if decode and q.shape[2] == 1 and DENSE_DECODE_KERNEL and (k_cache.is_cuda or dense_decode.INTERPRET):
+    if kernel and q.shape[2] == 1:
         o = dense_decode.decode_attention(q, k_cache, v_cache, pos, attn.scaling)
     else:
         o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
@@ -84,8 +85,12 @@ def _layer_step(layer: nn.Module, h, cos, sin, k_cache, v_cache, pos, mask, rope
     return block.finish(layer, h, o.transpose(1, 2))
 
 
-def _layer_decode(*args):  # separate code objects: decode and prefill keep separate compile caches
-    return _layer_step(*args, decode=True)
+def _layer_decode(*args):  # separate code objects: each decode variant and prefill keep their own compile caches
+    return _layer_step(*args)
+
+
+def _layer_decode_kernel(*args):
+    return _layer_step(*args, kernel=True)
 
 
 def _layer_prefill(*args):
@@ -119,6 +124,23 @@ def _ban_eos(logits, ban, index, min_new):
     return logits.masked_fill(ban & (index < min_new), -float("inf"))
 
 
+@contextlib.contextmanager
+def _inductor_cache(folder):
+    """``TORCHINDUCTOR_CACHE_DIR=folder`` for the block (inductor reads it when it compiles), then as before."""
+    if not folder:
+        yield
+        return
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
 def _eos_ids(eos_token_id) -> list[int] | None:
     """``eos_token_id`` (an int, a sequence of ints or a tensor of them) as a list; ``None`` stays ``None``."""
     if eos_token_id is None:
@@ -141,7 +163,8 @@ class Generator:
     model : a Llama / Mistral (no sliding window) / Qwen2 / Qwen3 causal LM, full precision or quantized.
     compile : compile the layer step with ``torch.compile`` (default: on CUDA).
     cuda_graph : capture the decode step in a CUDA graph (default: on CUDA).
-    cache_dir : inductor's on-disk cache folder (sets ``TORCHINDUCTOR_CACHE_DIR`` if unset).
+    cache_dir : inductor's on-disk cache folder (``TORCHINDUCTOR_CACHE_DIR`` while this Generator's calls
+        compile, restored after).
     kv : a quantized KV cache (:class:`openautoglm.kv.KVCacheConfig` with ``bits``, optionally
         ``share_layers``) instead of full-precision K/V buffers.
     """
@@ -156,7 +179,7 @@ class Generator:
             raise ValueError(f"Generator does not implement sliding-window attention (sliding_window={cfg.sliding_window})")
         self.model, self.cfg = model, cfg
         self.layers = _hf.decoder_layers(model)
-        if any(getattr(layer.self_attn, "oag_kv_index", None) is not None for layer in self.layers):
+        if any(getattr(layer.self_attn, "_openautoglm_kv_index", None) is not None for layer in self.layers):
             raise ValueError("Generator does not run attention with uneven KV groups (pruned heads); use model.generate")
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.lm_head = model.get_output_embeddings()
@@ -168,21 +191,22 @@ class Generator:
         cuda = self.device.type == "cuda"
         self.compile = cuda if compile is None else compile
         self.cuda_graph = cuda if cuda_graph is None else (cuda_graph and cuda)
-        if cache_dir:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        self.cache_dir = cache_dir
+        # decode attention over the full-precision cache: the Triton kernel on CUDA (or in Triton's interpreter)
+        # unless OPENAUTOGLM_DENSE_DECODE is off; decided here, so the compiled step holds a constant
+        self.dense_kernel = flags.enabled(flags.DENSE_DECODE) and (cuda or flags.triton_interpret())
         self.kv = kv
         if kv is not None:
-            from . import kv_decode as fast_decode
-
             fast_decode.KVStores.check(kv)
             self._dec_kv = (torch.compile(fast_decode.layer_decode, fullgraph=True, dynamic=False) if self.compile
                             else fast_decode.layer_decode)
+        decode = _layer_decode_kernel if self.dense_kernel else _layer_decode
         if self.compile:
-            self._dec = torch.compile(_layer_decode, fullgraph=True, dynamic=False)
+            self._dec = torch.compile(decode, fullgraph=True, dynamic=False)
             self._pre = torch.compile(_layer_prefill, fullgraph=True, dynamic=True)
             self._hd = torch.compile(_head, fullgraph=True, dynamic=False)
         else:
-            self._dec, self._pre, self._hd = _layer_decode, _layer_prefill, _head
+            self._dec, self._pre, self._hd = decode, _layer_prefill, _head
         self._state: dict = {}
 
     # ------------------------------------------------------------------ state per (batch, cache length)
@@ -200,8 +224,6 @@ class Generator:
                                     start=torch.zeros(1, dtype=torch.long, device=self.device),
                                     suppress=False)  # min_new_tokens on (set per call by _set_eos)
             if self.kv is not None:
-                from .kv_decode import KVStores
-
                 self._state[key]["kv"] = KVStores(self.kv, self.cfg, batch, length, self.device, self.dtype)
         return self._state[key]
 
@@ -294,6 +316,11 @@ class Generator:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
         sample = (float(temperature), top_k, float(top_p), bool(do_sample))
         suppress = eos is not None and min_new_tokens > 0
+        with _inductor_cache(self.cache_dir):
+            return self._generate(input_ids, max_new_tokens, sample, eos, min_new_tokens, suppress, length, check_every)
+
+    def _generate(self, input_ids, max_new_tokens, sample, eos, min_new_tokens, suppress, length, check_every):
+        B, P = input_ids.shape
         t_start = time.perf_counter()
         st = self._buffers(B, length)
         fresh = st["graph"] is None or st["graph_key"] != (sample, suppress)

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _hf
-from ..kv.kernels import ops
-from .block import finish, qkv
 from ..kv.config import KVCacheConfig
-from ..kv.quantized import resolve_residual, validate_share
+from ..kv.kernels import ops
+from ..kv.layout import resolve_residual, validate_share
 from ..kv.static_store import StaticQuantStore
+from ..kv.stores import storage_bytes
+from .block import finish, qkv
 
 
 def layer_decode(layer: nn.Module, h, cos, sin, rope, kq, ks, km, vq, vs, vm, rk, rv, length, layout: list,
@@ -76,8 +77,6 @@ class KVStores:
             st.reset()
 
     def nbytes(self) -> int:
-        from ..kv.stores import storage_bytes
-
         return storage_bytes(t for st in self.stores for t in st.tensors())
 
     @torch.no_grad()

@@ -20,7 +20,6 @@ import copy
 import inspect
 import itertools
 import logging
-import os
 import weakref
 
 import torch
@@ -28,12 +27,13 @@ from torch import nn
 
 from .. import _hf
 from .._hf import generate as _hf_generate
+from .._util import flags
 from .generator import Generator
 
 log = logging.getLogger(__name__)
-ENV = "OPENAUTOGLM_FAST_GENERATE"
+ENV = flags.FAST_GENERATE
 CHECK_EVERY = 8  # decode steps between the host's "has every row finished?" checks (at most 7 steps wasted)
-_OFF = "_oag_fast_generate_off"  # set on a model whose user turned routing off: the defaults leave it alone
+_OFF = "_openautoglm_fast_generate_off"  # set on a model whose user turned routing off: the defaults leave it alone
 
 
 class RoutedGenerate:
@@ -190,12 +190,9 @@ def enable_fast_generate(model: nn.Module, enabled: bool = True, *, allow_cpu: b
 def enable_by_default(model: nn.Module) -> None:
     """Install routing on a model openautoglm hands to the user, unless ``OPENAUTOGLM_FAST_GENERATE`` is 0/false/
     no/off or the user turned it off on this model."""
-    flag = os.environ.get(ENV, "1").strip().lower()
-    if flag in ("0", "false", "no", "off"):
-        log.debug("%s=%s: model.generate left to transformers", ENV, flag)
+    if not flags.enabled(ENV):
+        log.debug("%s is off: model.generate left to transformers", ENV)
         return
-    if flag not in ("1", "true", "yes", "on", ""):
-        log.warning("%s=%r is not one of 0/1/false/true/no/yes/off/on; routing stays on", ENV, flag)
     if isinstance(model, nn.Module) and callable(getattr(type(model), "generate", None)) \
             and not vars(model).get(_OFF) and routed(model) is None:
         enable_fast_generate(model)

@@ -16,8 +16,8 @@ into loading: rebuilders, quantize on load, model-ready callbacks).
 
 from __future__ import annotations
 
-from .lazy import OUTER, LoadHook, stream_into
 from . import plugins
+from .lazy import OUTER, LoadHook, stream_into
 from .load import (
     PICKLE_FILES,
     AutoModelForCausalLM,
@@ -55,5 +55,6 @@ __all__ = [
     "Rebuilder", "SHIPPED_MODELS", "TOKENIZER_FILES", "applied_transforms", "empty_model", "from_pretrained",
     "load_tokenizer", "record_transform", "register_rebuilder", "registered_transforms", "resolve_model_path",
     "check_output_dir", "save_pretrained", "shipped_models", "validate_safetensors", "weight_files", "CheckpointTensors",
-    "checkpoint_tensors", "check_against_model", "apply_rebuilders", "plugins",
+    "checkpoint_tensors", "check_against_model", "apply_rebuilders", "plugins", "OUTER", "LoadHook", "stream_into",
+    "build_empty", "has_tokenizer", "open_checkpoint", "looks_like_hub_id", "CheckpointReader",
 ]

@@ -11,7 +11,6 @@ from .. import _hf
 from ..errors import CheckpointError, UnsupportedModelError
 from .registry import META_KEY
 
-
 # The dimensions a causal LM config must state (first name of each tuple, or a family's alias): without them
 # transformers falls back to class defaults (a 7B Llama) and the model silently is not the checkpoint's.
 _REQUIRED_DIMS = (("vocab_size",), ("hidden_size", "n_embd", "d_model"), ("num_hidden_layers", "n_layer", "num_layers"),

@@ -14,11 +14,11 @@ from torch import nn
 from .. import _hf
 from ..errors import CheckpointError, ModelNotFoundError, OutOfMemoryError, UnsupportedModelError
 from ..units import format_bytes
+from . import plugins
 from .config import _load_config, _resolve_dtype
 from .lazy import check_coverage, stream_into
 from .names import resolve_model_path
 from .reader import CheckpointReader
-from . import plugins
 from .registry import applied_transforms, apply_rebuilders, registered_transforms, unknown_transforms
 from .save import _attach
 from .validate import weight_files

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -66,8 +65,8 @@ def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, wha
         if not out.is_dir() or not _looks_like_model_dir(out):
             raise ValueError(f"refusing to replace {what} {out}: it exists and is not an (empty or model) folder")
         if not overwrite and any(out.iterdir()):
-            raise OutputExistsError(errno.EEXIST, f"{what} exists; pass overwrite=True (CLI: --overwrite) to "
-                                    "replace it", str(out))
+            hint = "--overwrite" if what.startswith("--") else "overwrite=True"
+            raise OutputExistsError(f"{what} {out} exists and is not empty; pass {hint} to replace it", out)
     return out
 
 

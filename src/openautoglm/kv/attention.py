@@ -26,7 +26,7 @@ from .. import _hf
 log = logging.getLogger(__name__)
 
 FUSED = "openautoglm_kv"
-_BASE_ATTR = "_oag_kv_base_attention"
+_BASE_ATTR = "_openautoglm_kv_base_attention"
 _PENDING: dict[int, object] = {}
 
 

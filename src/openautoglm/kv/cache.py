@@ -15,8 +15,8 @@ import logging
 
 import torch
 
-from .._util import checks as C
 from .. import _hf
+from .._util import checks as C
 from .attention import fused_enabled, set_pending
 from .stores import storage_bytes
 

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, fields
 from .. import hub
 from .._util import checks as C
 from .cache import validate_quant_args
+from .layout import resolve_residual
+from .mixed import MixedKVCache, normalize_layer_bits
+from .quantized import QuantizedKVCache
+from .sharing import CrossLayerKVCache
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,6 @@ class KVCacheConfig:
     def __post_init__(self) -> None:
         residual = 0 if self.residual_length == "auto" else self.residual_length
         if isinstance(self.bits, (list, tuple)):
-            from .mixed import normalize_layer_bits
-
             object.__setattr__(self, "bits", normalize_layer_bits(self.bits))
             for b in self.bits:
                 if b is not None:
@@ -112,22 +114,17 @@ class KVCacheConfig:
         Returns a transformers ``DynamicCache`` when nothing is compressed.
         """
         if self.share:
-            from .quantized import resolve_residual
-            from .sharing import CrossLayerKVCache
 
             return CrossLayerKVCache(
                 self.share_start, self.share_threshold, config=model_config, bits=self.bits,
                 group_size=self.group_size,
-                residual_length=resolve_residual(self.residual_length, self.group_size, max_cache_len or context, self.bits),
+                residual_length=self.residual_length if self.residual_length == "auto" and not (max_cache_len or context)
+                else resolve_residual(self.residual_length, self.group_size, max_cache_len or context, self.bits),
             )
         if isinstance(self.bits, tuple):
-            from .mixed import MixedKVCache
-
             return MixedKVCache(self.bits, self.group_size, self.residual_length, config=model_config,
                                 context=max_cache_len or context)
         if self.bits is not None or self.share_layers:
-            from .quantized import QuantizedKVCache
-
             return QuantizedKVCache(self.bits, self.group_size, self.residual_length, config=model_config,
                                     max_cache_len=max_cache_len if self.bits is not None else None, context=context,
                                     share=list(self.share_layers))

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from .. import _hf
+from ..evaluate import perplexity
 from . import packing
+from .layout import resolve_residual
 
 
 def dequantized(key: torch.Tensor, value: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +68,6 @@ def kivi_emulation(model: nn.Module, layer_bits: dict[int, int], group_size: int
     """Inside the block, layers ``{layer: bits}`` attend as if reading a KIVI cache token by token (see module
     docstring); other layers are untouched. Use it for teacher-forced forwards without a cache.
     ``residual_length="auto"`` is sized per layer to ``context`` as the real cache does (``resolve_residual``)."""
-    from .quantized import resolve_residual
-
     attns = dict(_hf.attention_modules(model))
     with contextlib.ExitStack() as stack:
         for layer, bits in layer_bits.items():
@@ -92,8 +92,6 @@ def decode_perplexity(model: nn.Module, kv=None, *, token_ids: torch.Tensor, seq
                       progress: bool = False):
     """Perplexity of non-overlapping ``seq_len`` windows of ``token_ids`` as a token-by-token decode through the
     cache ``kv`` reads them (:func:`kivi_emulation`; equal to ``cached_perplexity(..., chunk=1)``)."""
-    from ..evaluate import perplexity
-
     g, r = (kv.group_size, kv.residual_length) if kv is not None else (64, 128)
     with kivi_emulation(model, layer_bits_of(kv, len(_hf.decoder_layers(model))), g, r, context=seq_len):
         return perplexity(model, token_ids=token_ids, seq_len=seq_len, batch_size=batch_size, progress=progress)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .. import _hf
 from .cache import CompressedKVCache, KVLayer, validate_quant_args
+from .layout import resolve_residual
 from .stores import FullStore, QuantStore
 
 FULL = (None, 16)
@@ -43,22 +45,20 @@ class MixedKVCache(CompressedKVCache):
     group_size, residual_length : as :class:`QuantizedKVCache` (shared by the quantized layers);
         ``"auto"`` sizes each quantized layer's window to ``context`` for its width (:func:`.quantized.resolve_residual`).
     config : the model's config (optional); its layer count must equal ``len(layer_bits)``.
-    context : expected tokens, to size ``residual_length="auto"`` (128 tokens when unknown).
+    context : expected tokens, to size ``residual_length="auto"`` (unknown: each quantized layer sizes its
+        window from the first chunk it stores, the prompt).
     """
 
     def __init__(self, layer_bits: Sequence, group_size: int = 64, residual_length: int | str = "auto", *,
                  config=None, context: int | None = None) -> None:
-        from .quantized import resolve_residual
-
         self.layer_bits = normalize_layer_bits(layer_bits)
         for b in self.layer_bits:
             if b is not None:
                 validate_quant_args(b, group_size, 0 if residual_length == "auto" else residual_length)
-        windows = [None if b is None else resolve_residual(residual_length, group_size, context, b)
-                   for b in self.layer_bits]
+        # "auto" with no context: each store sizes its window from the first chunk it holds, as QuantizedKVCache
+        windows = [None if b is None else "auto" if residual_length == "auto" and context is None
+                   else resolve_residual(residual_length, group_size, context, b) for b in self.layer_bits]
         if config is not None:
-            from .. import _hf
-
             n = _hf.num_layers(config)
             if n != len(self.layer_bits):
                 raise ValueError(f"layer_bits has {len(self.layer_bits)} entries; the model has {n} layers")

@@ -17,10 +17,11 @@ layers attend to an earlier layer's cache instead of keeping their own (see :mod
 from __future__ import annotations
 
 from .. import _hf
-from .layout import AUTO_WINDOW_FRACTION, MAX_AUTO_RESIDUAL, resolve_residual, validate_share  # noqa: F401
 from .cache import CompressedKVCache, KVLayer, SharedSlot, layer_count, validate_quant_args
+from .layout import AUTO_WINDOW_FRACTION, MAX_AUTO_RESIDUAL, resolve_residual, validate_share  # noqa: F401
 from .static_store import StaticQuantStore
 from .stores import FullStore, QuantStore
+
 
 # residual_length="auto": the full-precision window is at most this fraction of the context (2 bits: the window
 # carries much of the quality, so it may take a larger share), and at most 128 tokens (KIVI's window)
@@ -32,9 +33,10 @@ class QuantizedKVCache(CompressedKVCache):
     bits : 8, 4 or 2 (``None``: full precision, only with ``share``)
     group_size : tokens per key block and (capped at head_dim) channels per value group; one of
         8, 16, 32, 64, 128, 256.
-    residual_length : most recent tokens kept in full precision (>= 0), or ``"auto"`` (sized to the
-        context, ``max_cache_len`` or ``context``: at most 1/64 of it (1/16 at 2 bits) and 128 tokens, see
-        :func:`resolve_residual`).
+    residual_length : most recent tokens kept in full precision (>= 0), or ``"auto"`` (the default, as in
+        :class:`~.config.KVCacheConfig`): sized to the context -- ``max_cache_len``, else ``context``, else the
+        length of the first chunk a layer stores (the prompt) -- at most 1/64 of it (1/16 at 2 bits) and 128
+        tokens (:func:`~.layout.resolve_residual`).
     config : the model's config (optional): validates that its attention can be served (no MLA or
         cross-attention), finds sliding-window layers and creates one layer per decoder layer.
     num_layers : layer count when no config is given (otherwise layers are created on first use).
@@ -48,7 +50,7 @@ class QuantizedKVCache(CompressedKVCache):
         self,
         bits: int | None = 4,
         group_size: int = 64,
-        residual_length: int | str = 128,
+        residual_length: int | str = "auto",
         *,
         config=None,
         num_layers: int | None = None,
@@ -56,9 +58,12 @@ class QuantizedKVCache(CompressedKVCache):
         context: int | None = None,
         share=None,
     ) -> None:
-        residual = resolve_residual(residual_length, group_size, max_cache_len or context, bits)
+        known = max_cache_len or context
+        # "auto" with no context given: each store sizes its window from the first chunk it holds (the prompt)
+        residual = "auto" if residual_length == "auto" and known is None else resolve_residual(
+            residual_length, group_size, known, bits)
         if bits is not None:
-            validate_quant_args(bits, group_size, residual)
+            validate_quant_args(bits, group_size, 0 if residual == "auto" else residual)
         if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len={max_cache_len!r} must be a positive integer")
         n = layer_count(config, num_layers)
@@ -67,7 +72,7 @@ class QuantizedKVCache(CompressedKVCache):
             raise ValueError("bits=None (full precision) is only useful with share=...; use DynamicCache instead")
         if max_cache_len is not None and bits is None:
             raise ValueError("max_cache_len (a preallocated store) needs bits=8, 4 or 2")
-        self.bits, self.group_size, self.residual_length, self.capacity = bits, group_size, residual, max_cache_len
+        self.bits, self.group_size, self._residual, self.capacity = bits, group_size, residual, max_cache_len
         windows = _hf.layer_windows(config) if config is not None else None
         if n is None:
             if self.share:
@@ -89,8 +94,16 @@ class QuantizedKVCache(CompressedKVCache):
                 raise ValueError("full-precision shared caches do not support sliding-window layers; set bits")
             return FullStore()
         if self.capacity is not None:
-            return StaticQuantStore(self.bits, self.group_size, self.residual_length, self.capacity, window)
-        return QuantStore(self.bits, self.group_size, self.residual_length, window)
+            return StaticQuantStore(self.bits, self.group_size, self._residual, self.capacity, window)
+        return QuantStore(self.bits, self.group_size, self._residual, window)
+
+    @property
+    def residual_length(self) -> int | str:
+        """Tokens kept in full precision; ``"auto"`` until the first store has sized its window."""
+        if self._residual != "auto":
+            return self._residual
+        st = self.layers[0].slot if self.layers else None
+        return getattr(st, "residual", "auto")
 
     def __repr__(self) -> str:
         return (
@@ -108,8 +121,7 @@ class QuantizedKVCache(CompressedKVCache):
             "residual_length": self.residual_length,
             "max_cache_len": self.capacity,
             "tokens": tokens,
-            "quantized_tokens": max(0, (tokens - self.residual_length) // self.group_size * self.group_size)
-            if self.bits else 0,
+            "quantized_tokens": st.quantized_length if self.bits and tokens else 0,
             "shared": {str(d): s for d, s in sorted(self.share.items())},
             "bytes": self.nbytes(),
         }

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import _hf
 from .._util.modules import model_device
+from .quantized import QuantizedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class SharingPlan:
 @torch.no_grad()
 def calibration_loss(model: nn.Module, windows: torch.Tensor, share: dict[int, int]) -> float:
     """Mean next-token NLL of ``windows`` (n, seq) with layers ``share`` (layer -> source) reading their source's KV."""
-    from .quantized import QuantizedKVCache
-
     dev = model_device(model)
     nll, count = 0.0, 0
     for w in windows:

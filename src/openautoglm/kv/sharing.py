@@ -237,7 +237,7 @@ class CrossLayerKVCache(CompressedKVCache):
         num_layers: int | None = None,
         bits: int | None = None,
         group_size: int = 64,
-        residual_length: int = 128,
+        residual_length: int | str = "auto",
     ) -> None:
         n = layer_count(config, num_layers)
         if n is None:
@@ -251,7 +251,7 @@ class CrossLayerKVCache(CompressedKVCache):
         min_shared = C.number("min_shared", min_shared, min=0.0, max=1.0)
         t = C.number("t", t, min=0.0, max=1.0)
         if bits is not None:
-            validate_quant_args(bits, group_size, residual_length)
+            validate_quant_args(bits, group_size, 0 if residual_length == "auto" else residual_length)
             make = lambda: QuantStore(bits, group_size, residual_length)  # noqa: E731
         else:
             make = FullStore

@@ -18,6 +18,7 @@ import torch
 
 from . import packing
 from .kernels import ops
+from .layout import resolve_residual
 
 
 def storage_bytes(tensors) -> int:
@@ -151,8 +152,9 @@ class QuantStore(_StoreBase):
     ``window`` (sliding-window layers): blocks no query can see any more are dropped.
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, window: int = 0) -> None:
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int | str = 128, window: int = 0) -> None:
         super().__init__()
+        # "auto": sized from the first chunk appended (the prompt), see openautoglm.kv.layout.resolve_residual
         self.bits, self.group, self.residual, self.window = bits, group_size, residual_length, window
         self.vgroup: int | None = None
         self.first_block = 0  # oldest quantized block still held (sliding window)
@@ -166,7 +168,9 @@ class QuantStore(_StoreBase):
         return dict(bits=self.bits, group_size=self.group, residual_length=self.residual, window=self.window)
 
     def _init(self, k, v) -> None:
-        b, h, _, d = k.shape
+        b, h, n, d = k.shape
+        if self.residual == "auto":  # the first chunk (the prompt) is the context this store knows
+            self.residual = resolve_residual("auto", self.group, n, self.bits)
         self.vgroup = value_group(self.group, d, self.bits)
         dev, dp = k.device, d * self.bits // 8
         self.res_k, self.res_v = k.new_empty(b, h, 0, d), v.new_empty(b, h, 0, d)
@@ -184,6 +188,8 @@ class QuantStore(_StoreBase):
 
     @property
     def quantized_length(self) -> int:
+        if self.residual == "auto":  # nothing stored yet
+            return 0
         return ops.quantized_length(self._len, self.residual, self.group)
 
     def view(self) -> ops.StoreView:

@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from .. import _hf
+from ..parallel.plan import make_plan
 from ..units import format_bytes
 from . import formulas as F
-from . import optimizers as O
 from . import mixed
+from . import optimizers as O
 from .formulas import LayerShape
-from .shapes import ModelShape, model_shape
+from .shapes import ModelShape, _to_model, model_shape
 from .sizes import (  # noqa: F401  (dtype_bytes, model_bytes, kv_cache_bytes: public here too)
     _kv_bytes,
     _quant_spec,
@@ -245,8 +246,6 @@ def estimate_memory(
 def _tp_held(obj, tp: int) -> dict | None:
     """What the most loaded rank holds under :func:`openautoglm.parallel.make_plan` (weights, per-layer heads and
     MLP width: the maxima over ranks), or ``None`` for an architecture it cannot split (analytic split then)."""
-    from ..parallel.plan import make_plan
-    from .shapes import _to_model
 
     model, _ = _to_model(obj)
     try:
@@ -338,7 +337,6 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     inputs = 24 * T
     emb_fwd = 0 if (autocast or ckpt) else rb * h * T
     Gp = G if accum > 1 else 0
-    base = P + S
     ev: dict[str, dict[str, int]] = {}
 
     def add(name, **t):

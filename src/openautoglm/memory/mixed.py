@@ -20,6 +20,7 @@ from .._util.modules import set_module
 from ..quant.api import select_linears
 from ..quant.config import QuantConfig
 from ..quant.linear import LINEAR_CLASSES
+from .shapes import _meta_model_from_config, _to_model
 
 KV_FULL = (None, 16, "bf16", "fp16", "fp32")
 _KV_NAMES = {8: "int8", 4: "int4", 2: "int2"}
@@ -126,8 +127,6 @@ def meta_copy(model_or_config, dtype: torch.dtype | None = None) -> nn.Module:
     """A meta-device copy of a model (its recorded transforms applied), float parameters in ``dtype`` (None:
     as built)."""
     import copy
-
-    from .shapes import _meta_model_from_config, _to_model
 
     if isinstance(model_or_config, nn.Module):  # its own config copy: surgery on the copy never touches the model
         model = _meta_model_from_config(copy.deepcopy(model_or_config.config))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..training.loop import TrainConfig
 from ..units import format_bytes, parse_bytes
 from .estimate import MemoryEstimate, estimate_memory
 from .optimizers import NAMES
@@ -60,8 +61,6 @@ class TrainingPlan:
 
     def train_config(self, **overrides):
         """A :class:`openautoglm.training.loop.TrainConfig` running this plan (``overrides``: steps, lr, out_dir, ...)."""
-        from ..training.loop import TrainConfig
-
         return TrainConfig(**{"micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "seq_len": self.seq_len,
                               "amp": self.amp, "optimizer": self.optimizer,
                               "grad_checkpointing": self.grad_checkpointing, **overrides})

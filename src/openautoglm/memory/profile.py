@@ -14,7 +14,6 @@ optimizer_states, and the rest of the peak as ``activations+workspace``) so the 
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections import defaultdict
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import hub, _hf
+from .. import _hf, hub
 from .._util.modules import model_bytes
 from .formulas import Arch, LayerShape
+
 
 @dataclass
 class ModelShape:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
 from .. import _hf
 from .._util.modules import model_bytes  # noqa: F401  (public here: openautoglm.memory.model_bytes)
+from ..kv.layout import resolve_residual
+from ..kv.packing import bytes_per_token
 from .formulas import LayerShape
 from .shapes import ModelShape
 
@@ -83,8 +84,6 @@ def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, 
     elems = sum(2 * L.kv_heads * L.head_dim for L in layers) * batch
     if bits >= 16 or kv_dtype == "fp8":
         return int(elems * tokens * bits / 8)
-    from ..kv.packing import bytes_per_token
-    from ..kv.quantized import resolve_residual
 
     r = resolve_residual(residual, group, tokens, bits)
     if static:

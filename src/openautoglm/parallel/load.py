@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import hub, _hf
+from .. import _hf, hub
 from ..errors import CheckpointError
 from . import comm
 from .config import ShardConfig

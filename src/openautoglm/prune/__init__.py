@@ -9,8 +9,8 @@ from ..hub import register_rebuilder
 from .api import PruneRecipe, apply_pruning
 from .heads import HeadPruneConfig, HeadPruner, HeadPruneResult, apply_head_layout, mask_heads, remove_heads
 from .importance import METHODS, calibration_ids, keep_masks, weight_scores
-from .recovery import RecoveryConfig, RecoveryResult, recover
 from .lowrank import LowRankConfig, LowRankLinear, LowRankResult, low_rank, rebuild_low_rank
+from .recovery import RecoveryConfig, RecoveryResult, recover
 from .sparsity import SparsityConfig, SparsityResult, check_nm, nm_mask, sparsify
 
 

@@ -20,12 +20,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import _hf
 from .._util import checks as C
 from .._util.finite import check_weights
-from .. import _hf
 from ..hub import record_transform
-from .importance import (METHODS, SCOPES, calibration_ids, check_method, head_mask_grads, head_scores,
-                         input_sq_norms, keep_masks)
+from .importance import (
+    METHODS,
+    SCOPES,
+    calibration_ids,
+    check_method,
+    head_mask_grads,
+    head_scores,
+    input_sq_norms,
+    keep_masks,
+)
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import _hf
 from .._util.finite import InputWatch, check_loss
+from ..evaluate import heldout_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ def calibration_ids(
     if n_samples < 1 or seq_len < 2:
         raise ValueError(f"n_samples={n_samples} must be >= 1 and seq_len={seq_len} >= 2")
     if token_ids is None:
-        from ..evaluate import heldout_token_ids
-
         if tokenizer is None:
             raise ValueError("calibration needs a tokenizer (or token_ids)")
         token_ids = heldout_token_ids(tokenizer, text)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..training.loop import TrainConfig, train
+
 log = logging.getLogger(__name__)
 
 RECOVERY_METHODS = ("full", "lora")
@@ -113,8 +115,6 @@ def _apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
 
 def _train(model: nn.Module, token_ids: torch.Tensor, c: RecoveryConfig,
            masks: dict[nn.Parameter, torch.Tensor], progress: bool) -> RecoveryResult:
-    from ..training.loop import TrainConfig, train
-
     device = next(model.parameters()).device
     amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     cfg = TrainConfig(steps=c.steps, micro_batch=c.batch_size, seq_len=c.seq_len, lr=c.lr, min_lr_ratio=0.0,

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import _hf
 from .._util import checks as C
 from .._util.finite import check_weights
-from .. import _hf
 from ..hub import record_transform
 from .importance import METHODS, calibration_ids, check_method, input_sq_norms, weight_grads, weight_scores
 

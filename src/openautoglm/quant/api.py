@@ -10,17 +10,18 @@ materializing full-precision weights (rebuilder ``"quantize"`` below).
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from .. import hub, _hf
+from .. import _hf, hub
 from .._util.finite import check_weights
 from .._util.modules import model_bytes, model_device, set_module, tied_names
 from .config import QuantConfig
+from .kernels import fastest_w8a8
 from .linear import LINEAR_CLASSES, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,6 @@ class DynamicQuantizer:
 
 
 def _pick_w8a8(device: torch.device) -> str:
-    from .kernels import fastest_w8a8
-
     return fastest_w8a8(device) if device.type == "cuda" else "w8a8"
 
 

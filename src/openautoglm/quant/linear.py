@@ -21,6 +21,7 @@ from torch import nn
 
 from . import kernels
 from .config import QuantConfig
+from .kernels import ops
 from .math import pack_int4, pack_int4_k32, quantize, to_fp8, unpack_int4_k32
 
 
@@ -79,8 +80,6 @@ class QuantLinear(nn.Module):
         tickets of the decode kernels are allocated here, outside any CUDA graph."""
         w = getattr(self, "qweight", None)
         if w is not None and w.is_cuda:
-            from .kernels import ops
-
             ops.tickets(w.device, -(-self.out_features // 8))  # one ticket per row block of the smallest tile
 
     def decode_operands(self) -> tuple | None:

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import _hf
-from ..hub.lazy import OUTER, LoadHook, assign, layers_prefix, unit_of
+from .. import _hf, hub
 from .._util.modules import model_bytes, set_module
+from ..hub import has_tokenizer, load_tokenizer
+from ..hub.lazy import OUTER, LoadHook, assign, layers_prefix, unit_of
 from .api import TRANSFORM, QuantResult, _pick_w8a8, select_linears
 from .config import QuantConfig
 from .linear import LINEAR_CLASSES, QuantLinear
@@ -137,8 +138,6 @@ class QuantizeOnLoad(LoadHook):
         batches = None
         if config.scheme == "static":
             if tokenizer is None:
-                from ..hub import has_tokenizer, load_tokenizer
-
                 if source is None or not has_tokenizer(Path(source)):
                     raise ValueError(f"static quantization calibrates on text and needs the model's tokenizer, but "
                                      f"{source} has none; pass tokenizer=..., or use w8a8, w8a8-fp8, w8 or w4")
@@ -180,8 +179,6 @@ class QuantizeOnLoad(LoadHook):
             self._quantize(model, n, observers[n].scale())
 
     def finish(self, model: nn.Module) -> None:
-        from .. import hub
-
         if self.static:
             left = [n for n in self.floats if n not in self.done]  # the LM head
             if left:

@@ -18,6 +18,11 @@ import time
 import torch
 
 from .._util.atomic import atomic_directory
+from ..hub.lazy import check_coverage, stream_into
+from ..hub.load import oom_guard, open_checkpoint, place_buffers
+from ..hub.names import resolve_model_path
+from ..hub.save import check_output_dir, copy_tokenizer, write_config
+from ..hub.writer import StreamingWriter
 from .config import QuantConfig
 from .onload import QuantizeOnLoad
 
@@ -74,9 +79,6 @@ def quantize_pretrained(
     QuantResult : what was quantized and skipped, bytes before/after; ``.path`` is the output folder and
     ``.seconds`` the wall time.
     """
-    from ..hub.load import oom_guard
-    from ..hub.names import resolve_model_path
-    from ..hub.save import check_output_dir
 
     t0 = time.perf_counter()
     shard_bytes = _size(max_shard_size)
@@ -91,10 +93,6 @@ def quantize_pretrained(
 
 def _run(path, out, quantization, bits, device, dtype, tokenizer, calib_text, shard_bytes, trust_remote_code,
          progress, t0):
-    from ..hub.lazy import check_coverage, stream_into
-    from ..hub.load import open_checkpoint, place_buffers
-    from ..hub.save import copy_tokenizer, write_config
-    from ..hub.writer import StreamingWriter
 
     model, reader = open_checkpoint(path, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress or False)
     hook = QuantizeOnLoad.for_model(model, quantization, bits, device=device, source=path, tokenizer=tokenizer,

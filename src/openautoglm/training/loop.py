@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _hf
 from .._util import checks as C
-from . import checkpoints as io
 from .._util.atomic import atomic_file
 from .._util.finite import NonFiniteError
+from . import checkpoints as io
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
             log.info("amp=%s keeps fp32 master weights: casting %d parameters to float32", cfg.amp, len(low))
             model.float()
     if cfg.grad_checkpointing:
-        from .. import _hf
-
         _hf.enable_activation_checkpointing(model)
 
 

@@ -6,14 +6,13 @@ the Markdown and the HTML always say the same thing. Files are written to tempor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import base64
 import html
 import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..budget import fmt_bytes
 from . import plots

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
 from ..search import pareto
 
 if TYPE_CHECKING:  # the result only types the arguments: at run time result.py imports this module

@@ -15,11 +15,11 @@ caches), the op runs the masked SDPA it replaces.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ..._util import flags
 from ..._util.scratch import tickets
 from . import ops
 
@@ -30,11 +30,10 @@ from . import ops
 DENSE_CONFIG = dict(per_sm=2, max_split=32, block_n=64, block_n_256=32, num_warps=4, num_stages=2)
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the kernel runs on CPU tensors
 
 
 def _interpreting() -> bool:
-    return INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
+    return flags.triton_interpret()  # Triton's CPU interpreter: the kernel runs on CPU tensors
 
 
 def split_plan(length: int, batch_kv_heads: int, head_dim: int, device: torch.device,

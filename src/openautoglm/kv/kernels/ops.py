@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ..._util import flags
 from .. import packing
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,13 @@ def append_reference(view: StoreView, k: torch.Tensor, v: torch.Tensor) -> None:
 
 # ---- Triton dispatch ----------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    if os.environ.get("OPENAUTOGLM_KV_TRITON", "1") == "0":
-        return False
+    """The Triton KV kernels run here: ``OPENAUTOGLM_KV_TRITON`` is on (read at each call) and Triton imports."""
+    return flags.enabled(flags.KV_TRITON) and _triton_imports()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_imports() -> bool:
     try:
         from . import triton_kernels  # noqa: F401
 
@@ -159,8 +162,7 @@ def kernel_supports(view: StoreView, head_dim: int) -> bool:
 
 
 def _use_triton(view: StoreView, t: torch.Tensor) -> bool:
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    return (t.is_cuda or interp) and triton_available() and kernel_supports(view, t.shape[-1])
+    return (t.is_cuda or flags.triton_interpret()) and triton_available() and kernel_supports(view, t.shape[-1])
 
 
 @functools.lru_cache(maxsize=None)

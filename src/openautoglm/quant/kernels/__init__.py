@@ -30,8 +30,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..math import quantize, quantize_per_token, to_fp8, unpack_int4, unpack_int4_k32
 from . import ops
-from ..math import quantize_per_token, unpack_int4, unpack_int4_k32
 
 log = logging.getLogger(__name__)
 DECODE_MAX_M = 16
@@ -237,8 +237,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.T
         y = ops.wq_gemv(x2, w, ws, None, 9, K, False)
     elif fast and FP8_OK:
         if torch.compiler.is_compiling():  # torch ops: fused by inductor into the producer of x (RMSNorm)
-            from ..math import to_fp8
-
             xq, xs = to_fp8(x2)
         else:
             xq, xs = ops.quant_rows(x2.contiguous(), True)
@@ -247,8 +245,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.T
             xq, xs = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn), F.pad(xs, (0, 0, 0, pad), value=1.0)
         y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.float().reshape(1, -1), out_dtype=x.dtype)[:M]
     else:
-        from ..math import to_fp8
-
         xq, xs = to_fp8(x2)
         y = ((xq.float() * xs) @ (w.float() * ws.float().reshape(-1, 1)).t()).to(x.dtype)
     return _finish(y, x, bias)
@@ -261,8 +257,6 @@ def fastest_w8a8(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not fp8_supported(device) or not triton_available():
         return "w8a8"
-    from ..math import quantize, to_fp8
-
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2048, 4096, device=device, dtype=torch.bfloat16, generator=g)
     w = torch.randn(4096, 4096, device=device, generator=g)

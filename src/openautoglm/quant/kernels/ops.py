@@ -13,16 +13,13 @@ All take the codes ``w`` (int4 two a byte ``(N, K/2)`` uint8, int8 ``(N, K)`` or
 ``z (G, N/2)``; else ``s (N, G)``, ``z (N/2, G)``). ``fmt`` is 4, 5 (int4 k32 order), 8 or 9 (e4m3).
 
 Launch configurations come from :data:`GEMV_TUNED` (measured on the H100, keyed by format, row bucket and
-shape) or from a heuristic for shapes not in the table. On sm_90+ GPUs the decode GEMVs are launched with
-programmatic dependent launch (:data:`PDL`, off by default, :func:`use_pdl`; the FMA kernel then always prefetches, ``PF = 1``).
+shape) or from a heuristic for shapes not in the table.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -75,46 +72,6 @@ def _ascending() -> bool:
     major, minor = (int(v) for v in triton.__version__.split(".")[:2])
     return (major, minor) < (3, 7)
 _MASK16, _XOR15 = 0x000F0000, 0x4B400000  # constants of triton_decode's code conversions
-
-# Programmatic dependent launch of the decode GEMVs (see triton_decode's notes), where the GPU (sm_90+) and
-# Triton support it. OFF by default: measured neutral on the H100 (quant_speed_h100_run6.json, 7B decode batch 1:
-# w4 332.4 vs 331.5 tok/s with / without, w8 242.6 vs 245.5; a 32 x (norm, GEMV) chain in one CUDA graph 22.3 vs
-# 22.2 us a pair, quant_gpu_checks_h100.json) -- the kernels before each GEMV are inductor's, which never trigger
-# their dependents early, so nothing overlaps. ``OPENAUTOGLM_PDL=1`` or ``ops.PDL = True`` turn it on (read at
-# each launch; a captured CUDA graph keeps the choice made at capture). Contract: the weights a GEMV reads must not
-# be written by the kernel launched just before it on the same stream (PDL reads them before waiting for it).
-PDL: bool = os.environ.get("OPENAUTOGLM_PDL", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-@functools.lru_cache(maxsize=1)
-def _pdl_triton() -> bool:
-    """This Triton launches with programmatic dependent launch (the NVIDIA backend's ``launch_pdl`` option) and
-    has the in-kernel wait (``tl.extra.cuda.gdc_wait``); never in the CPU interpreter."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra import cuda as tl_cuda
-    except Exception:  # noqa: BLE001 - no NVIDIA backend, or a Triton too old to have these modules
-        return False
-    return ("launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)} and hasattr(tl_cuda, "gdc_wait")
-            and hasattr(tl_cuda, "gdc_launch_dependents"))
-
-
-@functools.lru_cache(maxsize=8)
-def _pdl_device(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Launch the decode GEMVs on ``device`` with programmatic dependent launch (``PDL`` and supported)."""
-    return (PDL and device.type == "cuda" and _pdl_triton()
-            and _pdl_device(device.index if device.index is not None else torch.cuda.current_device()))
-
-
-def _pdl_kw(pdl: bool) -> dict:
-    return {"launch_pdl": True} if pdl else {}
-
 
 def _bucket(m: int) -> int:
     return 1 if m == 1 else 16
@@ -217,20 +174,19 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
     tk = tickets(x.device, n_blocks) if split > 1 else y
     kfmt = 4 if fmt == FMT_INT4_K32 else fmt
-    pdl = use_pdl(x.device)
     if kind == "fma":
         bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
         decode_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride_wv, sn, sg, zn, zg, y.stride(0),
             _MASK16, _XOR15, w, s, zz, sg, zg, N, w, s, zz, sg, zg, 0, FMT=kfmt, GROUP=g, HAS_Z=z is not None,
             BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=1,
-            PF=1 if pdl else cfg.get("PF", 0), PDL=pdl, num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 1), **_pdl_kw(pdl))
+            PF=cfg.get("PF", 0), num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 1))
     else:
         decode_dot_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride16, sn, sg, zn, zg, y.stride(0), FMT=kfmt,
-            GROUP=g, HAS_Z=z is not None, BLOCK_N=cfg["BLOCK_N"], TW=cfg["TW"], SPLIT=split > 1, PDL=pdl, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], **_pdl_kw(pdl))
+            GROUP=g, HAS_Z=z is not None, BLOCK_N=cfg["BLOCK_N"], TW=cfg["TW"], SPLIT=split > 1, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return y
 
 
@@ -253,14 +209,13 @@ def _launch_v1(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.Tensor:
     meta = [_meta_strides(s_, z_, groups_major) for s_, z_ in zip(ss, zs)]
     zz = [z_ if z_ is not None else s_ for s_, z_ in zip(ss, zs)]
     i1, i2 = min(1, len(ws) - 1), min(2, len(ws) - 1)  # weights 1 and 2 (unused slots repeat the last one)
-    pdl = use_pdl(x.device)
     gemv_kernel[(n_blocks, split)](
         x, ws[0], ss[0], zz[0], y, part, tk, M, N, K, split, x.stride(0), ws[0].stride(0), *meta[0], y.stride(0),
         ws[i1], ss[i1], zz[i1], meta[i1][1], meta[i1][3], ns[0], ws[i2], ss[i2], zz[i2], meta[i2][1], meta[i2][3],
         ns[i1] if len(ws) > 1 else 0, FMT=4 if fmt == FMT_INT4_PAIRS else fmt, GROUP=0 if group >= K else group,
         HAS_Z=zs[0] is not None, BLOCK_M=16 if cfg["DOT"] else 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        SPLIT=split > 1, DOT=cfg["DOT"], NW=len(ws), PDL=pdl, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **_pdl_kw(pdl))
+        SPLIT=split > 1, DOT=cfg["DOT"], NW=len(ws), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y
 
 
@@ -306,15 +261,13 @@ def launch_gemv_multi(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.
     zz = [z_ if z_ is not None else s_ for s_, z_ in zip(ss, zs)]
     w2, s2, z2, m2 = (ws[2], ss[2], zz[2], meta[2]) if len(ws) == 3 else (ws[1], ss[1], zz[1], meta[1])
     bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
-    pdl = use_pdl(x.device)
     decode_kernel[(n_blocks, split)](
         x, ws[0], ss[0], zz[0], y, part, tk, M, N, K, split, x.stride(0), ws[0].stride(0) * ws[0].element_size() // vec,
         meta[0][0], meta[0][1], meta[0][2], meta[0][3], y.stride(0), _MASK16, _XOR15,
         ws[1], ss[1], zz[1], meta[1][1], meta[1][3], ns[0], w2, s2, z2, m2[1], m2[3], ns[1],
         FMT=4 if fmt == FMT_INT4_K32 else fmt, GROUP=0 if group >= K else group, HAS_Z=zs[0] is not None,
         BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=len(ws),
-        PF=1 if pdl else cfg.get("PF", 0), PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
-        **_pdl_kw(pdl))
+        PF=cfg.get("PF", 0), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
     return y
 
 

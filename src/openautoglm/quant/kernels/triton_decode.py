@@ -19,11 +19,6 @@ Bound by reading the weights, so the design is about bytes in flight and instruc
   conversion) read their natural row-major bytes.
 * ``SPLIT_K > 1``: programs along K write float32 partials; the last one of each row block (an atomic
   ticket) sums them in a fixed order, writes ``y`` and re-arms the ticket (deterministic, one launch).
-* ``PDL`` (programmatic dependent launch, sm_90+): the launch may start while the previous kernel of the stream
-  is finishing; each program issues the loads of its first iteration's codes, scales and zeros (weights: no
-  kernel writes them) and only then waits for the previous kernel (:func:`.triton_gemv.pdl_sync`); the
-  activations, partials, tickets and ``y`` are touched after the wait. That hides the launch ramp and the first
-  DRAM round trip of these 4-27 us kernels behind the tail of the kernel before them.
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import pdl_sync, select_weight
+from .triton_gemv import select_weight
 
 BIAS = tl.constexpr(0x43000000)  # float32 128.0: a nibble at bits 16..19 reads as 128 + nibble
 
@@ -119,7 +114,7 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
                   w1_ptr, s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2, zg2, N1,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                   R: tl.constexpr, RB: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
-                  ASCENDING: tl.constexpr, NW: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr):
+                  ASCENDING: tl.constexpr, NW: tl.constexpr, PF: tl.constexpr):
     """``stride_wv``: row stride of the codes in 16-byte vectors (int4) or 8-byte vectors (int8/e4m3).
     ``GROUP == 0``: one scale per output row. ``BLOCK_M`` in 1, 2, 4, 8: activation rows (``M <= BLOCK_M``);
     the codes are converted once and used for every row. ``mask16 = 0x000F0000``, ``xor15 = 0x4B400000``.
@@ -132,8 +127,7 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     one weight (row blocks do not straddle weights), chosen from its block index.
     ``PF = 1``: software prefetch: the codes (and group scales/zeros) of iteration ``it + 1`` are loaded before
     iteration ``it`` is computed, so every thread has two iterations of weights in flight (the loop is
-    otherwise latency bound: one load, then a long chain of conversions and FMAs that waits for it).
-    ``PDL``: wait for the previous kernel after that prologue (so ``PDL`` needs ``PF = 1``; see the module notes)."""
+    otherwise latency bound: one load, then a long chain of conversions and FMAs that waits for it)."""
     E: tl.constexpr = 4 if FMT == 4 else 8            # int32 words (int4) or bytes per thread per row
     KT: tl.constexpr = 32 if FMT == 4 else 8          # k per thread per row per iteration
     KB: tl.constexpr = KT * T                         # k per row per iteration
@@ -194,9 +188,6 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
             sraw_n = tl.load(sp + rows_s * stride_sn + g_n * sg)
             if HAS_Z:
                 zraw_n = tl.load(zp + (rows_s // 2) * stride_zn + g_n * zg)
-    if PDL:  # the first iteration's weights are in flight while the previous kernel finishes
-        tl.static_assert(PF == 1, "PDL waits after the prefetch prologue: PF must be 1")
-        pdl_sync()
     for it in range(it0, it1):
         k0 = it * KB
         if PF:  # take this iteration's prefetched codes/scales, issue the next iteration's loads
@@ -326,14 +317,12 @@ def _dot_step(acc, wv, sraw, zraw, it, x_ptr, stride_xm, rm, mm, rj, rn_s, FMT: 
 def decode_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, SPLIT_K,
                       stride_xm, stride_wv, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
                       FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TW: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                      TW: tl.constexpr, SPLIT: tl.constexpr):
     """Tensor-core variant for 2..16 activation rows: the codes are dequantized to ``(q - z) s`` in 16 bits
     (bit-identical to the reference dequantization) and fed to ``tl.dot`` against the activations padded
     to 16 rows, so the arithmetic per weight does not grow with M. ``TW``: int32 words of codes per row per
     iteration (int4: 8 codes a word, the ``k32`` order: nibble ``p`` of a word is one ``tl.dot`` over
-    ``TW`` codes; int8/e4m3: 4 bytes a word, natural order). One group per iteration (``8 TW <= GROUP``).
-    ``PDL``: the first iteration's codes, scales and zeros are loaded before waiting for the previous kernel
-    (:func:`.triton_gemv.pdl_sync`); activations, partials, tickets and ``y`` only after."""
+    ``TW`` codes; int8/e4m3: 4 bytes a word, natural order). One group per iteration (``8 TW <= GROUP``)."""
     CW: tl.constexpr = 8 if FMT == 4 else 4            # codes per int32 word
     KB: tl.constexpr = CW * TW                         # k per row per iteration
     pid_n = tl.program_id(0)
@@ -349,13 +338,6 @@ def decode_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M
     it1 = tl.minimum(it0 + per, n_it)
     wbase = w_ptr.to(tl.pointer_type(tl.int32)) + rn_s[:, None] * (stride_wv * 4) + rj[None, :]
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    if PDL:  # the first iteration's weights are in flight while the previous kernel finishes
-        wv, sraw, zraw = _dot_load(wbase, s_ptr, z_ptr, rn_s, tl.minimum(it0, n_it - 1), stride_sn, stride_sg,
-                                   stride_zn, stride_zg, FMT, GROUP, HAS_Z, TW, KB)
-        pdl_sync()
-        if it0 < it1:
-            acc = _dot_step(acc, wv, sraw, zraw, it0, x_ptr, stride_xm, rm, mm, rj, rn_s, FMT, HAS_Z, BLOCK_N, TW, KB)
-        it0 += 1
     for it in range(it0, it1):
         wv, sraw, zraw = _dot_load(wbase, s_ptr, z_ptr, rn_s, it, stride_sn, stride_sg, stride_zn, stride_zg, FMT,
                                    GROUP, HAS_Z, TW, KB)

@@ -30,9 +30,6 @@ Several weights that read the same activations (q/k/v, gate/up: ``NW`` = 2 or 3)
 :func:`.triton_decode.decode_kernel`: each program picks its weight's pointers from its row-block index, so
 the launch costs what one stacked matrix of the same bytes does (on the H100: w8 q/k/v as three launches
 3 x 11.2 us, the stacked matrix 25.9 us). The loop body is :func:`_tile_load` + :func:`_tile_step`.
-
-``PDL``: programmatic dependent launch, as in :mod:`.triton_decode` (the first K tile's weights are loaded
-before :func:`pdl_sync` waits for the previous kernel).
 """
 
 from __future__ import annotations
@@ -72,16 +69,6 @@ def select_weight(pid_n, N, w_ptr, s_ptr, z_ptr, stride_sg, stride_zg, w1_ptr, s
     sg = tl.where(in0, stride_sg, tl.where(in1, sg1, sg2))
     zg = tl.where(in0, stride_zg, tl.where(in1, zg1, zg2))
     return lb, n_loc, off, wp, sp, zp, sg, zg
-
-
-@triton.jit
-def pdl_sync():
-    """Programmatic dependent launch: wait until the kernels this launch depends on have finished and their
-    writes are visible, then let the next launch start (its own prologue overlaps this kernel's tail). Only
-    compiled into kernels launched with ``launch_pdl`` (``PDL``); on a launch without it the wait returns at
-    once. Not available in the CPU interpreter (tests there replace this function)."""
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -153,7 +140,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K
                 w1_ptr, s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2, zg2, N1,
                 FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-                NW: tl.constexpr, PDL: tl.constexpr):
+                NW: tl.constexpr):
     """``GROUP == 0``: one scale per output row. ``SPLIT``: ``SPLIT_K > 1`` (the split count is a run-time
     argument, so one compiled kernel serves every split).
 
@@ -161,11 +148,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K
     gate/up), their outputs side by side in ``y (M, N)``: weight 0 (``w_ptr``, ``s_ptr``, ``z_ptr``) has ``N0``
     rows, weight 1 (``w1_ptr``...) ``N1``, weight 2 the rest; each has its own pointers and group strides of
     its scales / zeros (``sg1``, ``zg1``...). Each program reads one weight (row blocks do not straddle
-    weights), chosen from its block index; split-K partials and tickets are indexed over the whole launch.
-
-    ``PDL``: launched with programmatic dependent launch: the program loads the codes, scales and zeros of
-    its first K tile (never written by an earlier kernel), then waits for the previous kernel
-    (:func:`pdl_sync`); activations, partials, tickets and ``y`` are only touched after the wait."""
+    weights), chosen from its block index; split-K partials and tickets are indexed over the whole launch."""
     NG: tl.constexpr = BLOCK_K // GROUP if (GROUP > 0 and BLOCK_K >= GROUP) else 1  # groups per K tile
     GS: tl.constexpr = BLOCK_K // NG
     BB: tl.constexpr = BLOCK_K // 2 if FMT == 4 else BLOCK_K  # bytes of a row in a tile
@@ -190,14 +173,6 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    if PDL:  # the first tile's weights are in flight while the previous kernel finishes
-        wraw, sraw, zraw = _tile_load(wp, sp, zp, rn_s, rb, rg, tl.minimum(t0, n_tiles - 1), stride_wn, stride_sn,
-                                      sg, stride_zn, zg, FMT, GROUP, HAS_Z, BLOCK_K, GS)
-        pdl_sync()
-        if t0 < t_end:  # (an empty split loaded in bounds and skips it)
-            acc = _tile_step(acc, wraw, sraw, zraw, t0, x_ptr, stride_xm, rm, mask_m, rk, rn_s, FMT, HAS_Z,
-                             BLOCK_M, BLOCK_N, BLOCK_K, NG, GS, BB, DOT)
-        t0 += 1
     for t in range(t0, t_end):
         wraw, sraw, zraw = _tile_load(wp, sp, zp, rn_s, rb, rg, t, stride_wn, stride_sn, sg, stride_zn, zg, FMT, GROUP,
                                       HAS_Z, BLOCK_K, GS)
