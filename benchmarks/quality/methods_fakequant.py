@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default=str(OUT), help="JSON to merge into (one entry per model)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -121,7 +122,8 @@ def main() -> None:
     ev = realmodel.eval_windows(tok, args.seq_len, args.eval_tokens)
     cal = realmodel.calibration_windows(tok, args.calib_windows, args.seq_len)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {}
     entry = data.setdefault(args.model, {})
     entry.update({"meta": meta(), "eval_tokens": int(ev.numel()), "eval_windows": list(ev.shape),
                   "calibration": {"windows": args.calib_windows, "seq_len": args.seq_len, "tokens": int(cal.numel())},
@@ -159,11 +161,20 @@ def main() -> None:
         rec.update({"perplexity": ppl, "change_pct": 100 * (ppl / base - 1), "eval_s": time.perf_counter() - t})
         results[name] = rec
         print(f"{name:24s} ppl {ppl:8.4f}  {rec['change_pct']:+7.2f}%  quantize {rec['quantize_s']:6.1f} s", flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(data, indent=1, sort_keys=True))
+        _save(out, args.model, entry)
         if fresh is not model:
             del fresh
-    OUT.write_text(json.dumps(data, indent=1, sort_keys=True))
+    _save(out, args.model, entry)
+
+
+def _save(out: Path, model: str, entry: dict) -> None:
+    """Re-read and replace only this model's entry, so runs of the two models can share the file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data[model] = entry
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
