@@ -134,4 +134,5 @@ def bleu_vs_baseline(candidates: list[str], references: list[str]) -> float:
 
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
-    return float(sacrebleu.corpus_bleu(candidates, [references]).score)
+    # sacrebleu's float arithmetic can return 100.00000000000004 for identical text: the scale is 0-100
+    return min(100.0, max(0.0, float(sacrebleu.corpus_bleu(candidates, [references]).score)))

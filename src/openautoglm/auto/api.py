@@ -136,7 +136,8 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                        budget_terms=BUDGET_TERMS, headroom: float = 0.03, device: str | None = None,
                        top_k: int = 5, verify_tokens: int = 8192, pick_margin: float = 2.0, kv_group_size: int = 64, kv_residual: int | str = "auto",
                        measure_dtype="auto", verify: bool = True, measure_memory: bool = True, n_prompts: int = 4,
-                       new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True) -> AutoResult:
+                       new_tokens: int = 48, cache_dir=None, use_cache: bool = True, progress: bool = True,
+                       sensitivity: str = "fisher", time_limit: float | None = None) -> AutoResult:
     """Compress ``model`` in place to the recipe with the least quality loss whose inference memory at
     ``batch`` x ``context`` fits ``budget``; returns an :class:`AutoResult` (recipe, candidates, report data).
 
@@ -167,8 +168,22 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
         model on the CPU (a float32 copy: bf16 rounding noise in two forwards is as large as a layer's signal),
         else the model's own; or a torch dtype / None (the model's).
     verify, measure_memory : held-out quality against the original, and the measured peak, for the report.
+    sensitivity : how the single-change costs are obtained (:func:`.sensitivity.measure`): ``"fisher"`` (default:
+        predicted from one forward/backward pass per calibration window, calibrated by about ten evaluations)
+        or ``"measured"`` (one evaluation per unit x option, layer x KV width, layer x groups: the reference,
+        hours on a CPU for a 100M+ model).
+    time_limit : seconds for the whole call: once spent, the shortlist's verification stops (the best uniform
+        recipe and the best-predicted mixed one are always verified), the held-out comparison and the memory
+        measurement are skipped, and the best recipe verified so far is applied (said in ``notes``).
     """
     t_start = time.perf_counter()
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or time_limit <= 0):
+        raise ValueError(f"time_limit={time_limit!r} must be a positive number of seconds")
+
+    def out_of_time() -> bool:
+        return time_limit is not None and time.perf_counter() - t_start > time_limit
+
     dev = next(model.parameters()).device
     budget_bytes = parse_budget(budget, device=dev)
     for name, v in (("context", context), ("batch", batch), ("top_k", top_k)):
@@ -216,25 +231,43 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
 
     work = _measuring_copy(model, measure_dtype, dev)
     sens = measure(work, calib, units, options, kv_options, ratios, kv_group=kv_group_size, kv_residual=kv_residual,
-                   cache=cache_dir, use_cache=use_cache, progress=progress)
+                   cache=cache_dir, use_cache=use_cache, progress=progress, method=sensitivity)
+    log.info("sensitivities (%s): %d evaluations, %.0f s%s", sens.signal, sens.evaluations, sens.seconds,
+             " (from the cache)" if sens.cached else "")
     signals = sens.denoised()
     p = plan(model, signals, units, options, kv_options, budget_bytes, context=context, batch=batch, terms=terms,
              headroom=headroom, device=device, kv_group=kv_group_size, kv_residual=kv_residual)
     auto, uniform, front, smallest = p.auto, p.uniform, p.front, p.smallest
     n_uniform = min(2, top_k - 1)
     shortlist = plan_shortlist(p, signals, terms, n_auto=top_k - n_uniform, n_uniform=n_uniform)
+    # verification order: the best uniform recipe and the best-predicted mixed one first (a time limit keeps them)
+    firsts = [c for c in (min((c for c in shortlist if c.kind == "uniform"), key=lambda c: c.predicted, default=None),
+                          min((c for c in shortlist if c.kind != "uniform"), key=lambda c: c.predicted, default=None))
+              if c is not None]
+    shortlist = firsts + sorted((c for c in shortlist if c not in firsts), key=lambda c: c.predicted)
     t_search = time.perf_counter()
     removed_of = sens.removed
+    t0 = time.perf_counter()
     check_base_w = nll_windows(work, check)
     check_base = float(check_base_w.mean())
+    per_eval = time.perf_counter() - t0
+    log.info("verifying %d candidates on %d fresh tokens: about %.0f s (%.1f s per candidate)", len(shortlist),
+             check.numel(), per_eval * len(shortlist), per_eval)
     per_window = {}
+    verified = []
     for c in tqdm(shortlist, desc="verifying", unit="recipe", disable=not progress):  # together, through each cache
+        if len(verified) >= len(firsts) and out_of_time():
+            notes.append(f"time limit of {time_limit:g} s reached: {len(shortlist) - len(verified)} of "
+                         f"{len(shortlist)} short-listed candidates were not verified")
+            break
+        verified.append(c)
         bits = tuple(kv_options[b] for b in c.kv)
         kv = KVCacheConfig(bits=bits, group_size=kv_group_size, residual_length=kv_residual)
         with _applied(work, c, units, options, removed_of[c.level]):
             per_window[c.key()] = nll_windows(work, check, kv) - check_base_w
         c.measured = float(per_window[c.key()].mean())
         log.info("verified %s: predicted %+.4f, measured %+.4f nats", c.label or c.kind, c.predicted, c.measured)
+    shortlist = verified
     pick, why = choose(shortlist, per_window, pick_margin)
     log.info("pick: %s", why)
     del work
@@ -246,6 +279,10 @@ def compress_to_budget(model: nn.Module, budget, *, context: int, batch: int = 1
                            "verification_perplexity": math.exp(check_base + pick.measured)}
     before = estimate_memory(model, mode="inference", batch=batch, seq_len=context, kv_group_size=kv_group_size,
                              kv_residual=kv_residual, device=device)
+    if verify and out_of_time():
+        notes.append("time limit reached: the held-out comparison with the original and the memory measurement "
+                     "were skipped; the pick's verified figure is its NLL on the verification text")
+        verify = measure_memory = False
     prompts = []
     if verify and n_prompts:
         prompts = heldout_prompts(tokenizer, n_prompts) if eval_text is None else []

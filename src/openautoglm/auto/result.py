@@ -78,6 +78,11 @@ class AutoResult:
             "heldout_perplexity": q.get("perplexity"),
             "heldout_perplexity_original": q.get("perplexity_original"), "bleu4": q.get("bleu4"),
             "attention_cosine": q.get("attention_cosine"), "seconds": self.seconds, "notes": self.notes,
+            "predicted_perplexity_change": math.expm1(self.pick.predicted),
+            "verified_perplexity_change": None if self.pick.measured is None else math.expm1(self.pick.measured),
+            "sensitivity": {"signal": self.sensitivities.signal, "evaluations": self.sensitivities.evaluations,
+                            "seconds": self.sensitivities.seconds, "scales": self.sensitivities.scales,
+                            "cached": self.sensitivities.cached},
         }
 
     def to_dict(self) -> dict:

@@ -98,6 +98,11 @@ def run_budget(model: str, out: Path, *, budget: str, context: int | None, batch
     q, before, after = r.quality, r.estimate_before, r.estimate_after
     rows = [["recipe", r.describe(r.pick)],
             ["memory (estimate)", f"{fmt_bytes(before.total)} -> {fmt_bytes(after.total)} (budget {fmt_bytes(budget_bytes)})"]]
+    sm = r.summary()
+    if sm["verified_perplexity_change"] is not None:
+        rows.append(["perplexity change of the pick", f"predicted {100 * sm['predicted_perplexity_change']:+.2f}%, "
+                     f"verified {100 * sm['verified_perplexity_change']:+.2f}% ({sm['sensitivity']['signal']} "
+                     f"sensitivities, {sm['sensitivity']['evaluations']} evaluations)"])
     if r.measured:
         rows.append(["measured peak", f"{fmt_bytes(r.measured['peak'])} on {r.measured['device']}"])
     if q:

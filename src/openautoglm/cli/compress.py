@@ -126,6 +126,11 @@ def compress(
                                        "(comma list of none, 8, 4, 2; default all)."),
     search_prune: str = typer.Option(None, "--search-prune", help="--budget: head-pruning fractions searched "
                                      "(comma list in [0, 1); default 0,0.125,0.25,0.375,0.5; 0 = no pruning)."),
+    sensitivity: str = typer.Option("fisher", "--sensitivity", help="--budget: fisher (one backward pass, about ten "
+                                    "evaluations; default) or measured (one evaluation per layer and option: hours "
+                                    "on a CPU)."),
+    time_limit: float = typer.Option(None, "--time-limit", min=1, help="--budget: seconds; when spent, the best "
+                                     "recipe verified so far is applied and the report says what was skipped."),
 ) -> None:
     """Compress MODEL (prune, then quantize: each only when its options are given) and save a checkpoint that
     reloads without the recipe. Quantization runs only with --bits or --scheme; --budget searches the recipe
@@ -142,6 +147,9 @@ def compress(
             "--bits": bits, "--scheme": scheme, "--group-size": group_size, "--include": include, "--exclude": exclude,
             "--observer": observer, "--prune-heads": prune_heads, "--sparsity": sparsity, "--low-rank": low_rank})
         search = auto.search_space(search_schemes, search_kv_bits, search_prune)
+        if sensitivity not in ("fisher", "measured"):
+            raise ValueError(f"--sensitivity {sensitivity!r}; accepted: fisher, measured")
+        search.update(sensitivity=sensitivity, time_limit=time_limit)
         check_dtype(dtype)
         if recipe is not None:
             return auto.run_recipe(model, out, recipe=recipe, device=device, dtype=dtype, overwrite=overwrite)
