@@ -13,11 +13,16 @@ first compiles); meant to be run under ``ncu`` (see ``--help``), e.g.::
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-import torch
+if __name__ == "__main__" and "--smoke" in sys.argv:  # before torch and triton are imported: interpret the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks.kv.kernel_sweep import make_store
-from openautoglm.kv.kernels import ops
+import torch  # noqa: E402
+
+from benchmarks.kv.kernel_sweep import make_store  # noqa: E402
+from openautoglm.kv.kernels import ops  # noqa: E402
 
 CONFIGS = {"dot": dict(vec=False), "vec": dict(vec=True)}
 

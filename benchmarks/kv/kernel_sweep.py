@@ -13,15 +13,20 @@ the static bf16 cache runs). Figures: microseconds, bytes read, GB/s, and the co
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and "--smoke" in sys.argv:  # before torch and triton are imported: interpret the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks import _harness as H
-from openautoglm.kv.kernels import ops
-from openautoglm.kv.static_store import StaticQuantStore
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import _harness as H  # noqa: E402
+from openautoglm.kv.kernels import ops  # noqa: E402
+from openautoglm.kv.static_store import StaticQuantStore  # noqa: E402
 
 
 def time_us(fns, reps: int = 7) -> float:

@@ -15,18 +15,23 @@ per shape in a form ``ops.GEMV_TUNED`` takes).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and "--smoke" in sys.argv:  # before torch and triton are imported: interpret the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks._harness import T0, copy_gbps, environment, log, out_dir, time_us, write_json
-from openautoglm.quant import kernels
-from openautoglm.quant.config import QuantConfig
-from openautoglm.quant.kernels import ops
-from openautoglm.quant.linear import LINEAR_CLASSES
-from openautoglm.quant.math import to_fp8
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks._harness import T0, copy_gbps, environment, log, out_dir, time_us, write_json  # noqa: E402
+from openautoglm.quant import kernels  # noqa: E402
+from openautoglm.quant.config import QuantConfig  # noqa: E402
+from openautoglm.quant.kernels import ops  # noqa: E402
+from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
+from openautoglm.quant.math import to_fp8  # noqa: E402
 
 SHAPES = {"7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
           "1b": [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)]}

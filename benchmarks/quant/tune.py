@@ -18,18 +18,22 @@ runs it as its first section.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and "--smoke" in sys.argv:  # before torch and triton are imported: interpret the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks._harness import copy_gbps, time_us
-from openautoglm.quant import kernels
-from openautoglm.quant.config import QuantConfig
-from openautoglm.quant.kernels import ops
-from openautoglm.quant.linear import LINEAR_CLASSES
-from openautoglm.quant.math import pack_int4, to_fp8, unpack_int4_k32
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks._harness import copy_gbps, time_us  # noqa: E402
+from openautoglm.quant import kernels  # noqa: E402
+from openautoglm.quant.config import QuantConfig  # noqa: E402
+from openautoglm.quant.kernels import ops  # noqa: E402
+from openautoglm.quant.linear import LINEAR_CLASSES  # noqa: E402
+from openautoglm.quant.math import pack_int4, to_fp8, unpack_int4_k32  # noqa: E402
 
 # M = 1: FMA kernel (rows per thread R, splits ~ waves x SMs); tensor-core kernel for comparison.
 # PF: software prefetch of the next iteration's codes and scales; num_stages > 1: Triton's own loop pipelining.
