@@ -25,7 +25,11 @@ One device command may not hold every row (torchao's alone take 400+ s): ``--onl
 can be split over calls, each with its own bf16 row (ratios are taken within one call).
 
     python -m benchmarks.quant.speed --budget-s 330     # GPU; writes $OUT or benchmarks/results/quant/speed.json
-    python -m benchmarks.quant.speed --smoke            # CPU, tiny model, Triton interpreter for the kernels
+    python -m benchmarks.quant.speed --smoke            # CPU, tiny model (~1 min on 2 cores)
+    TRITON_INTERPRET=1 python -m benchmarks.quant.speed --smoke   # the same with the kernel section (~5 min)
+
+Without ``TRITON_INTERPRET=1`` a CPU run records the kernel section's error and times the model rows on the torch
+paths; with it every Triton kernel runs in the interpreter.
 """
 
 from __future__ import annotations
