@@ -101,8 +101,10 @@ class Decoder:
         return self.tok
 
 
-def plot(res, path: Path) -> None:
-    """Bars: decode tokens/s at batch 1 and 8 and prefill speed-up, per variant, per model (PNG)."""
+def plot(res, path: Path, decode_key: str = "tokens_per_s", prefill_key: str = "prefill_speedup_vs_bf16",
+         what: str = "tok/s") -> None:
+    """Bars per model: decode at batch 1 and 8 (``decode_b*[decode_key]``) and prefill (``prefill_key``), one bar a
+    variant, ours blue and torchao's orange (PNG; nothing without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -116,16 +118,16 @@ def plot(res, path: Path) -> None:
     for i, m in enumerate(models):
         rows = [r for r in res["models"][m] if "weight_bytes" in r]
         names = [r["variant"] for r in rows]
-        for j, (key, title) in enumerate([("decode_b1", "decode tok/s, batch 1"), ("decode_b8", "decode tok/s, batch 8")]):
-            axes[i][j].bar(names, [r.get(key, {}).get("tokens_per_s", 0) for r in rows],
-                           color=["C0" if not n.startswith("ao-") else "C1" for n in names])
-            axes[i][j].set_title(f"{m}: {title}")
-        axes[i][2].bar(names, [r.get("prefill_speedup_vs_bf16") or 0 for r in rows])
+        colors = ["C1" if n.startswith("ao-") else "C0" for n in names]
+        for j, key in enumerate(("decode_b1", "decode_b8")):
+            axes[i][j].bar(names, [r.get(key, {}).get(decode_key, 0) for r in rows], color=colors)
+            axes[i][j].set_title(f"{m}: decode {what}, batch {key[-1]}")
+        axes[i][2].bar(names, [r.get(prefill_key) or 0 for r in rows], color=colors)
         axes[i][2].axhline(1.0, color="k", lw=0.8)
-        axes[i][2].set_title(f"{m}: prefill {res['prefill_tokens']} speed-up vs bf16")
+        axes[i][2].set_title(f"{m}: prefill {res['prefill_tokens']} speed, x bf16")
         for ax in axes[i]:
             ax.tick_params(axis="x", rotation=45)
-    fig.suptitle(f"{res['device']}: ours (blue) vs torchao {res['torchao']} (orange), same harness")
+    fig.suptitle(f"{res['device']}: ours (blue) vs torchao {res['torchao']} (orange), one run, same harness")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks._harness import sync, write_json as _write_json
+from benchmarks.quant.bench_lib import plot as plot_rows
 from openautoglm.generation.generator import Generator
 from openautoglm.memory.estimate import model_bytes
 from openautoglm.quant import DynamicQuantizer, QuantConfig, quantize
@@ -312,37 +313,7 @@ def write_json(res: dict, out: Path, plot: bool = False) -> None:
     _ratios(res)
     _write_json(out / "speed.json", res)
     if plot:
-        _plot(res, out / "speed.png")
-
-
-def _plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    shapes = [s for s, rows in res["models"].items() if any("weight_bytes" in r for r in rows)]
-    if not shapes:
-        return
-    fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 3.6 * len(shapes)), squeeze=False)
-    for i, s in enumerate(shapes):
-        rows = [r for r in res["models"][s] if "weight_bytes" in r]
-        names = [r["variant"] for r in rows]
-        colors = ["C1" if n.startswith("ao-") else "C0" for n in names]
-        for j, k in enumerate(("decode_b1", "decode_b8")):
-            axes[i][j].bar(names, [r.get(k, {}).get("x_bf16", 0) for r in rows], color=colors)
-            axes[i][j].axhline(1.0, color="k", lw=0.8)
-            axes[i][j].set_title(f"{s}: {k.replace('_', ' ')} tok/s, x bf16")
-        axes[i][2].bar(names, [r.get("prefill_x_bf16") or 0 for r in rows], color=colors)
-        axes[i][2].axhline(1.0, color="k", lw=0.8)
-        axes[i][2].set_title(f"{s}: prefill {res['prefill_tokens']} speed, x bf16")
-        for ax in axes[i]:
-            ax.tick_params(axis="x", rotation=45)
-    fig.suptitle(f"{res['device']}: ours (blue) vs torchao {res['torchao']} (orange), one run, same harness")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        plot_rows(res, out / "speed.png", decode_key="x_bf16", prefill_key="prefill_x_bf16", what="tok/s x bf16")
 
 
 def summarize(res: dict) -> None:
