@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -201,10 +202,12 @@ def host_cpu() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
-def _version(module: str) -> str | None:
+def _version(dist: str) -> str | None:
+    """The installed version of a distribution, read from its metadata (nothing is imported: importing a peer such
+    as torchao can change global state), or None."""
     try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - an optional peer (torchao) or a backend that does not import here
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
