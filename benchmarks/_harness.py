@@ -15,8 +15,8 @@ Timing (medians; each function names what it measures):
 
 Records: :func:`environment` (device, host CPU, Python / torch / transformers / triton / torchao versions, git
 commit and dirty flag, UTC date), :func:`write_json` (a temporary file renamed into place: never half written),
-:func:`out_dir` (``--out`` default: ``$OUT`` on a device run, ``results/<capability>/`` otherwise, a temporary
-folder for ``--smoke`` runs so that they never touch the results) and :func:`print_table`.
+:func:`out_dir` (``--out`` default: ``$OUT/<capability>`` on a device run, ``results/<capability>/`` otherwise, a
+temporary folder for ``--smoke`` runs so that they never touch the results) and :func:`print_table`.
 """
 
 from __future__ import annotations
@@ -223,10 +223,10 @@ def environment(device=None) -> dict:
 
 
 def out_dir(capability: str, smoke: bool = False) -> Path:
-    """Default output folder: ``$OUT`` when set (a device run), a temporary folder for a smoke run, else
-    ``benchmarks/results/<capability>``."""
+    """Default output folder: ``$OUT/<capability>`` when ``$OUT`` is set (a device run: the files come back laid out
+    as ``results/``), a temporary folder for a smoke run, else ``benchmarks/results/<capability>``."""
     if os.environ.get("OUT"):
-        return Path(os.environ["OUT"])
+        return Path(os.environ["OUT"]) / capability
     if smoke:
         return Path(tempfile.gettempdir()) / "openautoglm-bench-smoke" / capability
     return RESULTS / capability

@@ -25,7 +25,7 @@ from benchmarks._harness import ROOT, environment, host_cpu, out_dir, write_json
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: suite.json in $OUT, else in "
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: suite.json in $OUT/robustness, else in "
                     "benchmarks/results/robustness)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -x)")
     args = ap.parse_args()

@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--report-budget", type=float, default=None,
                     help="also write a report for this budget fraction (into bench_report/ next to --out)")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"))
-    ap.add_argument("--out", default=None, help="the JSON (default: bench.json in $OUT, else in benchmarks/results/auto)")
+    ap.add_argument("--out", default=None, help="the JSON (default: bench.json in $OUT/auto, else in benchmarks/results/auto)")
     args = ap.parse_args()
     args.out = Path(args.out) if args.out else out_dir("auto") / "bench.json"
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ Two steps, so the GPU runs only what needs it:
    (``apply_recipe``), then a prefill of ``batch`` x ``context - 1`` tokens through the recipe's KV cache and one
    decode step; peak ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` (reset after loading) against
    the budget and the estimate. An out-of-memory error is a result (recorded), not a crash. The JSON goes to
-   ``--out``, else ``$OUT/fit_gpu.json``, else ``benchmarks/results/auto/fit_gpu.json``.
+   ``--out``, else ``$OUT/auto/fit_gpu.json``, else ``benchmarks/results/auto/fit_gpu.json``.
 
 ``--smoke`` plans and runs a small shape on the CPU (validation before spending GPU time; ~30 s).
 
@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="--plan: the small shape (planned for the CPU)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="--plan: where it will run")
     ap.add_argument("--recipe-out", default=None, help="--plan: where the recipe goes")
-    ap.add_argument("--out", default=None, help="--run: where the JSON goes (default: fit_gpu.json in $OUT, else in "
+    ap.add_argument("--out", default=None, help="--run: where the JSON goes (default: fit_gpu.json in $OUT/auto, else in "
                     "benchmarks/results/auto)")
     ap.add_argument("--cap", action="store_true", help="--run on CUDA: after loading, cap the caching allocator at the "
                     "budget (torch.cuda.set_per_process_memory_fraction), as on a GPU of that size")

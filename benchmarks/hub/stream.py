@@ -19,7 +19,7 @@ quantizer layer by layer. JSON is rewritten after every child.
     python -m benchmarks.hub.stream --shape tiny --device cpu      # CPU check of the script
     python -m benchmarks.hub.stream --shape 13b --device cuda --workdir /tmp/sb
 
-Writes stream.json to ``--out`` (default ``$OUT``, else benchmarks/results/hub; a temporary folder for
+Writes stream.json to ``--out`` (default ``$OUT/hub``, else benchmarks/results/hub; a temporary folder for
 ``--shape tiny``).
 """
 
@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/stream_bench"))
-    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: stream.json in $OUT, else in "
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: stream.json in $OUT/hub, else in "
                     "benchmarks/results/hub)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint")

@@ -4,7 +4,7 @@
   python -m benchmarks.kv.bench gpu [--smoke]    # GPU: 7B-shaped random Llama (bytes, decode tok/s, max batch)
   python -m benchmarks.kv.bench plot             # the PNG of a gpu run's JSON
 
-Writes bench_quality.json / bench_gpu.json (+ .png) to ``--out`` (default ``$OUT``, else benchmarks/results/kv).
+Writes bench_quality.json / bench_gpu.json (+ .png) to ``--out`` (default ``$OUT/kv``, else benchmarks/results/kv).
 The two modes live in :mod:`.bench_quality` and :mod:`.bench_gpu` (+ :mod:`.bench_generator`, :mod:`.bench_checks`).
 """
 
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["gpu", "quality", "plot"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
-    ap.add_argument("--out", default=None, help="the JSON file (default: in $OUT, else benchmarks/results/kv)")
+    ap.add_argument("--out", default=None, help="the JSON file (default: in $OUT/kv, else in benchmarks/results/kv)")
     ap.add_argument("--steps", type=int, default=32, help="gpu: decode steps per timing (median of 3)")
     ap.add_argument("--layers", type=int, default=8, help="gpu: decoder layers in the decode-speed rows")
     ap.add_argument("--contexts", default="8192,32768")

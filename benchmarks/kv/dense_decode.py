@@ -75,7 +75,7 @@ def case(shape, batch, L, p, dev, dtype, sdpa, configs, smoke) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/kv)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/kv, else benchmarks/results/kv)")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS to time")
     args = ap.parse_args()

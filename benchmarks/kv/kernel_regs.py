@@ -24,7 +24,7 @@ VARIANTS = [dict(lazy=0.0, words=0, block_n=64), dict(lazy=8.0, words=0, block_n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/kv)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/kv, else benchmarks/results/kv)")
     args = ap.parse_args()
     if not sass.available():
         raise SystemExit(f"this Triton has no NVIDIA backend to compile for sm_90 ({sass.CUOBJDUMP} is missing)")

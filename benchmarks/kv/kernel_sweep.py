@@ -7,7 +7,7 @@ The bf16 reference is ``scaled_dot_product_attention`` of one query over a bf16 
 the static bf16 cache runs). Figures: microseconds, bytes read, GB/s, and the copy rate of the same run.
 
     python -m benchmarks.kv.kernel_sweep --smoke          # CPU, Triton interpreter, tiny shapes
-    python -m benchmarks.kv.kernel_sweep --out $OUT       # H100
+    python -m benchmarks.kv.kernel_sweep --variants      # H100; JSON to $OUT/kv or benchmarks/results/kv
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def store_bytes(st) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/kv)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/kv, else benchmarks/results/kv)")
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--quick", action="store_true", help="the defaults, the tl.dot kernel and two vec launches only")
     ap.add_argument("--variants", action="store_true",

@@ -362,7 +362,7 @@ def plot(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (script check)")
-    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: bench.json in $OUT, else in "
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: bench.json in $OUT/memory, else in "
                     "benchmarks/results/memory)")
     ap.add_argument("--plot", action="store_true", help="only draw the PNGs from the JSON")
     ap.add_argument("--recompute", action="store_true", help="re-estimate the cases of the JSON")

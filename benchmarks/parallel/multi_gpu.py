@@ -10,7 +10,7 @@ and variant: the weight bytes each GPU holds against ``estimate_memory(tp_degree
 and 8 (static KV cache, the step captured in one CUDA graph with its all-reduces: the decode loop of
 :mod:`benchmarks.quant.bench_lib`; eager on the CPU), prefill of 2048 tokens, and the latency of one all-reduce of a
 decode-sized activation. A small fp32 model checks first that the split logits equal one process's. Rank 0 prints
-a table and writes multi_gpu_tp<N>.json to ``--out`` (default ``$OUT``, else benchmarks/results/parallel; a
+a table and writes multi_gpu_tp<N>.json to ``--out`` (default ``$OUT/parallel``, else benchmarks/results/parallel; a
 temporary folder for ``--shapes tiny``).
 """
 
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=None, help="the JSON (default: multi_gpu_tp<N>.json in $OUT, else in "
+    ap.add_argument("--out", default=None, help="the JSON (default: multi_gpu_tp<N>.json in $OUT/parallel, else in "
                     "benchmarks/results/parallel)")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

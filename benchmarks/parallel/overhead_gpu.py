@@ -11,7 +11,7 @@ Variants, all holding the same random weights of a Llama shape, timed interleave
 Prefill: ``batch x prompt`` tokens, one forward, last-position logits. Decode: an eager greedy loop over a
 DynamicCache after a short prefill (no CUDA graphs: launch overhead is where extra Python hooks would show).
 CUDA events (:func:`benchmarks._harness.event_ms`), a warm-up round, medians. Prints a table and writes
-overhead_gpu.json to ``--out`` (default ``$OUT``, else ``benchmarks/results/parallel``; a temporary folder for
+overhead_gpu.json to ``--out`` (default ``$OUT/parallel``, else ``benchmarks/results/parallel``; a temporary folder for
 ``--shape tiny``).
 
     python -m benchmarks.parallel.overhead_gpu                            # 1B-shaped bf16 on the GPU
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None, help="the JSON (default: overhead_gpu.json in $OUT, else in "
+    ap.add_argument("--out", default=None, help="the JSON (default: overhead_gpu.json in $OUT/parallel, else in "
                     "benchmarks/results/parallel)")
     args = ap.parse_args()
     from openautoglm import parallel

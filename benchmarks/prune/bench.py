@@ -207,7 +207,7 @@ def main():
     ap.add_argument("--recovery-steps", type=int, default=50)
     ap.add_argument("--lowrank-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.9, 0.75, 0.6])
     ap.add_argument("--plot-only", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: bench.json in $OUT, else in "
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: bench.json in $OUT/prune, else in "
                     "benchmarks/results/prune)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

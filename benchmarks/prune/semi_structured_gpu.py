@@ -8,7 +8,7 @@ Weights: LLaMA-7B MLP (hidden 4096, intermediate 11008), bf16, pruned 2:4 by mag
 of 20 single calls after 5 warm-ups, and of 5 runs of 10 calls queued back to back ("_queued")
 (:func:`benchmarks._harness.event_ms`). Also converts the bundled model's 2:4-pruned linears and reports its bytes
 and the logits' agreement with the dense-masked model. Writes semi_structured_gpu.json to ``--out`` (default
-``$OUT``, else benchmarks/results/prune).
+``$OUT/prune``, else benchmarks/results/prune).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def model_bench(args, device, dtype):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=None, help="the JSON (default: semi_structured_gpu.json in $OUT, else in "
+    ap.add_argument("--out", default=None, help="the JSON (default: semi_structured_gpu.json in $OUT/prune, else in "
                     "benchmarks/results/prune)")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"

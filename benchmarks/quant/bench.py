@@ -282,7 +282,7 @@ def main() -> None:
     ap.add_argument("--skip-ao-batch8", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this many seconds")
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/quant)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/quant, else benchmarks/results/quant)")
     ap.add_argument("--tuned", default=None, help="a kernels_gpu.json whose best launch configs to use")
     ap.add_argument("--quality", action="store_true", help="CPU: perplexity of the bundled model per scheme")
     ap.add_argument("--quality-tokens", type=int, default=32768)

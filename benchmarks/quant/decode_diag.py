@@ -8,7 +8,7 @@
    launch calls seen by the profiler (``cudaGraphLaunch`` vs ``cudaLaunchKernel``), to tell host overhead from a
    skipped CUDA graph.
 
-Writes ``decode_diag.json`` to ``--out`` (default ``$OUT``, else ``benchmarks/results/quant``).
+Writes ``decode_diag.json`` to ``--out`` (default ``$OUT/quant``, else ``benchmarks/results/quant``).
 
     python -m benchmarks.quant.decode_diag [--out DIR]
 """
@@ -164,7 +164,7 @@ def generate_section(base, res):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/quant)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/quant, else benchmarks/results/quant)")
     args = ap.parse_args()
     path = Path(args.out or out_dir("quant")) / "decode_diag.json"
     res = environment("cuda")

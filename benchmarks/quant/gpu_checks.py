@@ -7,7 +7,7 @@
    e4m3 codes: max relative difference and time.
 
 Times are CUDA-graph medians (:func:`benchmarks._harness.time_us`). Writes ``gpu_checks.json`` to ``--out``
-(default ``$OUT``, else ``benchmarks/results/quant``); prints one line per check.
+(default ``$OUT/quant``, else ``benchmarks/results/quant``); prints one line per check.
 
     python -m benchmarks.quant.gpu_checks [--out DIR]
 """
@@ -89,7 +89,7 @@ def gemv_checks():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/quant)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/quant, else benchmarks/results/quant)")
     args = ap.parse_args()
     path = Path(args.out or out_dir("quant")) / "gpu_checks.json"
     RES.update(environment(CUDA))

@@ -154,7 +154,7 @@ def prefill(K, N, lin, fm, copies, dev, dtype, args, res):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/quant)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/quant, else benchmarks/results/quant)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--models", default="7b,1b")
     ap.add_argument("--prefill", type=int, default=2048)

@@ -24,7 +24,7 @@ skipped sections are listed in the JSON), the JSON rewritten after every row:
 One device command may not hold every row (torchao's alone take 400+ s): ``--only`` picks plan rows, so a run
 can be split over calls, each with its own bf16 row (ratios are taken within one call).
 
-    python -m benchmarks.quant.speed --budget-s 330     # GPU; writes $OUT or benchmarks/results/quant/speed.json
+    python -m benchmarks.quant.speed --budget-s 330     # GPU; writes $OUT/quant or benchmarks/results/quant/speed.json
     python -m benchmarks.quant.speed --smoke            # CPU, tiny model (~1 min on 2 cores)
     TRITON_INTERPRET=1 python -m benchmarks.quant.speed --smoke   # the same with the kernel section (~5 min)
 
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/quant)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/quant, else benchmarks/results/quant)")
     ap.add_argument("--only", default="", help="comma-separated plan rows to run, e.g. 'model 7b bf16,model 7b ao-int4wo'")
     ap.add_argument("--shapes", default="7b,1b", help="models to run (rows and per-layer shapes), e.g. '7b'")
     ap.add_argument("--retune", default="8,9", help="decode formats to tune in this run (5 int4 k32, 8 int8, 9 e4m3; "

@@ -21,7 +21,7 @@ SHAPES = [(4096, 4096, [1, 8]), (11008, 4096, [1, 8]), (4096, 11008, [1, 8]), (1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder (default: $OUT, else benchmarks/results/quant)")
+    ap.add_argument("--out", default=None, help="folder (default: $OUT/quant, else benchmarks/results/quant)")
     ap.add_argument("--budget-s", type=float, default=150.0)
     args = ap.parse_args()
     t0 = time.time()
