@@ -232,13 +232,13 @@ def out_dir(capability: str, smoke: bool = False) -> Path:
     return RESULTS / capability
 
 
-def write_json(path, data, indent: int = 1) -> Path:
+def write_json(path, data, indent: int = 1, sort_keys: bool = False) -> Path:
     """Write ``data`` as JSON to ``path`` atomically: a temporary file in the same folder, then renamed over it
     (a killed run never leaves a half-written result). Values JSON does not know are written as ``str``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    tmp.write_text(json.dumps(data, indent=indent, default=str, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)
     return path
 
