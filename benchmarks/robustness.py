@@ -1,7 +1,7 @@
-"""Run the robustness suite (tests/robustness) and record its figures in benchmarks/results/robustness.json.
+"""Run the robustness suite (tests/robustness) and record its figures in benchmarks/results/robustness/suite.json.
 
-    python benchmarks/robustness.py                 # the CI configuration (derandomized, bounded examples)
-    OPENAUTOGLM_FUZZ=10 python benchmarks/robustness.py --out /tmp/deep.json   # 10x the examples, random seeds
+    python -m benchmarks.robustness                 # the CI configuration (derandomized, bounded examples)
+    OPENAUTOGLM_FUZZ=10 python -m benchmarks.robustness --out /tmp/deep.json   # 10x the examples, random seeds
 
 The suite counts every case it tries per category (bad input, corrupted files, untrusted code/data, kill
 points, exhaustion, numerical faults) and every data-loss event (an output or checkpoint found changed, mixed or
@@ -12,41 +12,21 @@ adds the environment (CPU, versions, git commit, date, wall time) and prints a s
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _versions() -> dict:
-    import hypothesis
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "hypothesis": hypothesis.__version__}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
+from benchmarks._harness import ROOT, environment, host_cpu, out_dir, write_json
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "robustness.json")
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default: suite.json in $OUT/robustness, else in "
+                    "benchmarks/results/robustness)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -x)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +41,6 @@ def main() -> int:
             print("the suite wrote no tally (collection error?)", file=sys.stderr)
             return proc.returncode or 1
         tally = json.loads(tally_f.read_text())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cats = tally["categories"]
     doc = {
         "suite": "tests/robustness", "pytest_exit_code": proc.returncode, "all_passed": proc.returncode == 0,
@@ -69,13 +48,10 @@ def main() -> int:
         "bad_input_cases_tried": cats["bad_input"]["tried"], "bad_input_cases_passed": cats["bad_input"]["passed"],
         "corrupted_file_cases": cats["corrupted_files"]["tried"], "kill_points_tried": cats["kill_points"]["tried"],
         "data_loss_events": tally["data_loss_events"], "categories": cats, "data_loss": tally["data_loss"],
-        "tests": tally["tests"], "wall_s": round(wall, 1), "device": _cpu(), **_versions(), "git_commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tests": tally["tests"], "wall_s": round(wall, 1), **environment("cpu"), "device": host_cpu(),
+        "hypothesis": __import__("hypothesis").__version__,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")  # never a half-written result file
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(args.out)
+    args.out = write_json(args.out or out_dir("robustness") / "suite.json", doc, indent=2)
     print(f"\n{'category':<18}{'tried':>8}{'passed':>8}")
     for c, v in cats.items():
         print(f"{c:<18}{v['tried']:>8}{v['passed']:>8}")

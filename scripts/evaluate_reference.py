@@ -1,4 +1,4 @@
-"""Measure the bundled model against its bar and record it in benchmarks/results/reference_model.json.
+"""Measure the bundled model against its bar and record it in benchmarks/results/model/reference.json.
 
 Bar (issue 3): held-out perplexity below one third of a unigram model's perplexity on the same tokenizer,
 and greedy generations that read like documentation text. The unigram model is fitted (add-one smoothed)
@@ -36,7 +36,7 @@ def unigram_perplexity(train_ids: np.ndarray, held_ids: np.ndarray, vocab: int) 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "reference_model.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "model" / "reference.json")
     args = ap.parse_args()
     train_bin = REPO / "data" / "corpus" / "train.bin"
     if not train_bin.exists():

@@ -124,14 +124,13 @@ def run_interpreted(script: str) -> None:
 
 
 def sm90_tool():
-    """``benchmarks/kv_kernel_regs.py`` (sm_90 compiles, registers and SASS through the cuobjdump of Triton's
+    """:mod:`openautoglm.kv.kernels.sass` (sm_90 compiles, registers and SASS through the cuobjdump of Triton's
     NVIDIA backend), or skip where this Triton cannot compile for sm_90."""
     pytest.importorskip("triton")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        import kv_kernel_regs as kr
+        from openautoglm.kv.kernels import sass
     except Exception as e:  # noqa: BLE001 - a triton without the NVIDIA backend
         pytest.skip(f"no sm_90 compile here: {e}")
-    if not (kr.BIN / "cuobjdump").exists():
+    if not sass.available():
         pytest.skip("triton's NVIDIA backend has no cuobjdump")
-    return kr
+    return sass

@@ -12,7 +12,7 @@ from openautoglm import AutoModelForCausalLM, AutoTokenizer, hub
 from openautoglm.evaluate import greedy_generate, perplexity
 
 BASE = hub.SHIPPED_MODELS["open-autoglm-base"]
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "model"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_loads_with_plain_transformers():
 
 def test_short_heldout_perplexity(base, base_tok):
     res = perplexity(base, base_tok, max_tokens=2048, seq_len=512, progress=False)
-    # The full held-out figure is ~15 (benchmarks/results/reference_model.json); a unigram model scores ~900.
+    # The full held-out figure is ~15 (benchmarks/results/model/reference.json); a unigram model scores ~900.
     assert res.perplexity < 40, res
 
 
@@ -65,9 +65,9 @@ def test_generates_documentation_not_loops(base, base_tok):
 
 
 def test_reference_results_meet_the_bar():
-    res = json.loads((RESULTS / "reference_model.json").read_text())
+    res = json.loads((RESULTS / "reference.json").read_text())
     assert res["heldout_perplexity"] < res["unigram_perplexity"] / 3
-    log = json.loads((RESULTS / "reference_training_log.json").read_text())
+    log = json.loads((RESULTS / "training_log.json").read_text())
     assert log["args"]["seq"] == "2048" and log["heldout_ppl"] < res["unigram_perplexity"] / 3
 
 

@@ -14,20 +14,19 @@ Writes/merges ``benchmarks/results/quality/methods_fakequant.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks._harness import RESULTS, environment, write_json
+
 from . import realmodel
 from .sequential import LINEARS, fake_quantize_model
 
-OUT = realmodel.ROOT / "benchmarks" / "results" / "quality" / "methods_fakequant.json"
+OUT = RESULTS / "quality" / "methods_fakequant.json"
 
 # name -> (method, bits, group, kwargs)
 VARIANTS = {
@@ -96,14 +95,8 @@ def apply_peer(model, name: str) -> dict:
 
 
 def meta() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=realmodel.ROOT).stdout.strip()
-    return {"device": f"CPU: {cpu}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "git_commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    """The harness's record of where this ran, with the torch thread count (CPU figures depend on it)."""
+    return {**environment("cpu"), "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -169,12 +162,9 @@ def main() -> None:
 
 def _save(out: Path, model: str, entry: dict) -> None:
     """Re-read and replace only this model's entry, so runs of the two models can share the file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(out.read_text()) if out.exists() else {}
     data[model] = entry
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(out)
+    write_json(out, data, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ def main(path=OUT) -> None:
     for model, entry in data.items():
         res = entry["results"]
         m = entry["meta"]
+        threads = f", {m['threads']} threads" if "threads" in m else ""
         print(f"\n### {model}: fp32 perplexity {res['fp32']['perplexity']:.3f} on {entry['eval_tokens']} tokens "
-              f"({m['device']}; torch {m['torch']}, transformers {m['transformers']}, {m['date']}, {m['git_commit'][:8]})\n")
+              f"({m.get('host_cpu', m['device'])}{threads}; torch {m['torch']}, transformers {m['transformers']}, {m['date']}, {m['git_commit'][:8]})\n")
         print("| variant | method | bits | group | perplexity | change | quantize s |")
         print("|---|---|---|---|---|---|---|")
         for name, r in res.items():

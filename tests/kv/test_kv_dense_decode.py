@@ -129,6 +129,6 @@ def test_dense_decode_kernel_compiles_for_sm90():
         const = dict(HKV=hkv, GRP=grp, BLOCK_H=16, D=d, BLOCK_N=bn, BLOCK_S=splits, UPCAST=False)
         cubin = kr.compile_sm90(triton_dense.dense_decode_kernel, const, ptrs, cfg["num_warps"], cfg["num_stages"])
         regs, stack = kr.registers(cubin)
-        sass = kr._cuobjdump(cubin, "-sass")
+        sass = kr.cuobjdump(cubin, "-sass")
         assert regs <= 128 and stack == 0, (d, grp, regs, stack)
         assert "LDGSTS" in sass and "HMMA" in sass, (d, grp)

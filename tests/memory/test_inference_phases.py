@@ -1,7 +1,7 @@
-"""Issue 14, defect 5: an inference forward peaks either in the decoder layers or at lm_head, never both at once.
+"""An inference forward peaks either in the decoder layers or at lm_head, never both at once.
 
 A plain ``model(ids, use_cache=True)`` returns every position's logits (transformers' default logits_to_keep=0);
-they are made after the layers' transients are freed. On the H100 (benchmarks/results/memory_bench_run2.json) a
+they are made after the layers' transients are freed. On the H100 (benchmarks/results/memory/bench_tinyllama.json) a
 TinyLlama-shaped GQA model at 8 x 2048 measured 3.434 GiB; the estimator said 3.159 (last-token logits) or 4.135
 (layers + all logits summed); with the two phases it says 3.432. Checked here on CPU with an allocation trace of a
 tiny model with the same GQA ratio (8 query heads per KV head), including what is alive at the peak.

@@ -183,7 +183,7 @@ def test_v1_gemv_multi_compiles_for_sm90():
     import re
 
     def vectors(k):  # 16-byte global loads (LDG.E.128) and global->shared copies (LDGSTS...128) in the SASS
-        return len(re.findall(r"LDG(?:STS)?\.E[.A-Z]*\.128", kr._cuobjdump(k.asm["cubin"], "-sass")))
+        return len(re.findall(r"LDG(?:STS)?\.E[.A-Z]*\.128", kr.cuobjdump(k.asm["cubin"], "-sass")))
 
     for fmt, dot, bn, bk, stages in H100_V1:
         one = vectors(v1_sm90(fmt, dot, bn, bk, stages, 1, False))
@@ -216,5 +216,5 @@ def test_decode_kernels_compile_for_sm90_without_loop_spills():
 
     for name, build in {"fma": dec, "dot": dot}.items():
         k = build()
-        assert not loop_spills(kr._cuobjdump(k.asm["cubin"], "-sass")), (name, kr.registers(k.asm["cubin"]))
+        assert not loop_spills(kr.cuobjdump(k.asm["cubin"], "-sass")), (name, kr.registers(k.asm["cubin"]))
 

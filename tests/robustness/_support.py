@@ -4,7 +4,7 @@ folder snapshots.
 Every case a test tries goes through :func:`case` (``with case("bad_input", label): ...``): it counts as
 *tried* on entry and *passed* when the block exits cleanly. A check that the previous output survived goes
 through :func:`assert_intact`, which also counts a *data-loss event* when it did not. The conftest prints the
-tally and, when ``OPENAUTOGLM_ROBUSTNESS_JSON`` names a file, writes it there (``benchmarks/robustness.py``).
+tally and, when ``OPENAUTOGLM_ROBUSTNESS_JSON`` names a file, writes it there (``python -m benchmarks.robustness``).
 """
 
 from __future__ import annotations

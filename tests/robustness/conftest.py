@@ -1,5 +1,5 @@
 """Hooks of the robustness suite: print the case tally after the run and, when ``OPENAUTOGLM_ROBUSTNESS_JSON``
-names a file, write it there (``python benchmarks/robustness.py`` does, into benchmarks/results/robustness.json)."""
+names a file, write it there (``python -m benchmarks.robustness`` does, into benchmarks/results/robustness/suite.json)."""
 
 from __future__ import annotations
 

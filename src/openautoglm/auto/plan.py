@@ -1,6 +1,6 @@
 """From sensitivities to candidates: byte tables per pruning level, the knapsack optimum per level under the
 budget, every uniform recipe and the trade-off curve -- no model weights needed (a meta-device model works),
-so a recipe can be planned for a model that is not loaded (``benchmarks/auto_fit_gpu.py`` does)."""
+so a recipe can be planned for a model that is not loaded (``benchmarks/auto/fit_gpu.py`` does)."""
 
 from __future__ import annotations
 

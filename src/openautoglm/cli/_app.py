@@ -29,7 +29,7 @@ def _root(
     _state["debug"] = debug
     # Before any CUDA allocation: expandable segments keep reserved memory near allocated memory. A budgeted pick
     # (compress --budget) OOMs under a 14 GiB cap with the default allocator (4 GiB reserved but unallocated) and
-    # fits with them (benchmarks/results/auto_fit_gpu*.json). A user's own setting wins.
+    # fits with them (benchmarks/results/auto/fit_gpu*.json). A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

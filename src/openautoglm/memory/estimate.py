@@ -292,8 +292,9 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
     # embeddings (alive until the model body returns), the residual stream and the largest layer transient. At
     # lm_head: the final normed hidden states and the logits -- every position's for a plain forward
     # (transformers' default logits_to_keep=0), the last one's for generate. The logits are not alive during the
-    # layers, so the peak is the larger of the two, not their sum (issue 14: a plain forward of a 1B GQA model
-    # at 8 x 2048 measured 3.687 GB on the H100; layers + logits summed said 4.44, last-only said 3.39).
+    # layers, so the peak is the larger of the two, not their sum (a plain forward of a 1B GQA model at
+    # 8 x 2048 measured 3.687 GB on the H100; layers + logits summed said 4.44, last-only said 3.39:
+    # benchmarks/results/memory/bench_tinyllama.json).
     act = T * (2 * cb * h + trans) + ids
     n_logits = T if logits == "all" else batch
     lg = n_logits * V * cb

@@ -11,7 +11,8 @@ decoupled weight decay):
   the CPU, invisible to ``torch.cuda.max_memory_allocated``).
 * fused (``torch._fused_adamw_``): no temporaries.
 * foreach (``_multi_tensor_adam``): ``torch._foreach_sqrt(exp_avg_sqs)`` allocates a second copy of the whole
-  (param group, device, dtype) bucket at once -- +4 B/param for fp32 parameters, the -19% of issue 14.
+  (param group, device, dtype) bucket at once -- +4 B/param for fp32 parameters, the -19% a fused-only model missed
+  (benchmarks/results/memory/bench_tinyllama.json).
 * for-loop (``_single_tensor_adam``): ``denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)`` holds two
   parameter-sized temporaries at once, one parameter at a time: twice the largest parameter (three for Adam
   with L2 weight decay, whose ``grad + wd * param`` is a third).

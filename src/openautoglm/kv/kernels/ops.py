@@ -177,10 +177,10 @@ def _multiprocessors(device: torch.device) -> int:
 # launched with the ``vec_*`` keys: ``vec_words`` (0, 2 or 4) reads the codes as int32 words, that many a thread
 # (0: bytes), ``vec_lazy`` > 0 rescales its accumulators only when the running maximum grows by more than that
 # many natural-log units; ``reduce_block_d``: channels per program of the reduce. Chosen from
-# benchmarks/results/kv_kernel_sweep.json (H100, 7B layer, INT4/INT8 at 8k/32k, batch 1/8): the vec kernel
+# benchmarks/results/kv/kernel_sweep.json (H100, 7B layer, INT4/INT8 at 8k/32k, batch 1/8): the vec kernel
 # with 64-token tiles, words 2 a thread, lazy rescaling at 8 and 8 programs per SM (167 registers: 3 programs
 # resident per multiprocessor instead of 2; about 710 instead of 1020 instructions per tile,
-# results/kv_kernel_regs.json) takes 0.84x / 0.75x / 0.74x the time of the first tuned vec launch at INT4
+# results/kv/kernel_regs.json) takes 0.84x / 0.75x / 0.74x the time of the first tuned vec launch at INT4
 # 8k x 1 / 32k x 1 / 32k x 8; 4 programs per SM is faster still at batch 8 (0.92x at 32k x 8) and slower at
 # batch 1. For the tl.dot kernel (groups > 1) 16 programs per SM and shared bytes, ``magic`` no faster.
 # Where the time goes: see the README's KV section.

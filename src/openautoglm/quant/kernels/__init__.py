@@ -69,8 +69,8 @@ def fp8_supported(device: torch.device | str | None = None) -> bool:
 
 # Prefill (M > DECODE_MAX_M) of the weight-only formats on CUDA: "fused" (ops.wq_gemm, dequantization inside
 # the GEMM tiles) or "dequant" (Triton dequantize to 16 bits, then cuBLAS), by bit width. Measured per layer on
-# the H100 (M=2048, K=4096, N=11008; benchmarks/quant_kernels_gpu.py): bf16 245 us; dequant + cuBLAS 296 us (w4)
-# and 294 us (w8); the fused Triton GEMM 572 / 509 us (best of six tile shapes). So: dequant.
+# the H100 (M=2048, K=4096, N=11008; benchmarks/results/quant/kernels_gpu.json): bf16 245 us; dequant + cuBLAS
+# 296 us (w4) and 294 us (w8); the fused Triton GEMM 572 / 509 us (best of six tile shapes). So: dequant.
 PREFILL_PATH = {4: "dequant", 8: "dequant"}
 
 

@@ -45,7 +45,7 @@ from .ops_prefill import meta_strides as _meta_strides
 
 def _load_tuned() -> dict[tuple[int, int, int, int], dict]:
     """(fmt, rows bucket 1|16, N, K) -> launch config: the best of the per-layer sweep of
-    ``benchmarks/quant_kernels_gpu.py`` on the H100 (7B and 1B Llama shapes), shipped as ``gemv_tuned.json``."""
+    ``benchmarks/quant/kernels_gpu.py`` on the H100 (7B and 1B Llama shapes), shipped as ``gemv_tuned.json``."""
     path = Path(__file__).with_name("gemv_tuned.json")
     if not path.exists():
         return {}

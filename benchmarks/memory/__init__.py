@@ -1,0 +1,1 @@
+"""Memory: the analytic estimator against measured peaks."""

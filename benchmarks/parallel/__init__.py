@@ -1,0 +1,1 @@
+"""Tensor parallelism: overhead at one rank, scaling over several GPUs."""

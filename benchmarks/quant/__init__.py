@@ -1,0 +1,1 @@
+"""Weight quantization: decode/prefill speed (ours, bf16, torchao), kernel tuning and checks, quality."""
