@@ -107,3 +107,10 @@ def test_in_function_imports_only_defer_heavy_modules():
                     target = f"{node.module or ''}:{','.join(names)}"
                     assert "triton_" in target, f"{rel}:{node.lineno} imports {target} inside a function"
 
+
+def test_tests_import_nothing_from_benchmarks():
+    """What tests and benchmarks both need lives in the package (or a test helper), never in benchmarks/."""
+    for p in sorted(Path(__file__).parent.rglob("*.py")):
+        text = p.read_text()
+        assert not re.search(r"^\s*(from|import) benchmarks\b", text, re.M), p
+        assert not re.search(r"sys\.path\.\w+\(.*benchmarks", text), p  # no import through a path hack either

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .rtn import GroupQuant, check_args, group_view, params, rtn
+from .rtn import GroupQuant, check_args, dequantize_codes, group_view, params, quantize_codes, rtn
 
 
 def _fq(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, zero_point: str,
@@ -101,8 +101,6 @@ def awq_search_clip(x: torch.Tensor, weight: torch.Tensor, bits: int = 4, group_
 
 
 def _codes_deq(wg, s, z, bits, zero_point):
-    from .rtn import dequantize_codes, quantize_codes
-
     s = s.unsqueeze(-1)
     z = None if z is None else z.unsqueeze(-1)
     return dequantize_codes(quantize_codes(wg, s, z, bits, zero_point), s, z, zero_point)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .rtn import GroupQuant, check_args, n_groups, params, quantize_codes, dequantize_codes
+from .rtn import GroupQuant, check_args, dequantize_codes, n_groups, params, quantize_codes
 
 GROUP_PARAMS = ("first", "upfront")
 
@@ -43,10 +43,10 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)  # the products too: float32 ones lose ~1e-7 relative
         if not torch.isfinite(x).all():
             raise ValueError("calibration input holds NaN/Inf values")
-        self.sum += (x.t() @ x).to(self.sum.dtype)
+        self.sum += x.t() @ x
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
