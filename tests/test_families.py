@@ -1,5 +1,8 @@
-"""Every capability on one tiny random model per family (kvpress-style matrix over ``conftest.FAMILIES``):
-Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``), GPT-2 (``Conv1D``).
+"""Every capability on one tiny random model per family (kvpress-style matrix over ``conftest.FAMILIES`` and
+``conftest.MOE_FAMILIES``): Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``),
+GPT-2 (``Conv1D``); Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE (shared expert), DeepSeek-V3 (MLA, shared expert, a dense
+first layer), GPT-OSS (transposed interleaved experts with biases, attention sinks). A capability that does not
+apply to a family is left out of its row with the reason (``NOT_APPLICABLE``), and that refusal is tested too.
 
 Each test checks a float reference on fresh random inputs: quantized logits (cosine), quantized-KV decode logits
 against the full-precision forward, pruned heads against masked heads, estimates against a CPU allocation trace;
@@ -8,9 +11,11 @@ and every compressed model reloads to identical logits.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import FAMILIES, MOE_FAMILIES, make_tiny
 
 from openautoglm import AutoModelForCausalLM, QuantConfig, _hf, hub, quantize
 from openautoglm.kv import QuantizedKVCache
@@ -19,6 +24,18 @@ from openautoglm.prune import HeadPruner, mask_heads, remove_heads
 from openautoglm.quant import quantized_layers
 
 MIN_COS = {"w8a8": 0.999, "w4": 0.95}  # as tests/quant/test_quant_model.py
+DENSE, MOE = sorted(FAMILIES), sorted(MOE_FAMILIES)
+# capability -> {family: why it does not apply}; each refusal is asserted in test_not_applicable_is_refused_by_name
+NOT_APPLICABLE = {
+    "kv_cache": {"deepseek_v3": "multi-head latent attention (MLA) is not supported by the compressed KV caches"},
+    "head_pruning": {"deepseek_v3": "DeepseekV3Attention has none of the attention layouts",
+                     "olmoe": "normalizes q over all heads together"},
+}
+
+
+def families(capability: str | None = None, pool=None) -> list[str]:
+    skip = NOT_APPLICABLE.get(capability, {})
+    return [f for f in (pool or DENSE + MOE) if f not in skip]
 
 
 def _ids(b=2, t=24, seed=1234):
@@ -53,6 +70,7 @@ def test_quantize_and_reload(family, scheme, tmp_path):
         assert torch.equal(again(x).logits, out)
 
 
+@pytest.mark.parametrize("family", families("kv_cache"))
 def test_quantized_kv_cache_in_generate(family):
     model = make_tiny(family)
     x = _ids(1, 40)
@@ -68,6 +86,7 @@ def test_quantized_kv_cache_in_generate(family):
     assert out.shape == (1, 46) and cache.get_seq_length() == 45
 
 
+@pytest.mark.parametrize("family", families("head_pruning"))
 def test_head_pruning_equals_masking_and_reloads(family, tmp_path):
     model = make_tiny(family)
     x = _ids()
@@ -88,6 +107,7 @@ def test_head_pruning_equals_masking_and_reloads(family, tmp_path):
     assert gen.shape == (1, 28)
 
 
+@pytest.mark.parametrize("family", families("head_pruning"))
 def test_head_pruner_scores_every_family(family):
     """Taylor importance hooks the output projection (o_proj / c_proj) of each family, then prunes."""
     model = make_tiny(family)
@@ -126,6 +146,7 @@ def test_unsupported_attention_layout_is_refused_by_name():
     assert len(quantize(model, QuantConfig(scheme="w8")).quantized) == 8
 
 
+@pytest.mark.parametrize("family", families())
 def test_quantize_on_load_equals_quantize_after_load(family, tmp_path):
     """Streaming quantize-on-load (GPT-2's Conv1D included) gives the modules of quantizing the loaded model."""
     model = make_tiny(family)
@@ -138,3 +159,42 @@ def test_quantize_on_load_equals_quantize_after_load(family, tmp_path):
     assert quantized_layers(on_load) == quantized_layers(after) and len(quantized_layers(after)) > 0
     with torch.no_grad():
         assert torch.equal(on_load(x).logits, after(x).logits)
+
+
+@pytest.mark.parametrize("capability,family", [(c, f) for c, fs in NOT_APPLICABLE.items() for f in sorted(fs)])
+def test_not_applicable_is_refused_by_name(capability, family):
+    """Where a capability does not apply, it says so (naming the family's layout) instead of computing garbage."""
+    model = make_tiny(family)
+    with pytest.raises((TypeError, ValueError), match=re.escape(NOT_APPLICABLE[capability][family])):
+        if capability == "kv_cache":
+            QuantizedKVCache(bits=8, group_size=16, residual_length=8, config=model.config)
+        else:
+            remove_heads(model, {1: [0]})
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_layout_table_matches_transformers(family):
+    """``_hf.moe.FAMILIES`` describes each family's experts as the installed transformers builds them."""
+    from openautoglm._hf import moe
+
+    model = make_tiny(family)
+    fam = moe.family_of(model.config)
+    experts = dict(moe.experts_modules(model))
+    assert experts and {type(m).__name__ for m in experts.values()} == {fam.experts_class}
+    assert {moe.layout_of(m) for m in experts.values()} == {fam.layout}
+    block = moe.moe_block(_hf.decoder_layers(model)[-1])
+    assert moe.router_of(block) is getattr(block, fam.router)
+    assert (moe.shared_of(block) is not None) == (fam.shared is not None)
+    assert moe.top_k(block, model.config) == 2 and moe.sizes(block.experts) == (4, 128, 128)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_checkpoint_with_per_expert_tensors_reloads(family, tmp_path):
+    """transformers saves MoE checkpoints in their original per-expert layout (Mixtral: block_sparse_moe.experts.N.w1,
+    Qwen: mlp.experts.N.gate_proj, ...); the lazy loader follows transformers' key conversion and stacks them."""
+    model = make_tiny(family)
+    model.save_pretrained(tmp_path / "f")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "f")
+    x = _ids()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
