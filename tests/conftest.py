@@ -107,7 +107,7 @@ MOE_FAMILIES = {
                       num_experts=4, num_experts_per_tok=2, use_sliding_window=False, **_MOE),
     "deepseek_v3": dict(model_type="deepseek_v3", **{**_MOE, "num_key_value_heads": 8, "intermediate_size": 256},
                         moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-                        first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=64,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=128, q_lora_rank=128,
                         qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "gpt_oss": dict(model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2, sliding_window=64,

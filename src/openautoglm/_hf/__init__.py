@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import attention as _attn
+from . import moe  # noqa: F401  (mixture-of-experts layouts: _hf.moe)
 from .attention import (  # noqa: F401  (the adapter's public surface: callers use _hf.<name>)
     INDEXED_GQA_ATTENTION,
     _AttnConfigView,

@@ -15,11 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import _hf
 from .._util.modules import set_module
-from ..quant.api import select_linears
+from ..quant.api import empty_quantized, select_modules
 from ..quant.config import QuantConfig
-from ..quant.linear import LINEAR_CLASSES
 from .shapes import _meta_model_from_config, _to_model
 
 KV_FULL = (None, 16, "bf16", "fp16", "fp32")
@@ -47,16 +45,16 @@ def as_config_list(quantization) -> list | None:
 def apply_quant_structure(model: nn.Module, configs: Sequence) -> dict[str, str]:
     """Swap the Linears of a meta-device ``model`` that ``configs`` select for empty quantized modules, in place.
 
-    Each Linear takes the first config that selects it, chosen by the same selector as
-    :func:`openautoglm.quant.quantize` (:func:`openautoglm.quant.api.select_linears`: ``nn.Linear`` and GPT-2's
-    ``Conv1D``, tied and unsupported shapes left float). Returns ``{module name: scheme}``.
+    Each Linear (and fused-experts module) takes the first config that selects it, chosen by the same selector as
+    :func:`openautoglm.quant.quantize` (:func:`openautoglm.quant.api.select_modules`: ``nn.Linear``, GPT-2's
+    ``Conv1D`` and transformers' experts modules, tied and unsupported shapes left float). Returns
+    ``{module name: scheme}``.
     """
     chosen: dict[str, str] = {}
     for cfg in configs:
-        cls = LINEAR_CLASSES[cfg.scheme]
-        names, _ = select_linears(model, cfg, skip_quantized=True)
+        names, _ = select_modules(model, cfg, skip_quantized=True)
         for name in names:
-            set_module(model, name, cls.empty(_hf.as_linear(model.get_submodule(name)), cfg, device="meta"))
+            set_module(model, name, empty_quantized(model.get_submodule(name), cfg, device="meta"))
             chosen[name] = cfg.scheme
     return chosen
 
