@@ -24,6 +24,7 @@ from .config import QuantConfig
 from .experts import QuantExperts
 from .kernels import fastest_w8a8
 from .linear import LINEAR_CLASSES, QuantLinear
+from .report import full_precision, log_full_precision
 
 log = logging.getLogger(__name__)
 TRANSFORM = "quantize"
@@ -32,17 +33,20 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class QuantResult:
-    """What :func:`quantize` did: the modules quantized, the ones skipped (name -> reason), bytes."""
+    """What :func:`quantize` did: the modules quantized, the ones skipped (name -> reason), bytes, and every float
+    tensor above 1% of the model's bytes left in full precision, with the reason (:mod:`.report`)."""
 
     config: QuantConfig
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
+    full_precision: dict[str, dict] = field(default_factory=dict)  # big float tensors left: name -> bytes, share, reason
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "quantized": self.quantized, "skipped": self.skipped,
-                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "full_precision": self.full_precision}
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -182,6 +186,8 @@ def _apply(model: nn.Module, config: QuantConfig, *, progress: Progress | None =
         if progress:
             progress(name, i + 1, len(chosen))
     result.bytes_after = model_bytes(model)
+    result.full_precision = full_precision(model, config, skipped)
+    log_full_precision(result.full_precision)
     if hasattr(model, "config"):
         hub.record_transform(model, TRANSFORM, {"config": config.to_dict(), "modules": chosen})
     model.quant_result = result

@@ -32,6 +32,7 @@ from .api import TRANSFORM, QuantResult, _pick_w8a8, select_modules
 from .config import QuantConfig
 from .experts import QuantExperts
 from .linear import LINEAR_CLASSES, QuantLinear
+from .report import full_precision, log_full_precision
 from .static import Observer, calibration_batches
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ class QuantizeOnLoad(LoadHook):
         if missing:
             raise RuntimeError(f"quantize-on-load left {missing[:3]} unquantized (their weights never arrived)")
         self.result.bytes_after = model_bytes(model)
+        self.result.full_precision = full_precision(model, self.config, self.result.skipped)
+        log_full_precision(self.result.full_precision)
         hub.record_transform(model, TRANSFORM, {"config": self.config.to_dict(), "modules": self.result.quantized})
         model.quant_result = self.result
         log.info("quantized %d Linear layers to %s while loading (%d skipped): %.1f MiB -> %.1f MiB",
