@@ -156,6 +156,21 @@ def head_dim(attn: nn.Module) -> int:
     return int(attn.head_dim)
 
 
+def qk_norm_kind(attn: nn.Module) -> str | None:
+    """``"head"``: RMSNorm of q and k per head, after the heads are split (Qwen3, Qwen3-MoE); ``"full"``: over the
+    whole projection, before (OLMoE); None: no q/k norm."""
+    w = getattr(getattr(attn, "q_norm", None), "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    return "full" if w.numel() > int(attn.head_dim) else "head"
+
+
+def clip_qkv(attn: nn.Module) -> float | None:
+    """OLMoE's ``config.clip_qkv``: q, k and v clamped to +-clip before the heads are split (None: no clamp)."""
+    v = getattr(getattr(attn, "config", None), "clip_qkv", None)
+    return float(v) if v is not None else None
+
+
 def head_counts(attn: nn.Module) -> tuple[int, int]:
     """(query heads, KV heads) the module computes with now."""
     fam, hd = family_of(attn), head_dim(attn)
