@@ -128,6 +128,7 @@ def test_head_pruner_scores_every_family(family):
         assert torch.isfinite(model(_ids()).logits).all()
 
 
+@pytest.mark.parametrize("family", families("head_pruning"))
 def test_estimator_matches_cpu_trace_and_pruned_kv(family):
     model = make_tiny(family, dtype=torch.bfloat16)
     remove_heads(model, {0: [0, 1, 2, 3]})  # GQA: a whole KV group (and its cache slot) goes; GPT-2: 4 of 8

@@ -25,7 +25,8 @@ gpt_oss       GptOssExperts         ``router`` (bias;  ``gate_up_proj (E, h, 2I)
                                                        + ``down_proj_bias``      attention sinks, sliding layers
 ============= ===================== ================== ========================= ================================
 
-(``is_concatenated`` False = interleaved gate/up rows; ``is_transposed`` True = weights stored ``(in, out)``.) The
+(``is_concatenated`` False = interleaved gate/up rows; ``is_transposed`` True = weights stored ``(in, out)``; the
+memory estimator reads ``router_weights_fp32`` and ``gate_temporaries`` to price the routed activations.) The
 checkpoint layouts come from transformers' own conversion mapping (``conversion_mapping.py``: ``WeightRenaming`` and
 ``WeightConverter`` with ``MergeModulelist(dim=0)`` + ``Concatenate(dim=1)``), read here by :func:`key_plan` so the
 lazy loader places each per-expert tensor of a checkpoint where transformers would (:class:`Piece`).
@@ -61,20 +62,22 @@ class Family:
     shared: str | None = None
     layout: ExpertLayout = ExpertLayout()
     notes: str = ""
+    router_weights_fp32: bool = False  # the routing weights stay float32 (else cast to the hidden dtype)
+    gate_temporaries: int = 2          # (tokens x I) tensors of the gated activation alive at once (SwiGLU: 2)
 
 
 FAMILIES = {f.name: f for f in (
-    Family("mixtral", "MixtralExperts", notes="checkpoints store block_sparse_moe.experts.N.w1 (gate) / w3 (up) / w2 "
+    Family("mixtral", "MixtralExperts", router_weights_fp32=True, notes="checkpoints store block_sparse_moe.experts.N.w1 (gate) / w3 (up) / w2 "
                                               "(down); transformers renames .block_sparse_moe. to .mlp. and stacks them"),
     Family("qwen3_moe", "Qwen3MoeExperts", notes="mlp_only_layers / decoder_sparse_step may leave layers dense"),
     Family("olmoe", "OlmoeExperts", notes="q_norm / k_norm over the whole projection width (not per head)"),
     Family("qwen2_moe", "Qwen2MoeExperts", shared="shared_expert",
            notes="shared_expert MLP times sigmoid(shared_expert_gate(x)), a Linear(h, 1)"),
-    Family("deepseek_v3", "DeepseekV3Experts", shared="shared_experts",
+    Family("deepseek_v3", "DeepseekV3Experts", shared="shared_experts", router_weights_fp32=True,
            notes="first_k_dense_replace dense layers; sigmoid router with group-limited top-k and "
                  "e_score_correction_bias; multi-head latent attention"),
     Family("gpt_oss", "GptOssExperts", router="router",
-           layout=ExpertLayout(is_concatenated=False, is_transposed=True, has_bias=True),
+           layout=ExpertLayout(is_concatenated=False, is_transposed=True, has_bias=True), gate_temporaries=5,
            notes="the MoE block returns (hidden, router scores); attention sinks; sliding-window layers"),
 )}
 
@@ -310,3 +313,11 @@ def assembled(plan: dict[str, Piece], shapes) -> dict[str, tuple[tuple[int, ...]
             problems.append(f"experts hold different numbers of rows {sorted(totals)}")
         out[target] = ((n, max(totals), *rest[target]), problems)
     return out
+
+
+def mla_cache_dims(config) -> tuple[int, int] | None:
+    """Multi-head latent attention (DeepSeek-V2/V3): transformers 5.17 and 5.25 cache the compressed latent as one
+    "head", ``kv_lora_rank`` wide in the key slot and ``qk_rope_head_dim`` in the value slot; (key, value) widths,
+    or None for per-head K/V."""
+    r = getattr(config, "kv_lora_rank", None)
+    return (int(r), int(getattr(config, "qk_rope_head_dim", 0) or 0)) if r else None

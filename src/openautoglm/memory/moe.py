@@ -42,6 +42,13 @@ def experts_sizes(mod: nn.Module) -> tuple[int, int, int, int, int]:
     return e, h, i, up, e * (up * h + h * i) + bias
 
 
+def experts_has_bias(mod: nn.Module) -> bool:
+    """Per-expert biases (GPT-OSS), float or quantized experts."""
+    if _hf.moe.is_experts(mod):
+        return _hf.moe.bias(mod, "up") is not None
+    return getattr(mod.gate_up, "bias", None) is not None
+
+
 def _shared_width(block: nn.Module) -> int:
     shared = _hf.moe.shared_of(block)
     if shared is None:
