@@ -321,3 +321,56 @@ def mla_cache_dims(config) -> tuple[int, int] | None:
     or None for per-head K/V."""
     r = getattr(config, "kv_lora_rank", None)
     return (int(r), int(getattr(config, "qk_rope_head_dim", 0) or 0)) if r else None
+
+
+# ----------------------------------------------------------------------------- keeping a subset of the experts
+
+def _keep_rows(owner: nn.Module, attr: str, idx: torch.Tensor, buffer: bool = False) -> None:
+    store = owner._buffers if buffer else owner._parameters
+    t = store.get(attr)
+    if t is None:
+        return
+    new = t.detach().index_select(0, idx.to(t.device)) if not t.is_meta else torch.empty(
+        (len(idx), *t.shape[1:]), dtype=t.dtype, device="meta")
+    store[attr] = new if buffer else nn.Parameter(new, requires_grad=t.requires_grad)
+
+
+def keep_experts(module: nn.Module, keep: list[int]) -> None:
+    """Keep experts ``keep`` (in that order) of a transformers experts module: every per-expert tensor (weights and
+    biases, leading dim E) sliced, ``num_experts`` updated. Works on the meta device (rebuilding a checkpoint)."""
+    idx = torch.tensor(keep, dtype=torch.long)
+    for name in list(module._parameters):
+        _keep_rows(module, name, idx)
+    module.num_experts = len(keep)
+
+
+def keep_router_rows(router: nn.Module, keep: list[int], config=None) -> None:
+    """The router scores only experts ``keep``: its weight rows (and GPT-OSS's bias, DeepSeek's score-correction
+    bias) sliced and ``num_experts`` updated. A softmax router then renormalizes over the experts left; DeepSeek-V3's
+    group-limited routing is refused unless it has one group (the groups would no longer hold equal experts)."""
+    groups = getattr(router, "num_group", 1) or 1
+    if groups > 1:
+        raise ValueError(f"{type(router).__name__} routes within {groups} expert groups; pruning experts is offered for "
+                         "one group (n_group=1) only")
+    k = getattr(router, "top_k", None)
+    if k is not None and len(keep) < int(k):
+        raise ValueError(f"cannot keep {len(keep)} experts: the router picks top-{k}")
+    idx = torch.tensor(keep, dtype=torch.long)
+    _keep_rows(router, "weight", idx)
+    _keep_rows(router, "bias", idx)
+    _keep_rows(router, "e_score_correction_bias", idx, buffer=True)
+    if hasattr(router, "num_experts"):
+        router.num_experts = len(keep)
+
+
+def router_indices(output) -> torch.Tensor | None:
+    """The ``top_k_index (T, k)`` of a router's output: transformers 5 routers return ``(logits, weights, indices)``."""
+    if isinstance(output, tuple) and len(output) == 3 and isinstance(output[2], torch.Tensor):
+        return output[2]
+    return None
+
+
+def router_weights(output) -> torch.Tensor | None:
+    if isinstance(output, tuple) and len(output) == 3 and isinstance(output[1], torch.Tensor):
+        return output[1]
+    return None

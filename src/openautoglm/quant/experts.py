@@ -120,6 +120,26 @@ class QuantExperts(nn.Module):
         """Quantize expert ``e``'s ``(rows, in)`` weight (or rows ``[offset, offset + rows)`` of it) into place."""
         self.stack(which).fill_rows(e * self.rows(which) + offset, weight, bias)
 
+    def keep_experts(self, keep: list[int]) -> None:
+        """Keep experts ``keep`` (in that order): each stack's stored tensors sliced where :meth:`QuantLinear.tp_slices`
+        says an expert's rows live, and concatenated (expert pruning; works on the meta device)."""
+        for which in ("up", "down"):
+            st, n = self.stack(which), self.rows(which)
+            parts: dict[str, list[torch.Tensor]] = {}
+            for e in keep:
+                for name, where in st.tp_slices("out", e * n, (e + 1) * n).items():
+                    t = getattr(st, name)
+                    parts.setdefault(name, []).append(t.narrow(where[0], where[1], where[2] - where[1])
+                                                      if where is not None else t)
+            for name, ts in parts.items():
+                where = st.tp_slices("out", 0, n)[name]
+                new = torch.cat(ts, dim=where[0]) if where is not None else ts[0]
+                st._parameters[name] = nn.Parameter(new.detach(), requires_grad=False)
+            st.out_features = len(keep) * n
+            st._prepare_device()
+        self.num_experts = len(keep)
+        self._views = {}
+
     # ---- computation -------------------------------------------------------------------------------------
 
     def expert(self, which: str, e: int) -> QuantLinear:
