@@ -103,8 +103,8 @@ def prefill_workspace(s, spec, T: int, head_rows: int, cb: int, h: int, layers, 
     over ``head_rows`` rows (the logits computed); for an analytic ``spec`` the largest decoder Linear
     dequantized. None when nothing is quantized. ``s`` is a ModelShape."""
     if s.quantized_linears:
-        dec = [q for q in s.quantized_linears if q[2] != s.vocab]
-        head = [q for q in s.quantized_linears if q[2] == s.vocab]
+        head = [q for q in s.quantized_linears if q[2] == s.vocab and q[3] == 1]  # (a stack of experts is not)
+        dec = [q for q in s.quantized_linears if q not in head]
         b = max([(quantized_linear_workspace(sc, T, k, n, cb, cuda) if e == 1 else
                   experts_workspace(sc, k, n, e, cb, cuda), f"{sc} {n}x{k}" + (f" ({e} experts)" if e > 1 else ""))
                  for sc, k, n, e in dec] + [(0, "")])

@@ -74,6 +74,14 @@ def new_quantized(module: nn.Module, config: QuantConfig) -> nn.Module:
     return LINEAR_CLASSES[config.scheme].from_linear(_hf.as_linear(module), config)  # Conv1D: as its Linear
 
 
+def supports(module: nn.Module, config: QuantConfig) -> str | None:
+    """``None`` when ``module`` (a Linear-like layer or an experts module) can be quantized with ``config``, else why."""
+    if _hf.moe.is_experts(module):
+        return QuantExperts.supports(module, config)
+    shape = SimpleNamespace(in_features=_hf.in_features(module), out_features=_hf.out_features(module))
+    return LINEAR_CLASSES[config.scheme].supports(shape, config)
+
+
 def empty_quantized(module: nn.Module, config: QuantConfig, device="meta") -> nn.Module:
     """The empty (meta) quantized replacement of ``module`` (a Linear-like layer or an experts module)."""
     if _hf.moe.is_experts(module):
