@@ -92,3 +92,16 @@ def test_bad_requests_are_refused():
         remove_experts(model, {0: [1]})
     with pytest.raises(ValueError, match="distinct experts"):
         remove_experts(model, {0: [0, 0, 1]})
+
+
+def test_cli_prune_experts_then_compress(tmp_path, tokenizer, capsys):
+    from openautoglm.cli import main
+
+    hub.save_pretrained(make_tiny("qwen3_moe"), tmp_path / "m", tokenizer=tokenizer)
+    assert main(["prune", str(tmp_path / "m"), "--prune-experts", "0.25", "--calib-samples", "2",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert "[4] -> [3] per MoE layer" in capsys.readouterr().out
+    assert main(["compress", str(tmp_path / "p"), "--bits", "4", "--out", str(tmp_path / "q")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert [t["type"] for t in hub.applied_transforms(again)] == ["prune_experts", "quantize"]
+    assert _blocks(again)[0].experts.num_experts == 3

@@ -103,6 +103,7 @@ def compress(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (where quantization runs)."),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
     prune_heads: float = typer.Option(None, "--prune-heads", help=PRUNE_HELP["prune_heads"]),
+    prune_experts: float = typer.Option(None, "--prune-experts", help=PRUNE_HELP["prune_experts"]),
     sparsity: float = typer.Option(None, "--sparsity", help=PRUNE_HELP["sparsity"]),
     sparsity_method: str = typer.Option("wanda", "--sparsity-method", help=PRUNE_HELP["sparsity_method"]),
     sparsity_pattern: str = typer.Option("unstructured", "--sparsity-pattern", help=PRUNE_HELP["sparsity_pattern"]),
@@ -146,7 +147,8 @@ def compress(
 
         auto.check_exclusive(budget, recipe, {
             "--bits": bits, "--scheme": scheme, "--group-size": group_size, "--include": include, "--exclude": exclude,
-            "--observer": observer, "--prune-heads": prune_heads, "--sparsity": sparsity, "--low-rank": low_rank})
+            "--observer": observer, "--prune-heads": prune_heads, "--prune-experts": prune_experts,
+            "--sparsity": sparsity, "--low-rank": low_rank})
         search = auto.search_space(search_schemes, search_kv_bits, search_prune)
         if sensitivity not in ("fisher", "measured"):
             raise ValueError(f"--sensitivity {sensitivity!r}; accepted: fisher, measured")
@@ -161,10 +163,10 @@ def compress(
     bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
-                           calib_samples=calib_samples)
+                           calib_samples=calib_samples, prune_experts=prune_experts)
     if pruning is None and bits is None:
         raise ValueError("nothing to do: give --bits 8|4 (or --scheme) to quantize, and/or --prune-heads, "
-                         "--sparsity, --sparsity-pattern 2:4 or --low-rank to prune")
+                         "--prune-experts, --sparsity, --sparsity-pattern 2:4 or --low-rank to prune")
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
     if bits is not None:  # every quantization option is checked now, not after loading the model
