@@ -19,15 +19,18 @@ position of a 64-token prompt and teacher-forced greedy agreement (the top-1 tok
 weights: the quality figures say the quantized model computes what the bf16 one does, not how good either is.
 
     python -m benchmarks.moe.bench --only qwen3-30b-a3b:bf16           # GPU: one row per call fits 10 minutes
-    python -m benchmarks.moe.bench --smoke                               # CPU, tiny shapes, < 60 s
+    python -m benchmarks.moe.bench --only qwen3-30b-a3b:w4 --merge benchmarks/results/moe/bench.json
+    python -m benchmarks.moe.bench --smoke                               # CPU, tiny shapes, ~30 s of CPU time
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -98,7 +101,7 @@ def quality(model, shape: str, dev, ref: torch.Tensor, ids: torch.Tensor) -> dic
 def decode(model, dev, args, batches) -> dict:
     out = {}
     gen = Generator(model)
-    for b in batches:
+    for b in batches if "decode" in args.parts else ():
         p = _prompt(b, args.prompt, dev, model.config.vocab_size, b)
         first = gen.generate(p, args.new)
         runs = [gen.generate(p, args.new) for _ in range(args.reps)]
@@ -107,6 +110,8 @@ def decode(model, dev, args, batches) -> dict:
                                "first_call_compile_s": first.compile_s,
                                "same_tokens": all(torch.equal(r.tokens, first.tokens) for r in runs)}
         log(f"decode b{b}", round(best.tokens_per_s, 2), "tok/s")
+    if "prefill" not in args.parts:
+        return out
     pids = _prompt(1, args.prefill, dev, model.config.vocab_size, 3)
     pf = prefill_ms(gen, pids, reps=args.reps + 1)
     out["prefill_ms"], out["prefill_runs"] = pf.pop("ms"), pf
@@ -156,7 +161,7 @@ def row(shape: str, variant: str, dev, args, copy_rate: float) -> dict:
     ref = None
     if variant != "bf16":  # the bf16 model's logits, its layers rebuilt one at a time from the same seeds
         t = time.perf_counter()
-        ref = models.layerwise_logits(shape, ids, dev)
+        ref = models.layerwise_logits(shape, ids, dev) if "quality" in args.parts else None
         r["reference_s"] = time.perf_counter() - t
         gc.collect()
         if dev.type == "cuda":
@@ -175,12 +180,15 @@ def row(shape: str, variant: str, dev, args, copy_rate: float) -> dict:
     if ref is not None:
         r["quality_vs_bf16"] = quality(model, shape, dev, ref, ids)
         log("quality", r["quality_vs_bf16"])
-    r["memory_prefill"] = peak_vs_estimate(model, dev, args.prefill)
-    log("estimate / measured peak", round(r["memory_prefill"]["estimate_over_measured"], 4))
+    if "memory" in args.parts:
+        r["memory_prefill"] = peak_vs_estimate(model, dev, args.prefill)
+        log("estimate / measured peak", round(r["memory_prefill"]["estimate_over_measured"], 4))
     r.update(decode(model, dev, args, args.batches))
-    r["decode_b1"]["weights_gbps"] = r["decode_b1"]["tokens_per_s"] * r["decode_read_bytes_b1"] / 1e9
-    r["decode_b1"]["of_copy_rate"] = r["decode_b1"]["weights_gbps"] / copy_rate if copy_rate else None
-    r["generate_b1"] = generate(model, dev, args)
+    if "decode_b1" in r:
+        r["decode_b1"]["weights_gbps"] = r["decode_b1"]["tokens_per_s"] * r["decode_read_bytes_b1"] / 1e9
+        r["decode_b1"]["of_copy_rate"] = r["decode_b1"]["weights_gbps"] / copy_rate if copy_rate else None
+    if "generate" in args.parts:
+        r["generate_b1"] = generate(model, dev, args)
     del model
     gc.collect()
     if dev.type == "cuda":
@@ -195,12 +203,15 @@ def ratios(res: dict) -> None:
         for r in rows:
             if base is None or r is base or "weight_bytes" not in r:
                 continue
-            r["x_bf16"] = {"weight_bytes": r["weight_bytes"] / base["weight_bytes"],
-                           "prefill": base["prefill_ms"] / r["prefill_ms"],
-                           **{k: r[k]["tokens_per_s"] / base[k]["tokens_per_s"] for k in r if k.startswith("decode_b")
-                              and k in base},
-                           "generate_b1": r["generate_b1"]["routed"]["tokens_per_s"]
-                           / base["generate_b1"]["routed"]["tokens_per_s"]}
+            x = {"weight_bytes": r["weight_bytes"] / base["weight_bytes"],
+                 **{k: r[k]["tokens_per_s"] / base[k]["tokens_per_s"] for k in r if k.startswith("decode_b") and k in base}}
+            if "prefill_ms" in r and "prefill_ms" in base:
+                x["prefill"] = base["prefill_ms"] / r["prefill_ms"]
+            if "generate_b1" in r and "generate_b1" in base:
+                x["generate_b1"] = r["generate_b1"]["routed"]["tokens_per_s"] / base["generate_b1"]["routed"]["tokens_per_s"]
+            if r.get("device") != base.get("device"):
+                x["note"] = f"rows measured on different devices: {r.get('device')} vs {base.get('device')}"
+            r["x_bf16"] = x
 
 
 def table(res: dict) -> None:
@@ -213,12 +224,17 @@ def table(res: dict) -> None:
             x = r.get("x_bf16", {})
             q = r.get("quality_vs_bf16", {})
             b1, bn = (f"decode_b{b}" for b in (res["args"]["batches"][0], res["args"]["batches"][-1]))
+            def fig(key, fmt, ratio=None):
+                v = r.get(key)
+                v = v.get("tokens_per_s") if isinstance(v, dict) else v
+                if v is None:
+                    return "-"
+                return f"{v:{fmt}}" + (f" ({x[ratio or key]:.2f}x)" if (ratio or key) in x else "")
+
             rows.append([shape, r["variant"], f"{r['weight_bytes'] / 1e9:.2f} GB" + (f" ({x['weight_bytes']:.3f}x)" if x else ""),
-                         f"{r[b1]['tokens_per_s']:.1f}" + (f" ({x[b1]:.2f}x)" if x else ""),
-                         f"{r[bn]['tokens_per_s']:.1f}" + (f" ({x[bn]:.2f}x)" if x else ""),
-                         f"{r['prefill_ms']:.1f}" + (f" ({x['prefill']:.2f}x)" if x else ""),
+                         fig(b1, ".1f"), fig(bn, ".1f"), fig("prefill_ms", ".1f", "prefill"),
                          f"{q.get('logits_cosine_mean', float('nan')):.4f} / {q.get('greedy_agreement_teacher_forced', float('nan')):.3f}",
-                         f"{r['memory_prefill']['estimate_over_measured']:.4f}"])
+                         f"{r['memory_prefill']['estimate_over_measured']:.4f}" if "memory_prefill" in r else "-"])
     print_table(f"MoE on {res.get('device')}", ["shape", "variant", "weights",
                 f"tok/s b{res['args']['batches'][0]}", f"tok/s b{res['args']['batches'][-1]}",
                 f"prefill {res['args']['prefill']} ms", "cos / greedy vs bf16", "est/peak"], rows)
@@ -234,6 +250,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--hf-loop", action="store_true", help="also time transformers' own generate loop")
     ap.add_argument("--reps", type=int, default=2, help="timed calls after the first (the best is kept)")
+    ap.add_argument("--parts", default="quality,memory,decode,prefill,generate",
+                    help="what each row measures (a subset keeps a big row within one call)")
+    ap.add_argument("--merge", default=None, help="a previous bench.json: its rows are kept (same shape:variant "
+                    "replaced), so rows from several calls end in one file with their ratios")
     ap.add_argument("--budget-s", type=float, default=560.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the same code, < 60 s)")
     ap.add_argument("--out", default=None)
@@ -242,14 +262,20 @@ def main(argv=None) -> dict:
         args.shapes, args.prompt, args.new, args.prefill, args.batches = "smoke-qwen3,smoke-mixtral", 8, 4, 64, "1,2"
         args.reps = 1
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.parts = set(args.parts.split(","))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     plan = [(s, v) for s in args.shapes.split(",") for v in VARIANTS[s]]
     if args.only:
         want = set(args.only.split(","))
         plan = [p for p in plan if f"{p[0]}:{p[1]}" in want]
-    out = out_dir("moe", args.smoke) if args.out is None else __import__("pathlib").Path(args.out)
-    res = {"benchmark": "benchmarks.moe.bench", **environment(dev), "args": vars(args),
+    out = out_dir("moe", args.smoke) if args.out is None else Path(args.out)
+    env = environment(dev)
+    res = {"benchmark": "benchmarks.moe.bench", **env, "args": {**vars(args), "parts": sorted(args.parts)},
            "copy_gbps": copy_gbps(dev), "shapes": {}, "skipped_rows": []}
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text())
+        for shape, rows in old.get("shapes", {}).items():
+            res["shapes"][shape] = [r for r in rows if (shape, r["variant"]) not in plan]
     path = out / ("bench_smoke.json" if args.smoke else "bench.json")
     for shape, variant in plan:
         left = args.budget_s - (time.time() - T0)
@@ -265,6 +291,7 @@ def main(argv=None) -> dict:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+        r.update(device=env.get("device"), date=env.get("date"), git_commit=env.get("git_commit"))
         res["shapes"].setdefault(shape, []).append(r)
         ratios(res)
         write_json(path, res)
