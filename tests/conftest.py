@@ -94,18 +94,48 @@ FAMILIES = {
 }
 
 
+# Mixture-of-experts families as transformers 5 ships them (fused 3-D experts, see openautoglm._hf.moe): 4 experts,
+# top-2, expert width 128 (a multiple of the w4 group), hidden 128. DeepSeek-V3: multi-head latent attention, one
+# shared expert, layer 0 dense; GPT-OSS: transposed, interleaved gate_up with biases, attention sinks, a sliding layer.
+_MOE = dict(_COMMON, intermediate_size=128)
+MOE_FAMILIES = {
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None, **_MOE),
+    "qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True, use_sliding_window=False, **_MOE),
+    "olmoe": dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, **_MOE),
+    "qwen2_moe": dict(model_type="qwen2_moe", moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                      num_experts=4, num_experts_per_tok=2, use_sliding_window=False, **_MOE),
+    "deepseek_v3": dict(model_type="deepseek_v3", **{**_MOE, "num_key_value_heads": 8, "intermediate_size": 256},
+                        moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=128, q_lora_rank=128,
+                        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gpt_oss": dict(model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2, sliding_window=64,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **_MOE),
+}
+for _d in MOE_FAMILIES.values():
+    _d.pop("head_dim") if _d["model_type"] == "deepseek_v3" else None
+ALL_FAMILIES = {**FAMILIES, **MOE_FAMILIES}
+
+
 def make_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A randomly initialised tiny causal LM of ``family`` (a key of :data:`FAMILIES`)."""
+    """A randomly initialised tiny causal LM of ``family`` (a key of :data:`FAMILIES` or :data:`MOE_FAMILIES`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(**{**FAMILIES[family], **overrides})
+    cfg = AutoConfig.for_model(**{**ALL_FAMILIES[family], **overrides})
     return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
 
 
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     """Parametrizes a test over every supported family (use with :func:`make_tiny`)."""
+    return request.param
+
+
+@pytest.fixture(params=sorted(MOE_FAMILIES))
+def moe_family(request) -> str:
+    """Parametrizes a test over every mixture-of-experts family (use with :func:`make_tiny`)."""
     return request.param
 
 

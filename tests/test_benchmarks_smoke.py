@@ -74,3 +74,14 @@ def test_quant_kernel_sweep_smoke_runs_in_the_interpreter(tmp_path):
 def test_budget_fit_smoke_plans_and_fits_on_the_cpu(tmp_path):
     doc = _smoke(tmp_path, "benchmarks.auto.fit_gpu", "--smoke", "--out", str(tmp_path / "fit.json"))
     assert doc["peak_allocated_within_budget"] is True and doc["measured"]["peak"] > 0
+
+
+@pytest.mark.slow
+def test_moe_bench_smoke_runs_every_row_on_the_cpu(tmp_path):
+    """benchmarks.moe.bench --smoke: the GPU benchmark's code on tiny Qwen3-MoE / Mixtral shapes (30 s of CPU time)."""
+    doc = _smoke(tmp_path, "benchmarks.moe.bench", "--smoke", "--out", str(tmp_path))
+    rows = [r for rs in doc["shapes"].values() for r in rs]
+    assert rows and not any("error" in r for r in rows), [r.get("error") for r in rows]
+    w4 = next(r for r in rows if r["variant"] == "w4" and r["shape"] == "smoke-qwen3")
+    assert w4["x_bf16"]["weight_bytes"] < 0.5 and w4["quality_vs_bf16"]["logits_cosine_mean"] > 0.9
+    assert 0.9 < w4["memory_prefill"]["estimate_over_measured"] < 1.2

@@ -196,8 +196,8 @@ def test_v1_gemv_multi_compiles_for_sm90():
 
 
 def test_decode_kernels_compile_for_sm90_without_loop_spills():
-    """The FMA and tensor-core decode kernels compile for sm_90 in tuned 7B-class configurations and spill
-    nothing inside a loop."""
+    """The FMA and tensor-core decode kernels (and the FMA kernel's MoE mode) compile for sm_90 in tuned 7B-class
+    configurations and spill nothing inside a loop."""
     kr = sm90_tool()
 
     from openautoglm.quant.kernels import ops
@@ -206,15 +206,21 @@ def test_decode_kernels_compile_for_sm90_without_loop_spills():
     def dec():  # w4 k32, group 128 with zero points, one row, split-K, prefetch: a tuned 7B configuration (R 4, T 8)
         ptrs = {f"{a}{i}_ptr": t for i in ("", "1", "2") for a, t in (("w", "*u8"), ("s", "*fp16"), ("z", "*u8"))}
         const = dict(FMT=4, GROUP=128, HAS_Z=True, BLOCK_M=1, R=4, RB=16, T=8, SPLIT=True,
-                     ASCENDING=ops._ascending(), NW=1, PF=1)
+                     ASCENDING=ops._ascending(), NW=1, PF=1, EXPERTS=False)
         return compile_sm90(decode_kernel, const, ptrs, 4, 1)
+
+    def experts():  # the grouped GEMV of MoE decode (quant/kernels/ops_moe.py): expert ids read on the device
+        ptrs = {f"{a}{i}_ptr": t for i in ("", "1", "2") for a, t in (("w", "*u8"), ("s", "*fp16"), ("z", "*u8"))}
+        const = dict(FMT=4, GROUP=128, HAS_Z=True, BLOCK_M=1, R=4, RB=16, T=8, SPLIT=False,
+                     ASCENDING=ops._ascending(), NW=1, PF=0, EXPERTS=True)
+        return compile_sm90(decode_kernel, const, {**ptrs, "idx_ptr": "*i32"}, 4, 1)
 
     def dot():  # int8 per row, 2..16 rows
         ptrs = {"w_ptr": "*i8", "s_ptr": "*fp16", "z_ptr": "*fp16"}
         const = dict(FMT=8, GROUP=0, HAS_Z=False, BLOCK_N=128, TW=16, SPLIT=True)
         return compile_sm90(decode_dot_kernel, const, ptrs, 4, 2)
 
-    for name, build in {"fma": dec, "dot": dot}.items():
+    for name, build in {"fma": dec, "dot": dot, "experts": experts}.items():
         k = build()
         assert not loop_spills(kr.cuobjdump(k.asm["cubin"], "-sass")), (name, kr.registers(k.asm["cubin"]))
 

@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from . import attention as _attn
+from . import moe  # noqa: F401  (mixture-of-experts layouts: _hf.moe)
 from .attention import (  # noqa: F401  (the adapter's public surface: callers use _hf.<name>)
     INDEXED_GQA_ATTENTION,
     _AttnConfigView,
     as_linear,
     attention_layout,
     attention_of,
+    clip_qkv,
     cut_heads,
     head_counts,
     in_features,
@@ -32,6 +34,7 @@ from .attention import (  # noqa: F401  (the adapter's public surface: callers u
     output_projection,
     output_weight,
     projection_modules,
+    qk_norm_kind,
     query_weight,
     resize_heads,
     set_attention_layout,

@@ -156,6 +156,21 @@ def head_dim(attn: nn.Module) -> int:
     return int(attn.head_dim)
 
 
+def qk_norm_kind(attn: nn.Module) -> str | None:
+    """``"head"``: RMSNorm of q and k per head, after the heads are split (Qwen3, Qwen3-MoE); ``"full"``: over the
+    whole projection, before (OLMoE); None: no q/k norm."""
+    w = getattr(getattr(attn, "q_norm", None), "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    return "full" if w.numel() > int(attn.head_dim) else "head"
+
+
+def clip_qkv(attn: nn.Module) -> float | None:
+    """OLMoE's ``config.clip_qkv``: q, k and v clamped to +-clip before the heads are split (None: no clamp)."""
+    v = getattr(getattr(attn, "config", None), "clip_qkv", None)
+    return float(v) if v is not None else None
+
+
 def head_counts(attn: nn.Module) -> tuple[int, int]:
     """(query heads, KV heads) the module computes with now."""
     fam, hd = family_of(attn), head_dim(attn)
@@ -196,8 +211,31 @@ def _rows(heads: Sequence[int], hd: int, offset: int = 0) -> torch.Tensor:
     return torch.tensor([offset + h * hd + j for h in heads for j in range(hd)], dtype=torch.long)
 
 
+def _check_separable(attn: nn.Module) -> None:
+    """Heads can be cut one by one only when nothing mixes them before ``o_proj``: OLMoE's q/k RMSNorm runs over
+    the whole projection width (all heads together), so removing a head would re-normalize the others."""
+    hd = head_dim(attn)
+    for name in ("q_norm", "k_norm"):
+        w = getattr(getattr(attn, name, None), "weight", None)
+        if isinstance(w, torch.Tensor) and w.numel() > hd:
+            raise TypeError(f"{type(attn).__name__} normalizes {name[0]} over all heads together ({name} of width "
+                            f"{w.numel()}, head_dim {hd}): removing heads would change every other head's "
+                            "normalization, so head pruning is not offered for this attention (OLMoE)")
+
+
+def _cut_sinks(attn: nn.Module, keep_q: Sequence[int] | None, n_q: int) -> None:
+    """GPT-OSS's per-query-head attention sinks ``sinks (n_q,)`` follow the heads (cut, or resized empty)."""
+    s = getattr(attn, "sinks", None)
+    if not isinstance(s, nn.Parameter):
+        return
+    new = s.detach()[torch.as_tensor(list(keep_q), device=s.device)] if keep_q is not None else \
+        torch.empty(n_q, dtype=s.dtype, device=s.device)
+    attn.sinks = nn.Parameter(new.clone() if keep_q is not None else new, requires_grad=s.requires_grad)
+
+
 def cut_heads(attn: nn.Module, keep_q: Sequence[int], keep_kv: Sequence[int]) -> None:
     """Keep query heads ``keep_q`` and KV heads ``keep_kv`` (indices in the current layout) of every projection."""
+    _check_separable(attn)
     fam, hd = family_of(attn), head_dim(attn)
     n_q, n_kv = head_counts(attn)
     q_rows, kv_rows = _rows(keep_q, hd), _rows(keep_kv, hd)
@@ -209,6 +247,7 @@ def cut_heads(attn: nn.Module, keep_q: Sequence[int], keep_kv: Sequence[int]) ->
         rows = torch.cat([q_rows, _rows(keep_kv, hd, n_q * hd), _rows(keep_kv, hd, (n_q + n_kv) * hd)])
         setattr(attn, fam.qkv, slice_layer(getattr(attn, fam.qkv), out_idx=rows))
     setattr(attn, fam.o, slice_layer(getattr(attn, fam.o), in_idx=q_rows))
+    _cut_sinks(attn, keep_q, len(keep_q))
     set_head_counts(attn, len(keep_q), len(keep_kv))
 
 
@@ -224,6 +263,7 @@ def resize_heads(attn: nn.Module, n_q: int, n_kv: int) -> None:
         setattr(attn, fam.qkv, new_like(mod, (n_q + 2 * n_kv) * hd, in_features(mod)))
     o = getattr(attn, fam.o)
     setattr(attn, fam.o, new_like(o, out_features(o), n_q * hd))
+    _cut_sinks(attn, None, n_q)
     set_head_counts(attn, n_q, n_kv)
 
 

@@ -100,7 +100,7 @@ def candidate_recipe(c: search.Candidate, units, options, kv_options, removed, *
     by_opt: dict[int, list[str]] = {}
     for u, o in zip(units, c.weights):
         if options[o].scheme is not None:
-            by_opt.setdefault(o, []).append(u.pattern)
+            by_opt.setdefault(o, []).extend(u.patterns)
     for o, pats in sorted(by_opt.items()):
         steps.append({"type": "quantize", "config": options[o].config(pats).to_dict()})
     bits = [kv_options[b] for b in c.kv]

@@ -13,7 +13,8 @@ token NLL of a window). Per change:
 
 * **weight unit, option o** -- ``z`` = the output of each of the unit's Linears, ``d = q_o(x) - W x`` computed
   from the saved input ``x`` with the real quantized module (activation rounding included); second-order term
-  only (quantization noise is uncorrelated with ``g``: its first-order term is zero-mean noise);
+  only (quantization noise is uncorrelated with ``g``: its first-order term is zero-mean noise); a MoE layer's
+  routed experts likewise, ``z`` their output and ``d`` the quantized experts' output minus it for the same routing;
 * **KV layer l at b bits** -- the attention scores (``d = q . (K_b - K)`` for the positions a token-by-token
   KIVI decode reads dequantized, :func:`openautoglm.kv.emulate.dequantized`) and the attention output
   (``d = P_dequantized . (V_b - V)``); second-order terms;
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from .. import _hf
 from ..kv.emulate import dequantized
 from ..kv.layout import resolve_residual
-from ..quant.linear import LINEAR_CLASSES
+from ..quant.api import new_quantized, supports
 from .space import Unit, WeightOption
 
 log = logging.getLogger(__name__)
@@ -79,17 +80,37 @@ class FisherPass:
         self.residual = {b: resolve_residual(kv_residual, kv_group, seq_len, b) for b in self.kv_bits}
         self.acc = _Acc(n_windows)
         self.lo = 0  # first window of the batch in flight
+        self.nb = 1  # windows in the batch in flight
         self._qmods: dict[tuple[str, int], nn.Module | None] = {}
 
     # ------------------------------------------------------------------ weights
-    def _qmod(self, name: str, lin: nn.Linear, o: int):
+    def _qmod(self, name: str, lin: nn.Module, o: int):
         key = (name, o)
         if key not in self._qmods:
-            opt = self.options[o]
-            cfg = opt.config([name])
-            cls = LINEAR_CLASSES[opt.scheme]
-            self._qmods[key] = None if cls.supports(lin, cfg) else cls.from_linear(lin, cfg)
+            cfg = self.options[o].config([name])
+            self._qmods[key] = None if supports(lin, cfg) else new_quantized(lin, cfg)
         return self._qmods[key]
+
+    def _experts_hook(self, unit: int, name: str):
+        """A MoE layer's routed experts: ``z`` = their output ``(tokens, h)``, ``d = q_o(x) - experts(x)`` for the
+        same routing (the quantized experts run on the saved inputs); second-order term, as for Linears."""
+        opts = [o for o, opt in enumerate(self.options) if opt.scheme is not None]
+
+        def fwd(mod, inp, out):
+            x, idx, w = (t.detach() for t in inp[:3])
+            lo, nb, y = self.lo, self.nb, out.detach()
+
+            def bwd(g):
+                with torch.no_grad():
+                    g2 = g.float().reshape(nb, -1) ** 2
+                    for o in opts:
+                        q = self._qmod(name, mod, o)
+                        if q is not None:
+                            d = (q(x, idx, w) - y).float().reshape(nb, -1)
+                            self.acc.add(("w", unit, o), lo, 0.5 * _rowsum(g2 * d * d))
+            if out.requires_grad:
+                out.register_hook(bwd)
+        return fwd
 
     def _linear_hook(self, unit: int, name: str):
         opts = [o for o, opt in enumerate(self.options) if opt.scheme is not None]
@@ -188,7 +209,9 @@ class FisherPass:
             handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
             for u, unit in enumerate(self.units):
                 for name in unit.modules:
-                    handles.append(self.model.get_submodule(name).register_forward_hook(self._linear_hook(u, name)))
+                    mod = self.model.get_submodule(name)
+                    hook = self._experts_hook(u, name) if _hf.moe.is_experts(mod) else self._linear_hook(u, name)
+                    handles.append(mod.register_forward_hook(hook))
             for layer, attn in _hf.attention_modules(self.model):
                 stack.enter_context(_hf.override_attention(attn, self._attention(layer)))
                 o_proj = _hf.output_projection(attn)
@@ -215,6 +238,7 @@ class FisherPass:
                 for lo in range(0, windows.shape[0], batch_size):
                     self.lo = lo
                     ids = windows[lo:lo + batch_size].to(dev)
+                    self.nb = ids.shape[0]
                     logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
                     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                           reduction="none").view(ids.shape[0], -1)

@@ -38,7 +38,7 @@ from ..evaluate import perplexity
 from ..kv.config import KVCacheConfig
 from ..kv.emulate import decode_perplexity
 from ..prune.heads import mask_heads
-from ..quant.linear import LINEAR_CLASSES
+from ..quant.api import new_quantized, supports
 from . import pruning
 from .denoise import denoised
 from .fisher import fisher_signals
@@ -108,7 +108,7 @@ def swapped(model: nn.Module, plan: dict[str, WeightOption]):
                 continue
             lin = model.get_submodule(name)
             originals[name] = lin
-            set_module(model, name, LINEAR_CLASSES[opt.scheme].from_linear(lin, opt.config([name])))
+            set_module(model, name, new_quantized(lin, opt.config([name])))  # a Linear, or a MoE layer's experts
         yield model
     finally:
         for name, lin in originals.items():
@@ -224,7 +224,7 @@ def measure(model: nn.Module, windows: torch.Tensor, units: list[Unit], options:
         row, ses = [], []
         for o in options:
             unsupported = o.scheme is not None and [
-                n for n in u.modules if LINEAR_CLASSES[o.scheme].supports(model.get_submodule(n), o.config([n]))]
+                n for n in u.modules if supports(model.get_submodule(n), o.config([n]))]
             if o.scheme is None or unsupported:
                 row.append(0.0 if o.scheme is None else float("inf"))
                 ses.append(0.0)

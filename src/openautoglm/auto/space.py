@@ -1,7 +1,8 @@
 """The search space of :func:`compress_to_budget` and the bytes of every choice in it.
 
 A candidate is: a head-pruning level (global Taylor ranking, whole GQA groups, so the KV cache shrinks too), one
-weight option per *unit* (the attention or the MLP Linears of one decoder layer, and an untied ``lm_head``) and
+weight option per *unit* (the attention or the MLP Linears of one decoder layer, the routed experts of a MoE layer,
+and an untied ``lm_head``) and
 one KV width per decoder layer. Its memory is additive over those choices plus a few constants, so the bytes of
 each choice are computed once per pruning level from the estimator's own pieces (a meta-device model with the
 quantized modules swapped in, ``estimate._kv_bytes`` per layer, ``mixed.quantized_linear_workspace``); the
@@ -19,8 +20,8 @@ from .. import _hf
 from ..memory import estimate as E
 from ..memory import mixed
 from ..memory.shapes import model_shape
+from ..quant.api import empty_quantized, supports
 from ..quant.config import QuantConfig
-from ..quant.linear import LINEAR_CLASSES
 
 BUDGET_TERMS = ("weights", "kv_cache", "activations", "logits", "workspace")
 
@@ -49,26 +50,39 @@ PRUNE_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5)
 
 @dataclass(frozen=True)
 class Unit:
-    """Linears compressed together: ``kind`` "attn" / "mlp" of decoder layer ``layer``, or "head" (lm_head)."""
+    """Modules compressed together: ``kind`` "attn" / "mlp" (Linears) or "experts" (the routed experts of a MoE
+    layer, chosen separately from the layer's attention and shared experts) of decoder layer ``layer``, or "head"
+    (lm_head). ``includes``: the recipe's include patterns when ``pattern`` alone would also select another unit's
+    modules (a MoE layer's ``mlp.*`` holds its experts)."""
 
     name: str
     layer: int
     kind: str
     pattern: str
     modules: tuple[str, ...]
+    includes: tuple[str, ...] = ()
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.includes or (self.pattern,)
 
 
 def find_units(model: nn.Module) -> list[Unit]:
-    """Attention and MLP Linears of each decoder layer, then an untied ``lm_head`` (a tied one stays float)."""
+    """Attention and MLP Linears of each decoder layer (and its routed experts, a unit of their own), then an untied
+    ``lm_head`` (a tied one stays float)."""
     names = {id(m): n for n, m in model.named_modules()}
     units = []
     for i, layer in enumerate(_hf.decoder_layers(model)):
         prefix = names[id(layer)]
         for child, sub in layer.named_children():
             lins = tuple(f"{prefix}.{child}.{n}" for n, m in sub.named_modules() if isinstance(m, nn.Linear))
+            experts = tuple(f"{prefix}.{child}.{n}" for n, m in sub.named_modules() if _hf.moe.is_experts(m))
+            kind = {"self_attn": "attn", "attn": "attn", "mlp": "mlp"}.get(child, child)
             if lins:
-                kind = {"self_attn": "attn", "attn": "attn", "mlp": "mlp"}.get(child, child)
-                units.append(Unit(f"layers.{i}.{kind}", i, kind, f"{prefix}.{child}.*", lins))
+                units.append(Unit(f"layers.{i}.{kind}", i, kind, f"{prefix}.{child}.*", lins,
+                                  includes=lins if experts else ()))
+            for e in experts:
+                units.append(Unit(f"layers.{i}.experts", i, "experts", e, (e,)))
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(out, nn.Linear) and (emb is None or out.weight is not emb.weight):
@@ -113,10 +127,19 @@ def _module_bytes(mod: nn.Module, opt: WeightOption) -> int | None:
     if opt.scheme is None:
         return E.model_bytes(mod)
     cfg = QuantConfig(scheme=opt.scheme, group_size=opt.group_size)
-    cls = LINEAR_CLASSES[opt.scheme]
-    if cls.supports(mod, cfg) is not None:
+    if supports(mod, cfg) is not None:
         return None
-    return E.model_bytes(cls.empty(mod, cfg, device="meta"))
+    return E.model_bytes(empty_quantized(mod, cfg, device="meta"))
+
+
+def _workspace(mod: nn.Module, scheme: str, rows: int, cb: int, cuda: bool) -> int:
+    """Prefill transient of ``mod`` quantized with ``scheme`` (a Linear, or a stack of experts per projection)."""
+    if _hf.moe.is_experts(mod):
+        e, h, i = _hf.moe.sizes(mod)
+        up = int(_hf.moe.weight_out_in(mod, "up").shape[1])
+        return max(mixed.experts_workspace(scheme, h, e * up, e, cb, cuda),
+                   mixed.experts_workspace(scheme, i, e * h, e, cb, cuda))
+    return mixed.quantized_linear_workspace(scheme, rows, mod.in_features, mod.out_features, cb, cuda)
 
 
 def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption], kv_options, *, ratio: float,
@@ -135,8 +158,8 @@ def level_tables(meta: nn.Module, units: list[Unit], options: list[WeightOption]
         for o in options:
             sizes = [_module_bytes(m, o) for m in mods]
             row.append(None if any(s is None for s in sizes) else sum(sizes))
-            ws.append(0 if o.scheme is None else max(mixed.quantized_linear_workspace(
-                o.scheme, rows_of.get(u.kind, T), m.in_features, m.out_features, cb, cuda) for m in mods))
+            ws.append(0 if o.scheme is None else max(_workspace(m, o.scheme, rows_of.get(u.kind, T), cb, cuda)
+                                                     for m in mods))
         W.append(row)
         WS.append(ws)
         unit_float += sum(E.model_bytes(m) for m in mods)

@@ -13,6 +13,7 @@ import typer
 
 from .. import _hf, hub
 from ..memory.estimate import model_bytes
+from ..memory.moe import summary as moe_summary
 from ._app import app, console
 from ._common import check_dtype, check_finite, check_json_out, fmt_bytes, pick_device, read_text_file, table
 
@@ -65,11 +66,20 @@ def info(
     kvc = est.terms["kv_cache"]
     kv1k = kvc * 1024 // (batch * context)
     transforms = hub.applied_transforms(cfg)
+    moe = moe_summary(m, n_params)
+    moe_rows = [] if moe is None else [
+        ["parameters per token (active)", f"{moe['active']:,} ({moe['active'] / 1e6:.2f} M, "
+                                          f"{moe['active'] / max(1, n_params):.1%} of all)"],
+        ["experts", f"{'/'.join(map(str, moe['experts']))} per layer in {moe['layers']} MoE layers, top-"
+                    f"{'/'.join(map(str, moe['top_k']))} per token"],
+        ["experts' share of the bytes", f"{fmt_bytes(moe['experts_bytes'])} ({moe['experts_share']:.1%})"],
+    ]
     console.print(table(
         f"{model}", ["property", "value"],
         [
             ["architecture", ", ".join(getattr(cfg, "architectures", None) or [cfg.model_type])],
             ["parameters", f"{n_params:,} ({n_params / 1e6:.2f} M)"],
+            *moe_rows,
             ["layers", _hf.num_layers(cfg)],
             ["query heads / KV heads", _heads_summary(m)],
             ["head dim", _hf.head_dim(cfg)],

@@ -78,7 +78,8 @@ def quantize_step(bits: int, scheme: str | None, group_size: int | None, include
             DynamicQuantizer.quantize(model, bits, scheme=scheme, group_size=group_size, include=include,
                                       exclude=exclude, progress=progress)
         r = model.quant_result
-        return {"scheme": r.config.scheme, "quantized": len(r.quantized), "skipped": r.skipped}
+        return {"scheme": r.config.scheme, "quantized": len(r.quantized), "skipped": r.skipped,
+                "full_precision": r.full_precision}
 
     return run
 
@@ -102,6 +103,7 @@ def compress(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (where quantization runs)."),
     dtype: str = typer.Option("auto", help="auto (checkpoint's), bf16, fp16, fp32"),
     prune_heads: float = typer.Option(None, "--prune-heads", help=PRUNE_HELP["prune_heads"]),
+    prune_experts: float = typer.Option(None, "--prune-experts", help=PRUNE_HELP["prune_experts"]),
     sparsity: float = typer.Option(None, "--sparsity", help=PRUNE_HELP["sparsity"]),
     sparsity_method: str = typer.Option("wanda", "--sparsity-method", help=PRUNE_HELP["sparsity_method"]),
     sparsity_pattern: str = typer.Option("unstructured", "--sparsity-pattern", help=PRUNE_HELP["sparsity_pattern"]),
@@ -145,7 +147,8 @@ def compress(
 
         auto.check_exclusive(budget, recipe, {
             "--bits": bits, "--scheme": scheme, "--group-size": group_size, "--include": include, "--exclude": exclude,
-            "--observer": observer, "--prune-heads": prune_heads, "--sparsity": sparsity, "--low-rank": low_rank})
+            "--observer": observer, "--prune-heads": prune_heads, "--prune-experts": prune_experts,
+            "--sparsity": sparsity, "--low-rank": low_rank})
         search = auto.search_space(search_schemes, search_kv_bits, search_prune)
         if sensitivity not in ("fisher", "measured"):
             raise ValueError(f"--sensitivity {sensitivity!r}; accepted: fisher, measured")
@@ -160,10 +163,10 @@ def compress(
     bits, scheme = _quant_request(bits, scheme, group_size, include, exclude, observer)
     pruning = pruning_step(prune_heads=prune_heads, sparsity=sparsity, sparsity_method=sparsity_method,
                            sparsity_pattern=sparsity_pattern, low_rank=low_rank, calib_text=calib_text,
-                           calib_samples=calib_samples)
+                           calib_samples=calib_samples, prune_experts=prune_experts)
     if pruning is None and bits is None:
         raise ValueError("nothing to do: give --bits 8|4 (or --scheme) to quantize, and/or --prune-heads, "
-                         "--sparsity, --sparsity-pattern 2:4 or --low-rank to prune")
+                         "--prune-experts, --sparsity, --sparsity-pattern 2:4 or --low-rank to prune")
     if calib_text is not None and not calib_text.is_file():
         raise ValueError(f"--calib-text {calib_text}: no such file")
     if bits is not None:  # every quantization option is checked now, not after loading the model
@@ -213,7 +216,8 @@ def compress(
     q = results.get("quantizing")
     n_linear_after = sum(1 for _ in m.modules() if _hf.is_linear_like(_))
     _report(model, Path(path), q["scheme"] if q else "not quantized", time.perf_counter() - t0, before, after,
-            n_linear_before, n_linear_after, q["quantized"] if q else 0, q["skipped"] if q else {})
+            n_linear_before, n_linear_after, q["quantized"] if q else 0, q["skipped"] if q else {},
+            q["full_precision"] if q else {})
     for title, res in results.items():
         if title != "quantizing":
             console.print(f"{title}: {res}")
@@ -252,13 +256,14 @@ def _compress_streaming(model: str, out: Path, bits: int, scheme: str | None, gr
         r = quantize_pretrained(path, out, config, device=dev, dtype=None if dtype == "auto" else dtype,
                                 calib_text=text, progress=progress, overwrite=overwrite)
     _report(model, r.path, r.config.scheme, r.seconds, r.bytes_before, r.bytes_after, n_linear,
-            n_linear - len(r.quantized), len(r.quantized), r.skipped)
+            n_linear - sum(1 for n in r.quantized if type(empty.get_submodule(n)) is nn.Linear), len(r.quantized),
+            r.skipped, r.full_precision)
     if tok_note:
         console.print(tok_note.strip(" ()"), highlight=False)
 
 
 def _report(model: str, path: Path, scheme: str, seconds: float, before: int, after: int, n_before: int,
-            n_after: int, n_quantized: int, skipped: dict[str, str]) -> None:
+            n_after: int, n_quantized: int, skipped: dict[str, str], full_precision: dict | None = None) -> None:
     rows = [
         ["weights in memory", fmt_bytes(before), fmt_bytes(after), f"{after / before:.3f}x"],
         ["Linear layers (float)", n_before, n_after, ""],
@@ -268,5 +273,9 @@ def _report(model: str, path: Path, scheme: str, seconds: float, before: int, af
     if skipped:
         console.print(f"[yellow]not quantized ({len(skipped)}):[/] " +
                       "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:8]), highlight=False)
-    done = f"{n_quantized} Linear layers quantized to {scheme}" if n_quantized else "weights left unquantized (no --bits)"
+    if full_precision:  # never silent: every big tensor left in 16/32 bits, and why
+        console.print(table("left in full precision (> 1% of the bytes each)", ["tensor", "bytes", "share", "why"],
+                            [[k, fmt_bytes(v["bytes"]), f"{v['share']:.1%}", v["reason"]]
+                             for k, v in full_precision.items()]))
+    done = f"{n_quantized} layers quantized to {scheme}" if n_quantized else "weights left unquantized (no --bits)"
     console.print(f"{done}; reload with AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import _hf
 from ..quant.kernels import fused_linears
 
 
 def qkv(layer: nn.Module, h, cos, sin, rope):
-    """``h (B, T, hidden)`` -> ``q (B, Hq, T, D)``, ``k, v (B, Hkv, T, D)``, rotary applied to q and k."""
+    """``h (B, T, hidden)`` -> ``q (B, Hq, T, D)``, ``k, v (B, Hkv, T, D)``, rotary applied to q and k.
+
+    q/k RMSNorms per head (Qwen3, Qwen3-MoE) or over the whole projection before the heads are split (OLMoE), and
+    OLMoE's optional ``clip_qkv`` clamp, as the families' own attention modules apply them."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
@@ -23,8 +27,15 @@ def qkv(layer: nn.Module, h, cos, sin, rope):
     out = fused_linears(x, (attn.q_proj, attn.k_proj, attn.v_proj))  # quantized: one launch / one GEMM
     if out is None:
         out = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    q, k, v = (y.view(b, t, -1, hd) for y in out)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3
+    q, k, v = out
+    norm = _hf.qk_norm_kind(attn)
+    if norm == "full":  # OLMoE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    clip = _hf.clip_qkv(attn)
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    q, k, v = (y.view(b, t, -1, hd) for y in (q, k, v))
+    if norm == "head":  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     return q, k, v.transpose(1, 2)
@@ -38,7 +49,9 @@ def finish(layer: nn.Module, h, o):
 
 
 def mlp(module: nn.Module, x):
-    """The gated MLP; gate and up in one launch at batch 1 (one GEMM at prefill) when they are quantized."""
+    """The gated MLP; gate and up in one launch at batch 1 (one GEMM at prefill) when they are quantized. A
+    mixture-of-experts block (router, routed experts, shared experts) runs its own forward: its experts are
+    transformers' (float) or :class:`~openautoglm.quant.experts.QuantExperts`, both traceable without graph breaks."""
     if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         gu = fused_linears(x, (module.gate_proj, module.up_proj))
         if gu is not None:

@@ -4,7 +4,7 @@ gpt-fast's recipe on a Hugging Face model, for the full-precision and the quanti
 ratios compare kernels, not harnesses)::
 
     from openautoglm.generation.generator import Generator
-    gen = Generator(model)                       # Llama / Mistral / Qwen2 / Qwen3 causal LMs
+    gen = Generator(model)                       # Llama / Mistral / Qwen2 / Qwen3 and their MoE relatives
     out = gen.generate(input_ids, max_new_tokens=256)
     out.tokens, out.tokens_per_s, out.compile_s
 
@@ -49,7 +49,10 @@ from . import kv_decode as fast_decode
 from .kv_decode import KVStores
 
 log = logging.getLogger(__name__)
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+# families the compiled step does not run (model.generate routing falls back to transformers, logging this)
+UNSUPPORTED_WHY = {"deepseek_v3": "multi-head latent attention (MLA) is not in the compiled step",
+                   "gpt_oss": "attention sinks and alternating sliding-window layers are not in the compiled step"}
 
 
 @dataclass
@@ -160,7 +163,8 @@ class Generator:
 
     Parameters
     ----------
-    model : a Llama / Mistral (no sliding window) / Qwen2 / Qwen3 causal LM, full precision or quantized.
+    model : a Llama / Mistral (no sliding window) / Qwen2 / Qwen3 causal LM, or a Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE
+        one (their MoE blocks run in place of the MLP), full precision or quantized.
     compile : compile the layer step with ``torch.compile`` (default: on CUDA).
     cuda_graph : capture the decode step in a CUDA graph (default: on CUDA).
     cache_dir : inductor's on-disk cache folder (``TORCHINDUCTOR_CACHE_DIR`` while this Generator's calls
@@ -173,8 +177,9 @@ class Generator:
                  cache_dir: str | None = None, kv=None) -> None:
         cfg = _hf.text_config(model.config)
         if cfg.model_type not in SUPPORTED:
-            raise ValueError(f"Generator supports {', '.join(SUPPORTED)} models, got model_type {cfg.model_type!r}; "
-                             "use model.generate(..., cache_implementation='static') instead")
+            why = f" ({UNSUPPORTED_WHY[cfg.model_type]})" if cfg.model_type in UNSUPPORTED_WHY else ""
+            raise ValueError(f"Generator supports {', '.join(SUPPORTED)} models, got model_type {cfg.model_type!r}"
+                             f"{why}; use model.generate(..., cache_implementation='static') instead")
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
             raise ValueError(f"Generator does not implement sliding-window attention (sliding_window={cfg.sliding_window})")
         self.model, self.cfg = model, cfg

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import _hf
+from .._hf.moe import Piece, assembled, key_plan
 from ..errors import CheckpointError
 from .reader import CheckpointReader
 
@@ -45,6 +46,12 @@ class LoadHook:
 
     def finish(self, model: nn.Module) -> None:
         """All tensors have been read (before the outer unit goes to the sink)."""
+
+    def take_piece(self, model: nn.Module, piece: Piece, tensor: torch.Tensor) -> None:
+        """Receive one expert's part of a claimed fused-experts tensor (``piece.target``), from a checkpoint that
+        stores experts one by one (:func:`openautoglm._hf.moe.key_plan`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take per-expert checkpoint tensors "
+                                  f"({piece.target})")
 
 
 def layers_prefix(model: nn.Module) -> str | None:
@@ -97,6 +104,32 @@ def assign(model: nn.Module, name: str, value: torch.Tensor, device: torch.devic
     set_module_tensor_to_device(mod, attr, device, value=value, clear_cache=False)
 
 
+def assign_piece(model: nn.Module, piece: Piece, value: torch.Tensor, device: torch.device, source: str = "") -> None:
+    """Copy one expert's part of a fused-experts tensor (``piece``) into ``model``, allocating the fused tensor on
+    ``device`` (uninitialised) when its first piece arrives."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    mod_name, _, attr = piece.target.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters.get(attr, mod._buffers.get(attr))
+    where = f" in {source}" if source else ""
+    if old.is_meta:
+        set_module_tensor_to_device(mod, attr, device, value=torch.empty(old.shape, dtype=old.dtype, device=device),
+                                    clear_cache=False)
+        old = mod._parameters.get(attr, mod._buffers.get(attr))
+    dst = old.data[piece.expert]
+    dst = dst.narrow(0, piece.offset, piece.rows) if piece.rows is not None else dst
+    if tuple(dst.shape) != tuple(value.shape):
+        raise CheckpointError(f"expert {piece.expert} of {piece.target}{where} has shape {tuple(value.shape)}, the "
+                              f"model expects {tuple(dst.shape)}")
+    if not value.is_floating_point():
+        raise CheckpointError(f"expert {piece.expert} of {piece.target}{where} has dtype {value.dtype}; per-expert "
+                              "tensors are read as floating point")
+    if not torch.isfinite(value).all():
+        raise CheckpointError(f"expert {piece.expert} of {piece.target}{where} holds NaN/Inf values")
+    dst.copy_(value.to(device))
+
+
 def release(module: nn.Module) -> None:
     """Free a module's tensors by putting them back on the meta device (shapes and dtypes are kept)."""
     for m in module.modules():
@@ -131,10 +164,27 @@ def _units(names: Iterable[str], prefix: str | None) -> list[tuple[int, list[str
     return sorted(groups.items())  # OUTER (-1) first, then the layers in order
 
 
+def plan_keys(model: nn.Module, reader: CheckpointReader) -> dict[str, Piece]:
+    """Checkpoint keys transformers would rename or merge for ``model`` (MoE checkpoints storing experts one by
+    one), and where each goes; names already the model's are left out."""
+    return key_plan(model, reader.keys(), reader.shape)
+
+
+def provided(model: nn.Module, reader: CheckpointReader, plan: dict[str, Piece] | None = None) -> set[str]:
+    """Model tensor names the checkpoint provides, per-expert pieces assembled (raises when they do not tile)."""
+    plan = plan_keys(model, reader) if plan is None else plan
+    names = {plan[k].target if k in plan else k for k in reader.keys()}
+    for target, (shape, problems) in assembled(plan, reader.shape).items():
+        if problems:
+            raise CheckpointError(f"per-expert tensors of {target} do not assemble: {'; '.join(problems[:3])}")
+    return names
+
+
 def check_coverage(model: nn.Module, reader: CheckpointReader, hook: LoadHook | None, where) -> None:
     """Fail before reading anything when the checkpoint lacks tensors the model needs."""
-    missing = [n for n in required_tensors(model) if n not in reader and not getattr(hook, "provides", lambda n: False)(n)]
-    missing += [n for n in getattr(hook, "needs", lambda: [])() if n not in reader]
+    have = provided(model, reader)
+    missing = [n for n in required_tensors(model) if n not in have and not getattr(hook, "provides", lambda n: False)(n)]
+    missing += [n for n in getattr(hook, "needs", lambda: [])() if n not in have]
     if missing:
         raise CheckpointError(f"{where} lacks tensors the model needs: {', '.join(missing[:5])}"
                               + (" ..." if len(missing) > 5 else ""))
@@ -160,13 +210,15 @@ def stream_into(model: nn.Module, reader: CheckpointReader, device: torch.device
     """
     prefix = layers_prefix(model)
     expected = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    keys = plan_keys(model, reader)  # per-expert checkpoint tensors -> their place in the fused experts
     unused: list[str] = []
     plan: list[tuple[int, str, bool]] = []  # (unit, tensor name, claimed by the hook)
     order = {n: i for i, n in enumerate(reader.keys())}
     for unit, names in _units(order, prefix):
         for name in sorted(names, key=order.__getitem__):
-            claimed = hook is not None and hook.claims(name)
-            if claimed or name in expected:
+            target = keys[name].target if name in keys else name
+            claimed = hook is not None and hook.claims(target)
+            if claimed or target in expected:
                 plan.append((unit, name, claimed))
             else:
                 unused.append(name)
@@ -176,13 +228,22 @@ def stream_into(model: nn.Module, reader: CheckpointReader, device: torch.device
             if unit != current and current is not None:
                 _unit_done(model, current, hook, sink, device)
             current = unit
-            if claimed:
-                try:
-                    hook.take(model, name, tensor)
-                except CheckpointError as e:  # the hook sees module-relative names: say which tensor of which file
+            piece = keys.get(name)
+            try:
+                if piece is not None and piece.expert is not None:
+                    if claimed:
+                        hook.take_piece(model, piece, tensor)
+                    else:
+                        assign_piece(model, piece, tensor, device, reader.source(name))
+                elif claimed:
+                    hook.take(model, piece.target if piece else name, tensor)
+                else:
+                    assign(model, piece.target if piece else name, tensor, device, reader.source(name),
+                           own=sink is not None)
+            except CheckpointError as e:  # the hook sees module-relative names: say which tensor of which file
+                if claimed:
                     raise CheckpointError(f"{reader.source(name)}: {name}: {e}") from None
-            else:
-                assign(model, name, tensor, device, reader.source(name), own=sink is not None)
+                raise
             del tensor
     if current is not None:
         _unit_done(model, current, hook, sink, device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._hf.moe import assembled, key_plan
 from ..errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
@@ -145,14 +146,22 @@ def check_against_model(found: CheckpointTensors, model, path: Path) -> None:
     """Raise :class:`CheckpointError` when the headers lack a tensor ``model`` needs, or store one with
     another shape or kind (integer codes vs floating point). ``model`` may live on the meta device."""
     missing, wrong = [], []
+    plan = key_plan(model, found.tensors, lambda k: found.tensors[k][1])  # per-expert tensors of MoE checkpoints
+    tensors = {plan[k].target if k in plan else k: v for k, v in found.tensors.items()}
+    files = {plan[k].target if k in plan else k: v for k, v in found.files.items()}
+    for target, (shape, problems) in assembled(plan, lambda k: found.tensors[k][1]).items():
+        if problems:
+            raise CheckpointError(f"{path}: per-expert tensors of {target} do not assemble: {'; '.join(problems[:3])}")
+        first = next(k for k, p in plan.items() if p.target == target)
+        tensors[target] = (found.tensors[first][0], shape)
     for name, p in model.named_parameters():  # tied parameters once, under their first name
-        if name not in found.tensors:
+        if name not in tensors:
             missing.append(name)
             continue
-        dtype, shape = found.tensors[name]
+        dtype, shape = tensors[name]
         stored_float = dtype.startswith(("F", "BF"))
         if shape != tuple(p.shape) or stored_float != p.is_floating_point():
-            wrong.append(f"{name} is {dtype}{list(shape)} in {found.files[name]}, the model needs "
+            wrong.append(f"{name} is {dtype}{list(shape)} in {files[name]}, the model needs "
                          f"{str(p.dtype).replace('torch.', '')}{list(p.shape)}")
     if missing:
         raise CheckpointError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}"

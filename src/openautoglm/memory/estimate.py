@@ -219,7 +219,8 @@ def estimate_memory(
     tp = tp_degree
     # KV heads fewer than ranks are replicated: one per rank (as openautoglm.parallel splits them)
     layers = held["layers"] if held else [
-        LayerShape(L.heads // tp, max(1, L.kv_heads // tp), L.head_dim, L.intermediate // tp) for L in s.layers]
+        dataclasses.replace(L, heads=L.heads // tp, kv_heads=max(1, L.kv_heads // tp), intermediate=L.intermediate // tp)
+        for L in s.layers]
     # openautoglm.parallel gathers the logits on every rank; the analytic (Megatron) split keeps 1/tp
     h, V, T = s.hidden, s.vocab if held or tp == 1 else s.vocab // tp, batch * seq_len
     shard = lambda n: n // tp  # noqa: E731  (Linear weights are sharded; norms and embeddings replicated here)
@@ -286,7 +287,7 @@ def _inference(s, layers, kv_layers, spec, pb, cb, h, V, T, batch, seq_len, kv_d
     if quantized_kv:
         fm["kv_cache"] += (f" (openautoglm KIVI store{', preallocated' if static else ''}: codes + fp16 "
                            f"scale/min per {group}-token key block and value group + full-precision window {residual})")
-    trans = max(F.inference_layer_transient(L, h, cb, s.arch) for L in layers)
+    trans = max(F.inference_layer_transient(L, h, cb, s.arch, seq_len, cuda) for L in layers)
     ids = 8 * T
     # Two moments of the forward; each holds the weights and the whole KV cache. In the decoder layers: the input
     # embeddings (alive until the model body returns), the residual stream and the largest layer transient. At
@@ -331,8 +332,9 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
     G_emb, G_head = int(s.embed_params * pb), int(s.head_params * pb)
     Wl = [2 * n // settings["tp_degree"] for n in s.layer_linear_params] if autocast else [0] * len(layers)
     W_head = 2 * (lin - sum(Wl) // 2) if autocast else 0
-    A = [F.layer_saved(L, h, rb, cb, autocast, s.arch) * T for L in layers]
-    A_attn = [F.layer_saved_attention_part(L, h, rb, cb, autocast, s.arch) * T for L in layers]
+    seq = settings["seq_len"]
+    A = [F.layer_saved(L, h, rb, cb, autocast, s.arch, seq) * T for L in layers]
+    A_attn = [F.layer_saved_attention_part(L, h, rb, cb, autocast, s.arch, seq) * T for L in layers]
     ck = [rb * h * T for _ in layers]
     fn = F.norm_saved(h, rb, cb, 1, autocast, s.arch) * T
     inputs = 24 * T
@@ -361,7 +363,8 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
         w = Wl[l] if ckpt else sum(Wl[: l + 1])
         peak_in = max(A[l] + F.mlp_backward_transient(L, h, rb, cb) * T,
                       A_attn[l] + F.attention_backward_transient(L, h, rb, cb) * T)
-        big = h * max(L.intermediate, L.heads * L.head_dim)  # largest matrix of the layer: its grad is transient
+        big = h * max(L.intermediate, L.heads * L.head_dim,  # largest matrix of the layer: its grad is transient
+                      L.moe.experts * L.moe.up if L.moe else 0)
         wgrad = (2 * big if autocast else 0) + (int(big * pb) if Gp else 0)
         done = done if Gp else done + int(big * pb)  # the layer's first weight grad (down_proj) exists at the peak
         if l in (n - 1, 0):
@@ -390,4 +393,7 @@ def _train(s, layers, pb, cb, h, V, T, autocast, optimizer, ckpt, accum, lin, fl
                        f"optimizer step temporaries: {temp_formula}")
     if autocast and ckpt:
         notes.append("autocast caches the weight casts until the autocast region ends: all copies live at forward end")
+    if any(L.cache is not None for L in layers):
+        notes.append("multi-head latent attention (MLA) is priced as per-head attention in training: its low-rank "
+                     "projections' saved activations are not modelled (tiny DeepSeek-V3: 30% low)")
     return MemoryEstimate("train", settings, terms, phase, totals, fm, notes)

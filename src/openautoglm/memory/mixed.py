@@ -15,11 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import _hf
 from .._util.modules import set_module
-from ..quant.api import select_linears
+from ..quant.api import empty_quantized, select_modules
 from ..quant.config import QuantConfig
-from ..quant.linear import LINEAR_CLASSES
 from .shapes import _meta_model_from_config, _to_model
 
 KV_FULL = (None, 16, "bf16", "fp16", "fp32")
@@ -47,16 +45,16 @@ def as_config_list(quantization) -> list | None:
 def apply_quant_structure(model: nn.Module, configs: Sequence) -> dict[str, str]:
     """Swap the Linears of a meta-device ``model`` that ``configs`` select for empty quantized modules, in place.
 
-    Each Linear takes the first config that selects it, chosen by the same selector as
-    :func:`openautoglm.quant.quantize` (:func:`openautoglm.quant.api.select_linears`: ``nn.Linear`` and GPT-2's
-    ``Conv1D``, tied and unsupported shapes left float). Returns ``{module name: scheme}``.
+    Each Linear (and fused-experts module) takes the first config that selects it, chosen by the same selector as
+    :func:`openautoglm.quant.quantize` (:func:`openautoglm.quant.api.select_modules`: ``nn.Linear``, GPT-2's
+    ``Conv1D`` and transformers' experts modules, tied and unsupported shapes left float). Returns
+    ``{module name: scheme}``.
     """
     chosen: dict[str, str] = {}
     for cfg in configs:
-        cls = LINEAR_CLASSES[cfg.scheme]
-        names, _ = select_linears(model, cfg, skip_quantized=True)
+        names, _ = select_modules(model, cfg, skip_quantized=True)
         for name in names:
-            set_module(model, name, cls.empty(_hf.as_linear(model.get_submodule(name)), cfg, device="meta"))
+            set_module(model, name, empty_quantized(model.get_submodule(name), cfg, device="meta"))
             chosen[name] = cfg.scheme
     return chosen
 
@@ -86,16 +84,31 @@ def quantized_linear_workspace(scheme: str, tokens: int, in_features: int, out_f
     raise ValueError(f"unknown quantization scheme {scheme!r}")
 
 
+def experts_workspace(scheme: str, in_features: int, rows: int, experts: int, cb: int, cuda: bool = True) -> int:
+    """Transient of a stack of quantized experts (``rows`` = all experts' output rows) at prefill: on CUDA the whole
+    stack dequantized for the grouped GEMM (``quant/kernels/moe.py``, every scheme); on the CPU, the reference loop
+    dequantizes one expert's weight at a time (w8 / w4 as a Linear's, e4m3 emulated in float32); the int8 GEMM's
+    transients scale with the expert's tokens and are priced with the loop (``formulas.moe_loop_transient``)."""
+    if cuda:
+        return rows * in_features * cb
+    n = rows // experts
+    if scheme in ("w8", "w4"):
+        return quantized_linear_workspace(scheme, 0, in_features, n, cb, cuda=False)
+    return 4 * n * in_features if scheme == "w8a8-fp8" else 0
+
+
 def prefill_workspace(s, spec, T: int, head_rows: int, cb: int, h: int, layers, cuda: bool = True):
     """The estimator's ``workspace`` term at inference, ``(at the decoder layers, at lm_head, formula)``: the
     prefill transient of the largest quantized decoder Linear over ``T`` tokens, and that of a quantized lm_head
     over ``head_rows`` rows (the logits computed); for an analytic ``spec`` the largest decoder Linear
     dequantized. None when nothing is quantized. ``s`` is a ModelShape."""
     if s.quantized_linears:
-        dec = [q for q in s.quantized_linears if q[2] != s.vocab]
-        head = [q for q in s.quantized_linears if q[2] == s.vocab]
-        b = max([(quantized_linear_workspace(sc, T, k, n, cb, cuda), f"{sc} {n}x{k}") for sc, k, n in dec] + [(0, "")])
-        hb = max([quantized_linear_workspace(sc, head_rows, k, n, cb, cuda) for sc, k, n in head] + [0])
+        head = [q for q in s.quantized_linears if q[2] == s.vocab and q[3] == 1]  # (a stack of experts is not)
+        dec = [q for q in s.quantized_linears if q not in head]
+        b = max([(quantized_linear_workspace(sc, T, k, n, cb, cuda) if e == 1 else
+                  experts_workspace(sc, k, n, e, cb, cuda), f"{sc} {n}x{k}" + (f" ({e} experts)" if e > 1 else ""))
+                 for sc, k, n, e in dec] + [(0, "")])
+        hb = max([quantized_linear_workspace(sc, head_rows, k, n, cb, cuda) for sc, k, n, _ in head] + [0])
         return b[0], hb, f"largest quantized-Linear prefill transient ({b[1] or 'lm_head'}; mixed.quantized_linear_workspace)"
     if spec:  # analytic quantization: weight-only, dequantized weight of the largest decoder Linear
         n = max(max(h * L.intermediate, h * L.heads * L.head_dim) for L in layers)

@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import _hf, hub
 from .._util.modules import model_bytes
-from .formulas import Arch, LayerShape
+from .formulas import Arch, LayerShape, MoEShape
+from .moe import experts_has_bias, experts_sizes
 
 
 @dataclass
@@ -47,7 +48,8 @@ class ModelShape:
     float_params: int = 0           # floating-point parameters (tied once): these follow the requested dtype
     float_param_bytes: int = 0      # their bytes as built/stored
     quantized_modules: int = 0      # modules of openautoglm.quant (rebuilt from the recorded transform)
-    quantized_linears: list[tuple[str, int, int]] = field(default_factory=list)  # (scheme, in, out) of each
+    quantized_linears: list[tuple[str, int, int, int]] = field(default_factory=list)  # (scheme, in, out, experts)
+    layer_expert_params: list[int] = field(default_factory=list)  # float fused-experts parameters of each layer
     transforms: list[dict] = field(default_factory=list)
 
     @property
@@ -134,24 +136,50 @@ def _arch(model: nn.Module, config, gated: bool) -> Arch:
     tc = _hf.text_config(config)
     act = str(getattr(tc, "activation_function", None) or getattr(tc, "hidden_act", "silu"))
     drop = any(float(getattr(tc, k, 0) or 0) > 0 for k in ("embd_pdrop", "resid_pdrop", "hidden_dropout", "resid_dropout"))
+    eager = getattr(config, "_attn_implementation", None) == "eager"
     return Arch(norm=kind, rotary=getattr(tc, "model_type", "") not in ("gpt2", "gpt_neo", "gptj", "opt"),
                 fused_qkv=bool(names & {"qkv_proj", "c_attn", "query_key_value", "Wqkv"}),
-                fused_gate_up=hasattr(getattr(layer, "mlp", None), "gate_up_proj"),
+                fused_gate_up=isinstance(getattr(getattr(layer, "mlp", None), "gate_up_proj", None), nn.Module),
                 qk_norm="q_norm" in names, gated_mlp=gated, act_extra=3 if (not gated and act == "gelu_new") else 0,
-                dropout=drop)
+                dropout=drop, eager_scores=3 if eager else 0)
+
+
+def _moe_shape(block: nn.Module, config) -> MoEShape:
+    e, _, inter, up, _ = experts_sizes(block.experts)
+    fam = _hf.moe.family_of(_hf.text_config(config))
+    shared = _hf.moe.shared_of(block)
+    gate = getattr(shared, "gate_proj", None) if shared is not None else None
+    return MoEShape(experts=e, top_k=_hf.moe.top_k(block, _hf.text_config(config)), up=up, intermediate=inter,
+                    shared=int(_hf.out_features(gate)) if gate is not None else 0,
+                    weights_fp32=bool(fam and fam.router_weights_fp32),
+                    bias=experts_has_bias(block.experts),
+                    gate_tmp=fam.gate_temporaries if fam else 2,
+                    quantized="" if _hf.moe.is_experts(block.experts) else str(getattr(block.experts, "scheme", "")))
 
 
 def _layer_shapes(model: nn.Module, config) -> tuple[list[LayerShape], bool]:
     hd = _hf.head_dim(config)
-    inter_cfg = getattr(_hf.text_config(config), "intermediate_size", None)
-    hidden = _hf.text_config(config).hidden_size if hasattr(_hf.text_config(config), "hidden_size") else config.n_embd
+    tc = _hf.text_config(config)
+    inter_cfg = getattr(tc, "intermediate_size", None)
+    hidden = tc.hidden_size if hasattr(tc, "hidden_size") else config.n_embd
+    try:
+        windows = _hf.layer_windows(config)
+    except (TypeError, AttributeError):
+        windows = []
+    mla = _hf.moe.mla_cache_dims(tc)
     layers, gated = [], True
-    for layer in _hf.decoder_layers(model):
+    for i, layer in enumerate(_hf.decoder_layers(model)):
         attn = _hf.attention_of(layer)
         try:  # per layer, from the modules: pruned layers differ from the config
             counts = _hf.head_counts(attn) if attn is not None else None
         except (TypeError, AttributeError):
             counts = None
+        extra = dict(window=windows[i] if i < len(windows) else 0, cache=(1, *mla) if mla else None)
+        block = _hf.moe.moe_block(layer)
+        if block is not None:  # routed experts (and maybe a shared expert) instead of a dense MLP
+            heads, kv = counts or (_hf.num_heads(config), _hf.num_kv_heads(config))
+            layers.append(LayerShape(heads, kv, hd, 0, moe=_moe_shape(block, config), **extra))
+            continue
         mlp = getattr(layer, "mlp", None)
         gate = _out_features(getattr(mlp, "gate_proj", None))
         gate_up = _out_features(getattr(mlp, "gate_up_proj", None))   # Phi-3 fuses gate and up
@@ -162,7 +190,7 @@ def _layer_shapes(model: nn.Module, config) -> tuple[list[LayerShape], bool]:
             gated = False
             inter = fc or inter_cfg or 4 * hidden
         heads, kv = counts or (_hf.num_heads(config), _hf.num_kv_heads(config))
-        layers.append(LayerShape(heads, kv, hd, int(inter)))
+        layers.append(LayerShape(heads, kv, hd, int(inter), **extra))
     return layers, gated
 
 
@@ -193,7 +221,7 @@ def model_shape(model_or_config_or_path) -> ModelShape:
                 continue
             seen.add(id(p))
             n_params += p.numel()
-            largest = max(largest, p.numel() if p.ndim == 2 else 0)
+            largest = max(largest, p.numel() if p.ndim >= 2 else 0)  # fused experts: (E, out, in)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out_w = getattr(out, "weight", None)  # None for a quantized lm_head (codes, not a float weight)
@@ -202,12 +230,23 @@ def model_shape(model_or_config_or_path) -> ModelShape:
     layer_params = [sum(p.numel() for p in lay.parameters() if p.is_floating_point()) for lay in dec]
     layer_linear = [sum(m.weight.numel() for m in lay.modules() if _is_linear(m) and m.weight.is_floating_point())
                     for lay in dec]
+    layer_experts = [sum(p.numel() for m in lay.modules() if _hf.moe.is_experts(m) for p in m.parameters()
+                         if p.is_floating_point()) for lay in dec]
     params = list(dict.fromkeys(model.parameters()))
-    ada = sum((p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
+    # Adafactor factors the last two dims (leading dims, such as fused experts', are batch dims)
+    ada = sum(p[..., 0, 0].numel() * (p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else p.numel() for p in params)
     fl = [p for p in params if p.is_floating_point() and p.requires_grad]
     nq = sum(1 for m in model.modules() if type(m).__module__.startswith("openautoglm.quant"))
-    qlin = [(m.scheme, int(m.in_features), int(m.out_features)) for m in model.modules()
-            if type(m).__module__.startswith("openautoglm.quant") and getattr(m, "scheme", "")]
+    qlin, stacks = [], set()  # (scheme, in, out, experts): a stack of quantized experts is one entry per projection
+    for m in model.modules():
+        if not type(m).__module__.startswith("openautoglm.quant") or not getattr(m, "scheme", ""):
+            continue
+        if hasattr(m, "num_experts"):
+            for st in (m.gate_up, m.down):
+                stacks.add(id(st))
+                qlin.append((m.scheme, int(st.in_features), int(st.out_features), int(m.num_experts)))
+        elif id(m) not in stacks:
+            qlin.append((m.scheme, int(m.in_features), int(m.out_features), 1))
 
     return ModelShape(
         name=str(name), model_type=str(getattr(config, "model_type", "?")), vocab=int(tc.vocab_size), hidden=hidden,
@@ -217,5 +256,5 @@ def model_shape(model_or_config_or_path) -> ModelShape:
         embed_params=emb.weight.numel() if emb is not None else 0,
         head_params=0 if tied or out_w is None else out_w.numel(), adafactor_elems=ada, n_tensors=len(params),
         float_params=sum(p.numel() for p in fl), float_param_bytes=sum(p.numel() * p.element_size() for p in fl),
-        quantized_modules=nq, quantized_linears=qlin,
+        quantized_modules=nq, quantized_linears=qlin, layer_expert_params=layer_experts,
     )

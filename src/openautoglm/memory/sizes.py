@@ -62,11 +62,13 @@ def _quant_spec(quantization) -> dict | None:
 def quantized_weight_bytes(s: ModelShape, spec: dict, pb: float, full: int, tp: int = 1) -> tuple[int, str]:
     """Weights with every decoder Linear quantized: ``n bits/8 + n/group x 2 B scale (+2 B zero point)``
     (``n / tp`` of them on each of ``tp`` tensor-parallel ranks)."""
-    n = (sum(s.layer_linear_params) + (0 if spec["exclude_head"] or s.tied else s.head_params)) // tp
+    experts = sum(s.layer_expert_params)  # fused MoE experts: quantized per expert and output row like Linears
+    n = (sum(s.layer_linear_params) + experts + (0 if spec["exclude_head"] or s.tied else s.head_params)) // tp
     g = spec["group_size"] or s.hidden  # per output channel: one scale per row of ``hidden`` inputs
     scale_b = 2 if spec["symmetric"] else 4
     q = n * spec["bits"] / 8 + n / g * scale_b
-    return int(full - n * pb + q), f"{n:,} Linear params x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
+    what = "Linear and expert params" if experts else "Linear params"
+    return int(full - n * pb + q), f"{n:,} {what} x {spec['bits']}/8 B + 1 scale per {g} ({scale_b} B) + other params x {pb:g} B"
 
 
 def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, cb: int, group: int, residual,
@@ -81,9 +83,11 @@ def _kv_bytes(layers: list[LayerShape], tokens: int, batch: int, kv_dtype: str, 
     if kv_dtype not in _KV_BITS:
         raise ValueError(f"kv_dtype={kv_dtype!r}; accepted: {', '.join(_KV_BITS)}")
     bits = _KV_BITS[kv_dtype]
-    elems = sum(2 * L.kv_heads * L.head_dim for L in layers) * batch
     if bits >= 16 or kv_dtype == "fp8":
-        return int(elems * tokens * bits / 8)
+        # transformers' caches: a sliding-window layer keeps its last window - 1 tokens (DynamicSlidingWindowLayer),
+        # a static one (kv_static) window slots; MLA layers cache their latent (LayerShape.kv_elements)
+        return int(sum(L.kv_elements() * (min(tokens, L.window - (0 if static else 1)) if L.window else tokens)
+                       for L in layers) * batch * bits / 8)
 
     r = resolve_residual(residual, group, tokens, bits)
     if static:

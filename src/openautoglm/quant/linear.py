@@ -97,6 +97,48 @@ class QuantLinear(nn.Module):
         self._prepare_device()
         return out
 
+    @torch.no_grad()
+    def fill_rows(self, r0: int, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Quantize ``weight (rows, in_features)`` into output rows ``[r0, r0 + rows)`` of this (allocated) layer,
+        exactly as :meth:`from_linear` computes those rows (each output row depends on its own weights only):
+        the block is quantized on its own and copied where :meth:`tp_slices` says the rows live. Used to quantize
+        big weights in blocks and fused experts one expert at a time."""
+        r1 = r0 + weight.shape[0]
+        lin = nn.Linear(self.in_features, r1 - r0, bias=bias is not None, device="meta", dtype=weight.dtype)
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias, requires_grad=False)
+        part = dict(type(self).from_linear(lin, self.config).named_parameters(recurse=False))
+        for name, where in self.tp_slices("out", r0, r1).items():
+            if name == "bias" and bias is None:
+                continue
+            dst = getattr(self, name)
+            if where is not None:
+                axis, lo, hi = where
+                dst = dst.narrow(axis, lo, hi - lo)
+            dst.data.copy_(part[name])
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(out, in)`` weight these codes stand for (torch ops; what the kernels compute with)."""
+        return (self.qweight.float() * self.scale.float()).to(dtype)  # per-channel int8 / e4m3 codes
+
+    def row_block(self, r0: int, r1: int) -> "QuantLinear":
+        """A layer computing output rows ``[r0, r1)`` of this one, its tensors views of this one's (no copy):
+        the per-expert layers of a stack of experts (:class:`~.experts.QuantExperts`)."""
+        new = type(self).__new__(type(self))
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.config = self.in_features, r1 - r0, self.config
+        for name, where in self.tp_slices("out", r0, r1).items():
+            t = getattr(self, name)
+            if where is not None:
+                axis, lo, hi = where
+                t = t.narrow(axis, lo, hi - lo)
+            new.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        for name in ("bias", "zero"):
+            if name not in new._parameters and hasattr(self, name):
+                new.register_parameter(name, None)
+        return new
+
     # ---- tensor parallelism: how this layout is cut (openautoglm.parallel) --------------------------------
 
     def tp_granularity(self, dim: str) -> int:
@@ -331,6 +373,10 @@ class WeightOnlyLinear(QuantLinear):
         if self.config.kernel not in ("auto", "triton"):
             return None
         return self.dequant_operands()
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequant_torch(self.qweight, self.scale, self.zero, self.bits, self.group, dtype,
+                                     self.groups_major, self.k32)
 
     def dequant_operands(self):
         if self.config.kernel == "torch":

@@ -25,11 +25,14 @@ from torch import nn
 
 from .. import _hf, hub
 from .._util.modules import model_bytes, set_module
+from ..errors import CheckpointError
 from ..hub import has_tokenizer, load_tokenizer
 from ..hub.lazy import OUTER, LoadHook, assign, layers_prefix, unit_of
-from .api import TRANSFORM, QuantResult, _pick_w8a8, select_linears
+from .api import TRANSFORM, QuantResult, _pick_w8a8, select_modules
 from .config import QuantConfig
+from .experts import QuantExperts
 from .linear import LINEAR_CLASSES, QuantLinear
+from .report import full_precision, log_full_precision
 from .static import Observer, calibration_batches
 
 log = logging.getLogger(__name__)
@@ -67,17 +70,7 @@ def quantize_linear(linear: nn.Linear, cls: type[QuantLinear], config: QuantConf
     w, b = linear.weight, linear.bias
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        part_lin = nn.Linear(k, r1 - r0, bias=b is not None, device="meta", dtype=w.dtype)
-        part_lin.weight = nn.Parameter(w[r0:r1], requires_grad=False)
-        if b is not None:
-            part_lin.bias = nn.Parameter(b[r0:r1], requires_grad=False)
-        part = dict(cls.from_linear(part_lin, config).named_parameters(recurse=False))
-        for name, where in new.tp_slices("out", r0, r1).items():
-            dst = getattr(new, name)
-            if where is not None:
-                axis, lo, hi = where
-                dst = dst.narrow(axis, lo, hi - lo)
-            dst.data.copy_(part[name])
+        new.fill_rows(r0, w[r0:r1], b[r0:r1] if b is not None else None)
     new._prepare_device()
     return new
 
@@ -96,7 +89,7 @@ class QuantizeOnLoad(LoadHook):
     def __init__(self, model: nn.Module, config: QuantConfig, device: torch.device,
                  batches: list[torch.Tensor] | None = None) -> None:
         self.config, self.device, self.cls = config, torch.device(device), LINEAR_CLASSES[config.scheme]
-        chosen, skipped = select_linears(model, config)
+        chosen, skipped = select_modules(model, config)
         for name, why in skipped.items():
             log.warning("not quantizing %s: %s", name, why)
         if not chosen:
@@ -120,12 +113,17 @@ class QuantizeOnLoad(LoadHook):
         self.floats: dict[str, nn.Linear] = {}  # module name -> its float Linear (meta until read)
         self.claimed: dict[str, str] = {}  # checkpoint tensor name -> module name
         self.done: set[str] = set()
+        self.experts: dict[str, _ExpertsFill] = {}  # experts module name -> its quantization in progress
         for name in chosen:
-            lin = model.get_submodule(name)
-            self.floats[name] = lin
-            for p, _ in lin.named_parameters(recurse=False):
+            mod = model.get_submodule(name)
+            for p, _ in mod.named_parameters(recurse=False):
                 self.claimed[f"{name}.{p}"] = name
-            set_module(model, name, self.cls.empty(_hf.as_linear(lin), config, device="meta"))  # Conv1D too
+            if _hf.moe.is_experts(mod):
+                self.experts[name] = _ExpertsFill(mod, config, self.device)
+                set_module(model, name, QuantExperts.empty(mod, config, device="meta"))
+                continue
+            self.floats[name] = mod
+            set_module(model, name, self.cls.empty(_hf.as_linear(mod), config, device="meta"))  # Conv1D too
         self.inputs: list[tuple[tuple, dict]] = []
         self.hidden: list[torch.Tensor] = []
 
@@ -153,10 +151,21 @@ class QuantizeOnLoad(LoadHook):
         return list(self.claimed)
 
     def provides(self, name: str) -> bool:
-        return name.rpartition(".")[0] in self.floats
+        mod = name.rpartition(".")[0]
+        return mod in self.floats or mod.rpartition(".")[0] in self.experts
+
+    def take_piece(self, model: nn.Module, piece, tensor: torch.Tensor) -> None:
+        mod = self.claimed[piece.target]
+        fill = self.experts[mod]
+        fill.take(piece.target.rpartition(".")[2], tensor, piece.expert, piece.offset)
+        self._experts_done(model, mod)
 
     def take(self, model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod = self.claimed[name]
+        if mod in self.experts:
+            self.experts[mod].take(name.rpartition(".")[2], tensor)
+            self._experts_done(model, mod)
+            return
         lin = self.floats[mod]
         assign(lin, name.rpartition(".")[2], tensor, self.device)
         if not self.static and not any(p.is_meta for p in lin.parameters()):
@@ -191,15 +200,23 @@ class QuantizeOnLoad(LoadHook):
                 for n in left:
                     self._quantize(model, n, observers[n].scale())
             self.inputs, self.hidden = [], []
-        missing = [n for n in self.floats if n not in self.done]
+        missing = [n for n in list(self.floats) + list(self.experts) if n not in self.done]
         if missing:
             raise RuntimeError(f"quantize-on-load left {missing[:3]} unquantized (their weights never arrived)")
         self.result.bytes_after = model_bytes(model)
+        self.result.full_precision = full_precision(model, self.config, self.result.skipped)
+        log_full_precision(self.result.full_precision)
         hub.record_transform(model, TRANSFORM, {"config": self.config.to_dict(), "modules": self.result.quantized})
         model.quant_result = self.result
         log.info("quantized %d Linear layers to %s while loading (%d skipped): %.1f MiB -> %.1f MiB",
                  len(self.done), self.config.scheme, len(self.result.skipped), self.result.bytes_before / 2**20,
                  self.result.bytes_after / 2**20)
+
+    def _experts_done(self, model: nn.Module, name: str) -> None:
+        fill = self.experts[name]
+        if fill.complete():
+            set_module(model, name, fill.finish())
+            self.done.add(name)
 
     def _quantize(self, model: nn.Module, name: str, act_scale: float | None = None) -> None:
         try:
@@ -227,3 +244,55 @@ class _observing:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _ExpertsFill:
+    """One experts module quantized as its tensors arrive: whole fused tensors (``gate_up_proj`` ...) or, from a
+    checkpoint storing experts one by one, one expert's part at a time (:class:`openautoglm._hf.moe.Piece`). Each
+    expert is quantized into place as it comes (:meth:`QuantExperts.fill_expert`), so only the packed experts and
+    one float expert are ever held; biases are copied as they are."""
+
+    def __init__(self, module: nn.Module, config: QuantConfig, device: torch.device) -> None:
+        self.float, self.config, self.device = module, config, device
+        self.layout = _hf.moe.layout_of(module)
+        self.q: QuantExperts | None = None
+        self.up = _hf.moe.up_name(module)
+        self.left = {n: p.shape[0] * (p.shape[1] if not n.endswith("_bias") else 1)
+                     for n, p in module.named_parameters(recurse=False)}  # rows still to come, per tensor
+
+    def _target(self) -> QuantExperts:
+        if self.q is None:
+            self.q = QuantExperts.empty(self.float, self.config, device=self.device)
+        return self.q
+
+    def take(self, attr: str, tensor: torch.Tensor, expert: int | None = None, offset: int = 0) -> None:
+        q = self._target()
+        p = self.float._parameters[attr]
+        which = "up" if attr.startswith(self.up) else "down"
+        t = tensor.to(self.device).to(p.dtype)
+        if attr.endswith("_bias"):
+            if expert is not None:
+                raise CheckpointError(f"per-expert bias pieces of {attr} are not supported")
+            q.stack(which).bias.data.copy_(t.reshape(-1))
+            self.left[attr] = 0
+            return
+        if expert is not None:  # one expert's rows, (rows, in) as the model stores its (out, in) weights
+            if self.layout.is_transposed:
+                raise CheckpointError(f"per-expert pieces of transposed experts ({attr}) are not supported")
+            q.fill_expert(which, expert, t, offset=offset)
+            self.left[attr] -= t.shape[0]
+            return
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(f"{attr} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        for e in range(t.shape[0]):
+            q.fill_expert(which, e, t[e].t() if self.layout.is_transposed else t[e])
+        self.left[attr] = 0
+
+    def complete(self) -> bool:
+        return all(v <= 0 for v in self.left.values())
+
+    def finish(self) -> QuantExperts:
+        q = self._target()
+        q.gate_up._prepare_device()
+        q.down._prepare_device()
+        return q

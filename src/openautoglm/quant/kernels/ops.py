@@ -155,7 +155,7 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
         return _launch_v1(x, [w], [s], [z], fmt, group, groups_major, y, cfg)
     split = cfg["SPLIT_K"]
     sn, sg, zn, zg = _meta_strides(s, z, groups_major)
-    g = 0 if group >= K else group
+    g = 0 if group >= K and z is None else group  # one group per row with zero points: still the grouped path
     zz = z if z is not None else s
     from .triton_decode import decode_dot_kernel, decode_kernel
 
@@ -178,9 +178,9 @@ def launch_gemv(x, w, s, z, fmt, group, groups_major, y, cfg) -> torch.Tensor:
         bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
         decode_kernel[(n_blocks, split)](
             x, w, s, zz, y, part, tk, M, N, K, split, x.stride(0), stride_wv, sn, sg, zn, zg, y.stride(0),
-            _MASK16, _XOR15, w, s, zz, sg, zg, N, w, s, zz, sg, zg, 0, FMT=kfmt, GROUP=g, HAS_Z=z is not None,
-            BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=1,
-            PF=cfg.get("PF", 0), num_warps=cfg["num_warps"],
+            _MASK16, _XOR15, w, s, zz, sg, zg, N, w, s, zz, sg, zg, 0, x, 0, 0, 0, 1, FMT=kfmt, GROUP=g,
+            HAS_Z=z is not None, BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(),
+            NW=1, PF=cfg.get("PF", 0), EXPERTS=False, num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 1))
     else:
         decode_dot_kernel[(n_blocks, split)](
@@ -264,10 +264,10 @@ def launch_gemv_multi(x, ws, ss, zs, fmt, group, groups_major, y, cfg) -> torch.
     decode_kernel[(n_blocks, split)](
         x, ws[0], ss[0], zz[0], y, part, tk, M, N, K, split, x.stride(0), ws[0].stride(0) * ws[0].element_size() // vec,
         meta[0][0], meta[0][1], meta[0][2], meta[0][3], y.stride(0), _MASK16, _XOR15,
-        ws[1], ss[1], zz[1], meta[1][1], meta[1][3], ns[0], w2, s2, z2, m2[1], m2[3], ns[1],
-        FMT=4 if fmt == FMT_INT4_K32 else fmt, GROUP=0 if group >= K else group, HAS_Z=zs[0] is not None,
-        BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=len(ws),
-        PF=cfg.get("PF", 0), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
+        ws[1], ss[1], zz[1], meta[1][1], meta[1][3], ns[0], w2, s2, z2, m2[1], m2[3], ns[1], x, 0, 0, 0, 1,
+        FMT=4 if fmt == FMT_INT4_K32 else fmt, GROUP=0 if group >= K and zs[0] is None else group,
+        HAS_Z=zs[0] is not None, BLOCK_M=bm, R=cfg["R"], RB=rb, T=cfg["T"], SPLIT=split > 1, ASCENDING=_ascending(), NW=len(ws),
+        PF=cfg.get("PF", 0), EXPERTS=False, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
     return y
 
 

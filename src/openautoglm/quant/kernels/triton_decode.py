@@ -112,9 +112,10 @@ def _store(acc, m, M, y_ptr, stride_ym, part_ptr, s_ptr, stride_sn, rows3, n_loc
 def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, SPLIT_K,
                   stride_xm, stride_wv, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym, mask16, xor15,
                   w1_ptr, s1_ptr, z1_ptr, sg1, zg1, N0, w2_ptr, s2_ptr, z2_ptr, sg2, zg2, N1,
+                  idx_ptr, stride_we, stride_se, stride_ze, XDIV,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                   R: tl.constexpr, RB: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
-                  ASCENDING: tl.constexpr, NW: tl.constexpr, PF: tl.constexpr):
+                  ASCENDING: tl.constexpr, NW: tl.constexpr, PF: tl.constexpr, EXPERTS: tl.constexpr):
     """``stride_wv``: row stride of the codes in 16-byte vectors (int4) or 8-byte vectors (int8/e4m3).
     ``GROUP == 0``: one scale per output row. ``BLOCK_M`` in 1, 2, 4, 8: activation rows (``M <= BLOCK_M``);
     the codes are converted once and used for every row. ``mask16 = 0x000F0000``, ``xor15 = 0x4B400000``.
@@ -127,7 +128,12 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     one weight (row blocks do not straddle weights), chosen from its block index.
     ``PF = 1``: software prefetch: the codes (and group scales/zeros) of iteration ``it + 1`` are loaded before
     iteration ``it`` is computed, so every thread has two iterations of weights in flight (the loop is
-    otherwise latency bound: one load, then a long chain of conversions and FMAs that waits for it)."""
+    otherwise latency bound: one load, then a long chain of conversions and FMAs that waits for it).
+    ``EXPERTS``: a grouped GEMV over routed experts (MoE decode, :mod:`.ops_moe`): the weights are a stack of experts
+    (expert ``e``'s codes / scales / zeros at ``e * stride_we`` / ``stride_se`` / ``stride_ze`` elements), program
+    ``(., ., p)`` computes pair ``p``: expert ``idx_ptr[p]`` (read on the device) times activation row ``p // XDIV``
+    (``XDIV`` = top-k for the first projection, whose input is the token; 1 for the second), into ``y`` row ``p``.
+    One activation row per program (``BLOCK_M`` = 1, ``M`` = 1), no split."""
     E: tl.constexpr = 4 if FMT == 4 else 8            # int32 words (int4) or bytes per thread per row
     KT: tl.constexpr = 32 if FMT == 4 else 8          # k per thread per row per iteration
     KB: tl.constexpr = KT * T                         # k per row per iteration
@@ -137,6 +143,14 @@ def decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, ticket_ptr, M, N,
     BLOCK_N: tl.constexpr = R * RB
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if EXPERTS:  # this program's (token, expert) pair: pointers into the expert's slice of the stacks
+        pair = tl.program_id(2)
+        ex = tl.load(idx_ptr + pair).to(tl.int64)
+        w_ptr += ex * stride_we
+        s_ptr += ex * stride_se
+        z_ptr += ex * stride_ze
+        x_ptr += (pair // XDIV).to(tl.int64) * stride_xm
+        y_ptr += pair.to(tl.int64) * stride_ym
     # Tile axes (see ASCENDING): (1, R, RB, T, E) or (T, RB, R, 1, E); E is always last (the vector)
     if ASCENDING:
         t5 = tl.arange(0, T)[:, None, None, None, None]
